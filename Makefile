@@ -1,0 +1,39 @@
+# Every target installs what it needs first, so `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.capfilt-installed
+
+.PHONY: install demo test lint bench ablation clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# torch first and pinned: an unpinned torch would pull several GB of CUDA packages.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e '.[dev,dali]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/capfilt demo
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check capfilt pipelines tests
+	$(BIN)/ruff format --check capfilt pipelines tests
+
+bench: install
+	$(BIN)/capfilt bench
+
+ablation: install
+	$(BIN)/capfilt ablation
+
+clean:
+	rm -rf $(VENV) build *.egg-info

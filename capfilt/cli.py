@@ -1,0 +1,154 @@
+"""The ``capfilt`` command line: thin wrappers over the library.
+
+Each command parses its options, loads the typed config and calls one library function. Imports are
+inside the commands so that ``capfilt --help`` does not pay for torch and ray.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
+
+ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="config name in configs/ or a YAML path")]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="override a config value: section.key=value (repeatable)")
+]
+
+
+def _config(name: str, overrides: list[str] | None):
+    from capfilt.config import ConfigError, load_config
+
+    try:
+        return load_config(name, overrides or [])
+    except ConfigError as err:
+        raise typer.BadParameter(str(err)) from err
+
+
+@app.command()
+def synth(
+    out: Annotated[str, typer.Argument(help="output folder or fsspec URL")],
+    config: ConfigOpt = "demo",
+    set_: SetOpt = None,
+):
+    """Write the synthetic demo world: web/human/test WebDataset shards plus truth.parquet."""
+    from capfilt.data.synth import write_world
+
+    summary = write_world(out, _config(config, set_).synth)
+    typer.echo(summary)
+
+
+@app.command()
+def inspect(
+    urls: Annotated[list[str], typer.Argument(help="shard URLs, brace patterns, globs or list files")],
+    samples: Annotated[int, typer.Option(help="example samples to print")] = 3,
+):
+    """Counts, reject reasons and a few samples of input or output shards."""
+    from capfilt.data.inspect import inspect_shards
+
+    typer.echo(inspect_shards(urls, samples=samples))
+
+
+@app.command("model-info")
+def model_info(config: ConfigOpt = "blip-base", set_: SetOpt = None):
+    """Parameter counts of the MED, the captioner and the filter a config builds."""
+    from capfilt.model.info import describe
+
+    typer.echo(describe(_config(config, set_)))
+
+
+@app.command()
+def pretrain(
+    shards: Annotated[list[str], typer.Argument(help="training shards (cleaned round output and human)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="checkpoint folder")],
+    config: ConfigOpt = "demo",
+    set_: SetOpt = None,
+    init: Annotated[Path | None, typer.Option(help="warm start from this MED checkpoint")] = None,
+    workers: Annotated[int | None, typer.Option(help="data-parallel Ray Train workers")] = None,
+):
+    """Pretrain a MED with ITC + ITM + LM; resumes from the last checkpoint in OUT."""
+    from capfilt.train.pretrain import pretrain as run_pretrain
+
+    cfg = _config(config, set_)
+    if workers is not None:
+        cfg.pretrain.workers = workers
+    run_pretrain(cfg, shards, out, init=init)
+
+
+@app.command()
+def finetune(
+    med: Annotated[Path, typer.Argument(help="MED checkpoint folder")],
+    shards: Annotated[list[str], typer.Argument(help="human-annotated shards")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="folder for captioner/ and filter/")],
+    config: ConfigOpt = "demo",
+    set_: SetOpt = None,
+    workers: Annotated[int | None, typer.Option(help="data-parallel Ray Train workers")] = None,
+):
+    """Finetune a captioner (LM) and a filter (ITC+ITM) from one MED; they share no parameters."""
+    from capfilt.train.finetune import finetune as run_finetune
+
+    cfg = _config(config, set_)
+    if workers is not None:
+        cfg.finetune.workers = workers
+    run_finetune(cfg, med, shards, out)
+
+
+@app.command("eval")
+def evaluate(
+    test: Annotated[list[str], typer.Argument(help="held-out shards with reference captions")],
+    captioner: Annotated[Path | None, typer.Option(help="captioner folder")] = None,
+    filter_: Annotated[Path | None, typer.Option("--filter", help="filter folder")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run", help="a finished round, scored against truth")] = None,
+    truth: Annotated[str | None, typer.Option(help="truth.parquet of the demo world")] = None,
+    config: ConfigOpt = "demo",
+    set_: SetOpt = None,
+    out: Annotated[Path | None, typer.Option(help="write the metrics as JSON here")] = None,
+):
+    """Retrieval R@k, captioning BLEU-4/CIDEr/attribute accuracy, filter precision/recall against truth."""
+    from capfilt.eval.report import evaluate_all
+
+    metrics = evaluate_all(
+        _config(config, set_), test, captioner=captioner, filter_=filter_, run_dir=run_dir, truth=truth, out=out
+    )
+    typer.echo(metrics)
+
+
+@app.command()
+def run(
+    shards: Annotated[list[str], typer.Argument(help="web shards to clean")],
+    out: Annotated[str, typer.Option("--out", "-o", help="run folder or fsspec URL")],
+    captioner: Annotated[str, typer.Option(help="captioner HF folder")],
+    filter_: Annotated[str, typer.Option("--filter", help="filter HF folder")],
+    config: ConfigOpt = "demo",
+    set_: SetOpt = None,
+    local: Annotated[bool, typer.Option(help="run in this process, no Ray (debugging)")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address; default starts a local Ray")] = None,
+    new_run: Annotated[bool, typer.Option(help="allow a different config/model in an existing run folder")] = False,
+):
+    """One CapFilt round: read → decode → caption → score → select → write, resumable."""
+    from capfilt.run.round import run_round
+
+    summary = run_round(
+        _config(config, set_), shards, out, captioner=captioner, filter_=filter_, local=local, address=address,
+        new_run=new_run,
+    )
+    typer.echo(summary)
+
+
+@app.command()
+def select(
+    run_dir: Annotated[str, typer.Argument(help="a finished round's output folder")],
+    out: Annotated[str, typer.Option("--out", "-o", help="where to write the re-selected shards")],
+    threshold: Annotated[float, typer.Option(help="ITM match probability to keep a caption")] = 0.5,
+):
+    """Re-apply the selection policy to a finished round's stored scores; no model is loaded."""
+    from capfilt.run.reselect import reselect
+
+    typer.echo(reselect(run_dir, out, threshold=threshold))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

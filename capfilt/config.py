@@ -1,0 +1,240 @@
+"""Typed, validated configuration.
+
+A config is plain data: nested dataclasses loaded from YAML (``configs/NAME.yaml``) with optional
+``section.key=value`` overrides. A wrong key or a wrong type is a clear error naming the valid choices,
+never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config that does not match the schema."""
+
+
+@dataclass
+class ModelConfig:
+    """The MED's dimensions and the ITC/ITM/LM hyper-parameters (BLIP_REFERENCE.md, 'MED', 'Losses')."""
+
+    image_size: int = 224  # pretraining resolution; finetune.image_size is used from finetuning on
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_layers: int = 12
+    vision_heads: int = 12
+    vision_mlp: int = 3072
+    vision_ln_eps: float = 1e-6  # reference ViT; transformers defaults to 1e-5
+    text_width: int = 768
+    text_layers: int = 12
+    text_heads: int = 12
+    text_ffn: int = 3072
+    text_dropout: float = 0.1  # transformers defaults to 0.0
+    vocab_size: int = 30524  # target size when training a tokenizer; a checkpoint's tokenizer wins
+    max_text_len: int = 35
+    embed_dim: int = 256  # ITC projection width
+    queue_size: int = 57600
+    momentum: float = 0.995
+    alpha: float = 0.4
+    temp: float = 0.07
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    """One training stage (pretrain or finetune): optimiser, schedule, augmentation, checkpoints."""
+
+    image_size: int = 224
+    batch_size: int = 32
+    epochs: int = 20
+    steps: int = 0  # > 0: stop after this many optimiser steps (overrides epochs for the schedule)
+    lr: float = 3e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 0.05
+    warmup_steps: int = 1000
+    grad_clip: float = 1.0
+    alpha_ramp_epochs: int = 2  # 2 for pretraining, 1 for finetuning
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: bool = True
+    checkpoint_every: int = 1000
+    shuffle_buffer: int = 1000
+    seed: int = 0
+    workers: int = 1  # > 1: data-parallel with Ray Train
+    bf16: bool = True  # autocast on GPU only
+    prompt: str = "a picture of "  # captioner finetuning prefix, masked out of the LM loss
+
+
+@dataclass
+class CaptionConfig:
+    """Synthetic caption generation (BLIP_REFERENCE.md, 'Generation')."""
+
+    method: Literal["nucleus", "beam"] = "nucleus"
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    num_beams: int = 3
+    min_length: int = 5
+    max_length: int = 20
+    num_captions: int = 1
+    prompt: str = "a picture of "
+
+
+@dataclass
+class FilterConfig:
+    """The ITM filter and the selection policy."""
+
+    threshold: float = 0.5  # the value BLIP's authors used
+    batch_size: int = 64
+
+
+@dataclass
+class RunConfig:
+    """One CapFilt round: decoding, batching and distribution."""
+
+    image_size: int = 384
+    batch_size: int = 32
+    decoder: Literal["pillow", "dali"] = "pillow"
+    decode_threads: int = 2
+    max_pixels: int = 89_478_485  # Pillow's own bomb limit; larger images are rejected
+    actors: int = 1
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0
+    max_shard_retries: int = 3
+    seed: int = 0
+    parquet_image_bytes: bool = False
+
+
+@dataclass
+class SynthConfig:
+    """The demo world: rendered scenes with templated captions and controlled alt-text noise."""
+
+    image_size: int = 64
+    n_web: int = 10000
+    n_human: int = 1000
+    n_test: int = 500
+    noise: float = 0.4
+    shard_size: int = 1000
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    """Everything one capfilt command needs."""
+
+    name: str = "default"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: TrainConfig = field(default_factory=TrainConfig)
+    finetune: TrainConfig = field(default_factory=TrainConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain, YAML/JSON-safe data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; allow the lossless int→float widening only."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not match {tp}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{where}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{where}: expected null, got {value!r}")
+        return None
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool):
+        if type(value) is not tp:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "config") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys are {names}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of one in ``configs/`` (``tiny``, ``demo``, ``blip-base``...)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    candidate = CONFIG_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+    raise ConfigError(f"no config {str(name_or_path)!r}: not a file, and not one of {known}")
+
+
+def load_config(name_or_path: str | Path = "demo", overrides: list[str] | None = None) -> Config:
+    """Load a config by name or path, then apply ``section.key=value`` overrides."""
+    path = resolve_config_path(name_or_path)
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data.setdefault("name", path.stem)
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return from_dict(Config, data, str(path.name))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config saved with ``Config.to_dict`` (run manifests, checkpoints)."""
+    return from_dict(Config, data)
