@@ -65,3 +65,39 @@ class Candidate:
     itm: float = float("nan")  # ITM match probability
     itc: float = float("nan")  # ITC cosine similarity
     kept: bool = False
+
+
+@dataclass
+class ScoredSample:
+    """A sample after the filter and the selection policy: all candidates scored, the decision made."""
+
+    sample: Sample
+    candidates: list[Candidate]
+    kept: bool  # any candidate kept
+    caption: str  # the best kept candidate's text ("" when dropped)
+
+
+@dataclass
+class ShardStats:
+    """Per-shard accounting. The law: n_in == kept + dropped + sum(rejected.values())."""
+
+    shard: str
+    n_in: int = 0
+    kept: int = 0
+    dropped: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    rejects: list[dict[str, Any]] = field(default_factory=list)  # {key, reason, detail}, for debugging
+    truncated: bool = False
+    kept_by_source: dict[str, int] = field(default_factory=dict)  # kept candidates: web / synthetic
+    candidates_by_source: dict[str, int] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    def reject(self, r: Reject) -> None:
+        self.rejected[r.reason] = self.rejected.get(r.reason, 0) + 1
+        self.rejects.append({"key": r.key, "reason": r.reason, "detail": r.detail})
+
+    def check(self) -> None:
+        """Raise if a sample went missing: nothing is lost silently."""
+        total = self.kept + self.dropped + sum(self.rejected.values())
+        if total != self.n_in:
+            raise AssertionError(f"{self.shard}: in={self.n_in} but kept+dropped+rejected={total}")
