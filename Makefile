@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.capfilt-installed
 
-.PHONY: install demo test lint bench ablation clean
+.PHONY: install browser demo test lint bench ablation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ install: $(STAMP)
 demo: install
 	$(BIN)/capfilt demo
 
-test: install
+# The report test opens the page in a real headless browser: Debian's chromium.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+
+test: install browser
 	$(BIN)/python -m pytest
 
 lint: install

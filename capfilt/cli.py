@@ -150,5 +150,56 @@ def select(
     typer.echo(reselect(run_dir, out, threshold=threshold))
 
 
+@app.command()
+def bootstrap(
+    web: Annotated[list[str], typer.Option(help="web shards (repeatable)")],
+    human: Annotated[list[str], typer.Option(help="human-annotated shards (repeatable)")],
+    test: Annotated[list[str], typer.Option(help="held-out test shards (repeatable)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="bootstrap folder, one round-R/ per round")],
+    rounds: Annotated[int, typer.Option(help="cleaning rounds after round 0")] = 2,
+    truth: Annotated[str | None, typer.Option(help="truth.parquet (demo world), for evaluation only")] = None,
+    warm_start: Annotated[bool, typer.Option(help="start each MED from the previous round's")] = False,
+    local: Annotated[bool, typer.Option(help="clean in-process instead of on Ray")] = False,
+    address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
+    config: ConfigOpt = "demo",
+    set_: SetOpt = None,
+):
+    """CapFilt rounds: pretrain, finetune, clean, pretrain again...; resumes at the first unfinished step."""
+    from capfilt.bootstrap import BootstrapPlan
+    from capfilt.bootstrap import bootstrap as run_bootstrap
+    from capfilt.report import format_table, round_row
+
+    plan = BootstrapPlan(web=web, human=human, test=test, rounds=rounds, truth=truth, warm_start=warm_start,
+                         local=local, address=address)
+    dirs = run_bootstrap(_config(config, set_), plan, out)
+    typer.echo(format_table([(d.name, round_row(d)) for d in dirs]))
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a bootstrap folder or a `capfilt run` folder")],
+    out: Annotated[Path | None, typer.Option(help="HTML file (default RUN_DIR/report.html)")] = None,
+    truth: Annotated[Path | None, typer.Option(help="truth.parquet, for noisy-vs-clean histograms")] = None,
+):
+    """Write a static HTML report: round table, ITM histograms, example images with their decisions."""
+    from capfilt.report import write_report
+
+    typer.echo(write_report(run_dir, out=out, truth=truth))
+
+
+@app.command()
+def demo(
+    config: ConfigOpt = "demo",
+    set_: SetOpt = None,
+    world: Annotated[Path, typer.Option(help="where the demo world is (written if absent)")] = Path("shards"),
+    out: Annotated[Path, typer.Option(help="bootstrap folder")] = Path("runs/demo"),
+    rounds: Annotated[int, typer.Option(help="cleaning rounds after round 0")] = 1,
+):
+    """The embedded default: demo world, CapFilt rounds on local Ray, the round table and the report."""
+    from capfilt.demo import run_demo
+
+    typer.echo(run_demo(_config(config, set_), world, out, rounds))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

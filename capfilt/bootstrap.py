@@ -1,0 +1,102 @@
+"""`capfilt bootstrap`: CapFilt rounds chained, each in its own folder, resumable step by step.
+
+Round 0 pretrains a MED on web + human pairs and finetunes a captioner and a filter on the human pairs.
+Round r >= 1 cleans the web shards with round r-1's captioner and filter (`capfilt run`), pretrains a new
+MED on the cleaned + human shards (from scratch, as the paper does, or warm-started), finetunes and
+evaluates. A step is done when its marker ``round-R/STEP.done`` exists, so a rerun resumes at the first
+unfinished step, and the steps themselves resume inside (training checkpoints, the run's shard ledger).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from capfilt.config import Config, config_from_dict
+
+STEPS = ("run", "pretrain", "finetune", "eval")
+
+
+@dataclass
+class BootstrapPlan:
+    """The inputs of a bootstrap: shard specs per split, how many rounds, and how to start each MED."""
+
+    web: list[str]
+    human: list[str]
+    test: list[str]
+    rounds: int = 2  # cleaning rounds after round 0
+    truth: str | None = None  # the demo world's truth.parquet, for evaluation only
+    warm_start: bool = False  # round r's MED starts from round r-1's (the paper starts from scratch)
+    local: bool = False  # run the cleaning in-process instead of on Ray
+    address: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _marker(round_dir: Path, step: str) -> Path:
+    return round_dir / f"{step}.done"
+
+
+def _check_manifest(out: Path, cfg: Config, plan: BootstrapPlan) -> None:
+    """Record the config and inputs; refuse to resume a folder made with different ones."""
+    manifest = out / "manifest.json"
+    want = {"config": cfg.to_dict(), "web": plan.web, "human": plan.human, "test": plan.test,
+            "truth": plan.truth, "warm_start": plan.warm_start}
+    if manifest.is_file():
+        have = json.loads(manifest.read_text())
+        have.pop("rounds", None)
+        if config_from_dict(have["config"]).to_dict() != want["config"] or {
+            k: have.get(k) for k in want if k != "config"
+        } != {k: v for k, v in want.items() if k != "config"}:
+            raise SystemExit(f"{out} holds a bootstrap with another config or inputs; use a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps({**want, "rounds": plan.rounds}, indent=2))
+
+
+def _step(round_dir: Path, step: str, fn: Callable[[], object], log: Callable[[str], None]) -> None:
+    """Run one step unless its marker exists; the marker records its time and any dict it returned."""
+    marker = _marker(round_dir, step)
+    if marker.exists():
+        log(f"{round_dir.name}: {step} already done")
+        return
+    log(f"{round_dir.name}: {step} ...")
+    t0 = time.time()
+    info = fn()
+    info = info if isinstance(info, dict) else {}
+    marker.write_text(json.dumps({"seconds": round(time.time() - t0, 1), **info}, default=str))
+
+
+def bootstrap(cfg: Config, plan: BootstrapPlan, out: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Run round 0 and `plan.rounds` cleaning rounds into OUT/round-R; return the round folders."""
+    from capfilt.eval.report import evaluate_all
+    from capfilt.run.round import run_round
+    from capfilt.train.finetune import finetune
+    from capfilt.train.pretrain import pretrain
+
+    out = Path(out)
+    _check_manifest(out, cfg, plan)
+    round_dirs = []
+    for r in range(plan.rounds + 1):
+        rd = out / f"round-{r}"
+        rd.mkdir(parents=True, exist_ok=True)
+        prev = out / f"round-{r - 1}"
+        if r == 0:
+            train_shards = plan.web + plan.human
+        else:
+            _step(rd, "run", lambda rd=rd, prev=prev: run_round(
+                cfg, plan.web, str(rd / "run"), captioner=str(prev / "finetune" / "captioner"),
+                filter_=str(prev / "finetune" / "filter"), local=plan.local, address=plan.address,
+                new_run=False), log)
+            train_shards = [str(rd / "run" / "*.tar"), *plan.human]
+        init = prev / "pretrain" / "med" if (r > 0 and plan.warm_start) else None
+        _step(rd, "pretrain", lambda rd=rd, s=train_shards, init=init: pretrain(
+            cfg, s, rd / "pretrain", init=init), log)
+        _step(rd, "finetune", lambda rd=rd: finetune(
+            cfg, rd / "pretrain" / "med", plan.human, rd / "finetune"), log)
+        _step(rd, "eval", lambda rd=rd, r=r: {"metrics": evaluate_all(
+            cfg, plan.test, captioner=rd / "finetune" / "captioner", filter_=rd / "finetune" / "filter",
+            run_dir=(rd / "run") if r > 0 else None, truth=plan.truth, out=rd / "eval.json")}, log)
+        round_dirs.append(rd)
+    return round_dirs

@@ -1,0 +1,250 @@
+"""`capfilt report`: one static HTML page a person opens after a run.
+
+It reads only what rounds leave on disk (``*.scores.parquet``, ``summary.json``, ``eval.json``, and the
+demo world's ``truth.parquet`` when there is one), so it works on any finished run or bootstrap folder
+without a model. Images are embedded as data URIs: the page is a single file that can be mailed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from capfilt.data.reader import iter_shard
+from capfilt.data.sample import Sample
+
+HIST_BINS = 20
+EXAMPLES = 12
+
+
+@dataclass
+class RoundView:
+    """What the page shows of one round: its table row and the folder of its cleaning run, if any."""
+
+    name: str
+    row: dict
+    run_dir: Path | None
+
+
+def _load_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _rounds(root: Path) -> list[RoundView]:
+    """A bootstrap folder (round-*/) or a single `capfilt run` folder."""
+    round_dirs = sorted(p for p in root.glob("round-*") if p.is_dir())
+    if not round_dirs:
+        return [RoundView(root.name, round_row(root), root)]
+    views = []
+    for d in round_dirs:
+        run_dir = d / "run" if (d / "run").is_dir() else None
+        views.append(RoundView(d.name, round_row(d), run_dir))
+    return views
+
+
+def round_row(round_dir: Path) -> dict:
+    """The per-round table row: the round's models on the test split, and the cleaning of its run."""
+    ev = _load_json(round_dir / "eval.json")
+    summary = _load_json(round_dir / "run" / "summary.json") or _load_json(round_dir / "summary.json")
+    flt = ev.get("filter", {})
+    ret = ev.get("retrieval", {})
+    cap = ev.get("captioning", {})
+    kept = summary.get("kept_rate_by_source", {})
+    return {
+        "filter P": flt.get("precision"),
+        "filter R": flt.get("recall"),
+        "filter F1": flt.get("f1"),
+        "TR@1": ret.get("tr@1"),
+        "IR@1": ret.get("ir@1"),
+        "TR@5": ret.get("tr@5"),
+        "IR@5": ret.get("ir@5"),
+        "BLEU-4": cap.get("bleu4"),
+        "CIDEr": cap.get("cider"),
+        "attr acc": cap.get("attribute_accuracy"),
+        "kept web": kept.get("web"),
+        "kept synthetic": kept.get("synthetic"),
+    }
+
+
+def format_table(rows: list[tuple[str, dict]]) -> str:
+    """The round table as fixed-width text (printed by `make demo`)."""
+    if not rows:
+        return "(no rounds)"
+    cols = list(rows[0][1])
+    head = f"{'round':<10}" + "".join(f"{c:>15}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for name, row in rows:
+        lines.append(f"{name:<10}" + "".join(f"{_fmt(row.get(c)):>15}" for c in cols))
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _scores(run_dir: Path) -> list[dict]:
+    rows: list[dict] = []
+    for path in sorted(run_dir.glob("*.scores.parquet")):
+        rows.extend(pq.read_table(path).to_pylist())
+    return rows
+
+
+def _truth(root: Path, truth: Path | None) -> dict[str, dict]:
+    """key → truth row, from --truth or a truth.parquet recorded in the bootstrap manifest."""
+    path = truth or next((Path(p) for p in [_load_json(root / "manifest.json").get("truth")] if p), None)
+    if path is None or not Path(path).is_file():
+        return {}
+    return {r["key"]: r for r in pq.read_table(path, columns=["key", "noisy", "noise_type"]).to_pylist()}
+
+
+def histogram_svg(groups: dict[str, list[float]], title: str, bins: int = HIST_BINS) -> str:
+    """Overlaid step histograms of ITM probabilities in [0, 1], one colour per group, as inline SVG."""
+    width, height, pad = 420, 180, 28
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
+    counts = {
+        name: [sum(1 for v in vals if min(int(v * bins), bins - 1) == b) for b in range(bins)]
+        for name, vals in groups.items()
+    }
+    top = max([max(c) for c in counts.values() if c] + [1])
+    bw = (width - 2 * pad) / bins
+    parts = [f'<svg class="hist" width="{width}" height="{height + 40}" role="img" aria-label="{html.escape(title)}">',
+             f'<text x="{pad}" y="14" font-size="13">{html.escape(title)}</text>',
+             f'<line x1="{pad}" y1="{height}" x2="{width - pad}" y2="{height}" stroke="#333"/>',
+             f'<line x1="{pad + bins * bw / 2}" y1="20" x2="{pad + bins * bw / 2}" y2="{height}" '
+             'stroke="#999" stroke-dasharray="4"/>']
+    for i, (name, c) in enumerate(counts.items()):
+        colour = colours[i % len(colours)]
+        points = []
+        for b, n in enumerate(c):
+            y = height - (height - 24) * n / top
+            points += [f"{pad + b * bw:.1f},{y:.1f}", f"{pad + (b + 1) * bw:.1f},{y:.1f}"]
+        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(points)}"/>')
+        parts.append(f'<text x="{pad + 10 + 150 * i}" y="{height + 34}" font-size="12" fill="{colour}">'
+                     f'{html.escape(name)} (n={len(groups[name])})</text>')
+    for tick in (0.0, 0.5, 1.0):
+        parts.append(f'<text x="{pad + tick * bins * bw - 8:.0f}" y="{height + 16}" font-size="11">{tick}</text>')
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+def _histograms(scores: list[dict], truth: dict[str, dict]) -> str:
+    web = [(r["key"], c) for r in scores for c in r["candidates"] if c["source"] == "web"]
+    syn = [c for r in scores for c in r["candidates"] if c["source"] == "synthetic"]
+    figs = [
+        histogram_svg({"kept": [c["itm"] for _, c in web if c["kept"]],
+                       "dropped": [c["itm"] for _, c in web if not c["kept"]]}, "ITM, web captions"),
+        histogram_svg({"kept": [c["itm"] for c in syn if c["kept"]],
+                       "dropped": [c["itm"] for c in syn if not c["kept"]]}, "ITM, synthetic captions"),
+    ]
+    if truth:
+        figs.append(histogram_svg(
+            {"clean": [c["itm"] for k, c in web if k in truth and not truth[k]["noisy"]],
+             "noisy": [c["itm"] for k, c in web if k in truth and truth[k]["noisy"]]},
+            "ITM, web captions by ground truth"))
+    return "\n".join(figs)
+
+
+def _example_samples(scores: list[dict], n: int) -> list[tuple[dict, Sample]]:
+    """Up to n scored rows (kept and dropped alternating) with their images, re-read from the input shard."""
+    kept = [r for r in scores if r["kept"]]
+    dropped = [r for r in scores if not r["kept"]]
+    half = min(len(kept), max(n // 2, n - len(dropped)))
+    chosen = kept[:half] + dropped[: n - half]
+    by_shard: dict[str, set[str]] = {}
+    for r in chosen:
+        by_shard.setdefault(r["shard"], set()).add(r["key"])
+    images: dict[str, Sample] = {}
+    for shard, keys in by_shard.items():
+        for item in iter_shard(shard):
+            if isinstance(item, Sample) and item.key in keys:
+                images[item.key] = item
+    return [(r, images[r["key"]]) for r in chosen if r["key"] in images]
+
+
+def _example_card(row: dict, sample: Sample, truth: dict[str, dict]) -> str:
+    mime = {"jpg": "jpeg"}.get(sample.image_ext, sample.image_ext)
+    src = f"data:image/{mime};base64,{base64.b64encode(sample.image).decode()}"
+    lines = []
+    for c in row["candidates"]:
+        mark = "kept" if c["kept"] else "dropped"
+        lines.append(f'<li class="{mark}"><b>{c["source"]}</b> {html.escape(c["text"])} '
+                     f'<span>ITM {c["itm"]:.2f} · ITC {c["itc"]:.2f} · {mark}</span></li>')
+    t = truth.get(row["key"])
+    note = f'<div class="truth">truth: {"noisy (" + t["noise_type"] + ")" if t["noisy"] else "clean"}</div>' if t else ""
+    decision = "kept" if row["kept"] else "dropped"
+    return (f'<figure class="example {decision}"><img src="{src}" alt="{html.escape(row["key"])}">'
+            f'<figcaption><code>{html.escape(row["key"])}</code> — {decision}{note}<ul>{"".join(lines)}</ul>'
+            "</figcaption></figure>")
+
+
+PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>capfilt report: {title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
+.grid {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(260px, 1fr)); gap: 1em; }}
+figure {{ margin: 0; border: 2px solid #ccc; padding: 6px; }} figure.kept {{ border-color: #2ca02c; }}
+figure.dropped {{ border-color: #d62728; }} img {{ width: 128px; height: 128px; image-rendering: pixelated; }}
+li.dropped {{ color: #999; }} li span {{ font-size: 0.8em; color: #555; }} .truth {{ font-size: 0.85em; }}
+#status {{ font-size: 0.8em; color: #555; }}
+</style></head><body>
+<h1>capfilt report: {title}</h1>
+<p>Per round: the round's captioner and filter evaluated on the held-out test split (retrieval R@k,
+caption BLEU-4/CIDEr/attribute accuracy), and the cleaning run that made its training data (filter
+precision/recall/F1 of dropping noisy web captions against ground truth, kept rate by caption source).</p>
+{table}
+{sections}
+<p id="status" data-images="0" data-broken="0" data-errors="0">checking images…</p>
+<script>
+window.addEventListener("error", () => {{ const s = document.getElementById("status");
+  s.dataset.errors = String(Number(s.dataset.errors) + 1); }});
+window.addEventListener("load", () => {{
+  const imgs = [...document.images]; const broken = imgs.filter(i => !i.complete || i.naturalWidth === 0);
+  const s = document.getElementById("status"); s.dataset.images = String(imgs.length);
+  s.dataset.broken = String(broken.length);
+  s.textContent = imgs.length + " images, " + broken.length + " failed to load";
+}});
+</script>
+</body></html>
+"""
+
+
+def _table_html(views: list[RoundView]) -> str:
+    cols = list(views[0].row) if views else []
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["round", *cols])
+    body = "".join(
+        "<tr>" + f"<th>{html.escape(v.name)}</th>" + "".join(f"<td>{_fmt(v.row.get(c))}</td>" for c in cols) + "</tr>"
+        for v in views
+    )
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def write_report(root: Path, out: Path | None = None, truth: Path | None = None) -> Path:
+    """Write ROOT/report.html (or OUT) for a bootstrap folder or a single run folder; return its path."""
+    root = Path(root)
+    views = _rounds(root)
+    truth_rows = _truth(root, truth)
+    sections = []
+    for v in views:
+        if v.run_dir is None:
+            continue
+        scores = _scores(v.run_dir)
+        if not scores:
+            continue
+        cards = "".join(_example_card(r, s, truth_rows) for r, s in _example_samples(scores, EXAMPLES))
+        sections.append(f"<h2>{html.escape(v.name)}: cleaning run</h2>{_histograms(scores, truth_rows)}"
+                        f'<h3>Examples</h3><div class="grid">{cards}</div>')
+    page = PAGE.format(title=html.escape(root.name), table=_table_html(views), sections="\n".join(sections))
+    out = Path(out) if out else root / "report.html"
+    tmp = out.with_suffix(".html.tmp")
+    tmp.write_text(page)
+    tmp.replace(out)
+    return out
