@@ -217,13 +217,33 @@ def resolve_config_path(name_or_path: str | Path) -> Path:
     raise ConfigError(f"no config {str(name_or_path)!r}: not a file, and not one of {known}")
 
 
-def load_config(name_or_path: str | Path = "demo", overrides: list[str] | None = None) -> Config:
-    """Load a config by name or path, then apply ``section.key=value`` overrides."""
-    path = resolve_config_path(name_or_path)
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A YAML mapping; ``base: NAME`` starts from another config and overrides only what it names."""
+    if path in seen:
+        raise ConfigError(f"{path}: 'base' chain loops through {[str(p) for p in seen]}")
     data = yaml.safe_load(path.read_text()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    data.setdefault("name", path.stem)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    parent = _read_yaml(resolve_config_path(base), (*seen, path))
+    parent.pop("name", None)
+    return _merge(parent, data)
+
+
+def load_config(name_or_path: str | Path = "demo", overrides: list[str] | None = None) -> Config:
+    """Load a config by name or path, then apply ``section.key=value`` overrides."""
+    path = resolve_config_path(name_or_path)
+    data = _read_yaml(path)
+    data["name"] = data.get("name", path.stem)
     for item in overrides or []:
         keys, value = _parse_override(item)
         node = data

@@ -1,0 +1,45 @@
+"""Cluster job: CapFilt bootstrap rounds, submitted with `ray job submit`.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \
+        python pipelines/bootstrap.py --config configs/cluster-example.yaml --out /mnt/shared/boot \
+        --web 's3://bucket/web-{000000..000999}.tar' --human 's3://bucket/coco-{000..009}.tar' \
+        --test 's3://bucket/test-000.tar' --rounds 2
+
+Thin on purpose: it joins the cluster it was submitted to and calls the library, so the job does exactly
+what `capfilt bootstrap` does on a laptop.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import ray
+
+from capfilt.bootstrap import BootstrapPlan, bootstrap
+from capfilt.config import load_config
+from capfilt.report import format_table, round_row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default="demo")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--web", action="append", required=True)
+    ap.add_argument("--human", action="append", required=True)
+    ap.add_argument("--test", action="append", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--truth")
+    ap.add_argument("--warm-start", action="store_true")
+    args = ap.parse_args()
+
+    ray.init(address="auto")  # the cluster this job was submitted to
+    plan = BootstrapPlan(web=args.web, human=args.human, test=args.test, rounds=args.rounds, truth=args.truth,
+                         warm_start=args.warm_start, address="auto")
+    dirs = bootstrap(load_config(args.config, args.overrides), plan, Path(args.out))
+    print(format_table([(d.name, round_row(d)) for d in dirs]))
+
+
+if __name__ == "__main__":
+    main()

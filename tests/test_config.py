@@ -1,0 +1,52 @@
+"""Typed configs: every shipped config loads; a wrong key or type is a clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+from capfilt.config import CONFIG_DIR, ConfigError, config_from_dict, load_config
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_shipped_config_loads_and_round_trips(name):
+    cfg = load_config(name)
+    assert cfg.name == name
+    assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_unknown_key_names_the_valid_ones():
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['widht'\].*vision_width"):
+        load_config("tiny", ["model.widht=3"])
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises(ConfigError, match="model.patch_size: expected int"):
+        load_config("tiny", ["model.patch_size=eight"])
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config("tiny", ["run.decoder=opencv"])
+
+
+def test_overrides_and_int_to_float():
+    cfg = load_config("tiny", ["filter.threshold=1", "pretrain.crop_scale=[0.3, 1.0]"])
+    assert cfg.filter.threshold == 1.0 and isinstance(cfg.filter.threshold, float)
+    assert cfg.pretrain.crop_scale == (0.3, 1.0)
+
+
+def test_base_overrides_only_what_it_names(tmp_path):
+    child = tmp_path / "child.yaml"
+    child.write_text("base: blip-base\nmodel:\n  vision_layers: 24\n")
+    cfg, base = load_config(child), load_config("blip-base")
+    assert cfg.model.vision_layers == 24 and cfg.model.vision_width == base.model.vision_width
+    assert cfg.name == "child"
+
+
+def test_base_loop_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"base: {tmp_path / 'b.yaml'}\n")
+    (tmp_path / "b.yaml").write_text(f"base: {tmp_path / 'a.yaml'}\n")
+    with pytest.raises(ConfigError, match="loops"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_unknown_config_name_lists_known_ones():
+    with pytest.raises(ConfigError, match="tiny"):
+        load_config("no-such-config")
