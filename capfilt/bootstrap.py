@@ -12,12 +12,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from capfilt.config import Config, config_from_dict
-
-STEPS = ("run", "pretrain", "finetune", "eval")
 
 
 @dataclass
@@ -32,7 +30,6 @@ class BootstrapPlan:
     warm_start: bool = False  # round r's MED starts from round r-1's (the paper starts from scratch)
     local: bool = False  # run the cleaning in-process instead of on Ray
     address: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def _marker(round_dir: Path, step: str) -> Path:
@@ -68,35 +65,44 @@ def _step(round_dir: Path, step: str, fn: Callable[[], object], log: Callable[[s
     marker.write_text(json.dumps({"seconds": round(time.time() - t0, 1), **info}, default=str))
 
 
-def bootstrap(cfg: Config, plan: BootstrapPlan, out: Path, log: Callable[[str], None] = print) -> list[Path]:
-    """Run round 0 and `plan.rounds` cleaning rounds into OUT/round-R; return the round folders."""
+def train_and_evaluate(cfg: Config, train_shards: list[str], plan: BootstrapPlan, rd: Path,
+                       init: Path | None = None, run_dir: Path | None = None,
+                       log: Callable[[str], None] = print) -> None:
+    """Pretrain a MED on ``train_shards``, finetune a captioner and a filter on the human shards, and
+    evaluate them on the test shards (and ``run_dir``'s cleaning against truth), each step resumable."""
     from capfilt.eval.report import evaluate_all
-    from capfilt.run.round import run_round
     from capfilt.train.finetune import finetune
     from capfilt.train.pretrain import pretrain
 
+    rd.mkdir(parents=True, exist_ok=True)
+    _step(rd, "pretrain", lambda: pretrain(cfg, train_shards, rd / "pretrain", init=init), log)
+    _step(rd, "finetune", lambda: finetune(cfg, rd / "pretrain" / "med", plan.human, rd / "finetune"), log)
+    _step(rd, "eval", lambda: {"metrics": evaluate_all(
+        cfg, plan.test, captioner=rd / "finetune" / "captioner", filter_=rd / "finetune" / "filter",
+        run_dir=run_dir, truth=plan.truth, out=rd / "eval.json")}, log)
+
+
+def clean(cfg: Config, plan: BootstrapPlan, models: Path, rd: Path, log: Callable[[str], None] = print) -> Path:
+    """`capfilt run` over the web shards with the captioner and filter in ``models``; returns the run folder."""
+    from capfilt.run.round import run_round
+
+    rd.mkdir(parents=True, exist_ok=True)
+    _step(rd, "run", lambda: run_round(
+        cfg, plan.web, str(rd / "run"), captioner=str(models / "captioner"), filter_=str(models / "filter"),
+        local=plan.local, address=plan.address, new_run=False), log)
+    return rd / "run"
+
+
+def bootstrap(cfg: Config, plan: BootstrapPlan, out: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """Run round 0 and `plan.rounds` cleaning rounds into OUT/round-R; return the round folders."""
     out = Path(out)
     _check_manifest(out, cfg, plan)
     round_dirs = []
     for r in range(plan.rounds + 1):
-        rd = out / f"round-{r}"
-        rd.mkdir(parents=True, exist_ok=True)
-        prev = out / f"round-{r - 1}"
-        if r == 0:
-            train_shards = plan.web + plan.human
-        else:
-            _step(rd, "run", lambda rd=rd, prev=prev: run_round(
-                cfg, plan.web, str(rd / "run"), captioner=str(prev / "finetune" / "captioner"),
-                filter_=str(prev / "finetune" / "filter"), local=plan.local, address=plan.address,
-                new_run=False), log)
-            train_shards = [str(rd / "run" / "*.tar"), *plan.human]
+        rd, prev = out / f"round-{r}", out / f"round-{r - 1}"
+        run_dir = clean(cfg, plan, prev / "finetune", rd, log) if r > 0 else None
+        train_shards = [str(run_dir / "*.tar"), *plan.human] if run_dir else plan.web + plan.human
         init = prev / "pretrain" / "med" if (r > 0 and plan.warm_start) else None
-        _step(rd, "pretrain", lambda rd=rd, s=train_shards, init=init: pretrain(
-            cfg, s, rd / "pretrain", init=init), log)
-        _step(rd, "finetune", lambda rd=rd: finetune(
-            cfg, rd / "pretrain" / "med", plan.human, rd / "finetune"), log)
-        _step(rd, "eval", lambda rd=rd, r=r: {"metrics": evaluate_all(
-            cfg, plan.test, captioner=rd / "finetune" / "captioner", filter_=rd / "finetune" / "filter",
-            run_dir=(rd / "run") if r > 0 else None, truth=plan.truth, out=rd / "eval.json")}, log)
+        train_and_evaluate(cfg, train_shards, plan, rd, init=init, run_dir=run_dir, log=log)
         round_dirs.append(rd)
     return round_dirs

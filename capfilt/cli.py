@@ -201,5 +201,24 @@ def demo(
     typer.echo(run_demo(_config(config, set_), world, out, rounds))
 
 
+@app.command()
+def ablation(
+    config: ConfigOpt = "demo",
+    set_: SetOpt = None,
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1",
+    world: Annotated[Path, typer.Option(help="the demo world (written if absent)")] = Path("shards"),
+    out: Annotated[Path, typer.Option(help="folder for every variant's models and evaluations")] = Path(
+        "runs/ablation"),
+    results: Annotated[Path, typer.Option(help="markdown file whose ablation table is replaced")] = Path(
+        "docs/RESULTS.md"),
+):
+    """The paper's CapFilt ablation on the demo world: noisy, +captioner, +filter, both, beam, 2 rounds, oracle."""
+    from capfilt.ablation import run_ablation, update_results
+
+    table = run_ablation(_config(config, set_), world, out, [int(s) for s in seeds.split(",")])
+    update_results(results, table)
+    typer.echo(table)
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

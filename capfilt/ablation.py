@@ -1,0 +1,181 @@
+"""`make ablation`: the paper's CapFilt ablation, reproduced on the demo world (docs/RESULTS.md).
+
+Per seed, every variant is pretrained, finetuned and evaluated the same way (`train_and_evaluate`); only
+its training captions differ:
+
+- noisy: web + human as crawled (bootstrap round 0);
+- +captioner: every web caption plus every synthetic caption, nothing filtered;
+- +filter: the web captions the filter keeps, no synthetic ones;
+- capfilt: web and synthetic captions the filter keeps (bootstrap round 1), with nucleus sampling;
+- capfilt-beam: the same with beam-search captions;
+- capfilt-2rounds: a second round, cleaned with round 1's captioner and filter (bootstrap round 2);
+- oracle: the true clean caption of every web image (truth.parquet; evaluation-only data).
+
+The variants are selection policies over ONE scored run, so the captioner and filter are identical across
+them, as in the paper's table.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from capfilt.bootstrap import bootstrap, clean, train_and_evaluate
+from capfilt.config import Config
+from capfilt.data.reader import iter_shard
+from capfilt.data.sample import Sample
+from capfilt.data.specs import expand_shards
+from capfilt.data.writer import output_name, write_samples_shard
+from capfilt.demo import world_plan
+
+Policy = Callable[[list[dict], float], list[str]]
+
+
+def keep_all(candidates: list[dict], threshold: float) -> list[str]:
+    """+captioner: the web caption and every synthetic caption, unfiltered."""
+    return [c["text"] for c in candidates]
+
+
+def keep_web_matched(candidates: list[dict], threshold: float) -> list[str]:
+    """+filter: the web caption when the filter keeps it; synthetic captions are not used."""
+    return [c["text"] for c in candidates if c["source"] == "web" and c["itm"] >= threshold]
+
+
+def keep_matched(candidates: list[dict], threshold: float) -> list[str]:
+    """CapFilt: every caption, web or synthetic, the filter keeps."""
+    return [c["text"] for c in candidates if c["itm"] >= threshold]
+
+
+def write_caption_shards(shards: list[str], captions: dict[str, list[str]], out: Path) -> int:
+    """Input-style shards of the samples that have captions: original image, json["captions"] = the list.
+
+    The training loader yields one pair per entry of json["captions"]. Returns the number of pairs.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = 0
+    for url in shards:
+        samples = []
+        for item in iter_shard(url):
+            if isinstance(item, Sample) and captions.get(item.key):
+                texts = captions[item.key]
+                samples.append(Sample(key=item.key, shard=url, image=item.image, image_ext=item.image_ext,
+                                      caption=texts[0], meta={"captions": texts}))
+                pairs += len(texts)
+        write_samples_shard(str(out / f"{output_name(url, shards)}.tar"), samples)
+    return pairs
+
+
+def policy_captions(run_dir: Path, policy: Policy, threshold: float) -> dict[str, list[str]]:
+    """key → the captions a policy keeps, from a finished run's stored scores (no model)."""
+    kept: dict[str, list[str]] = {}
+    for path in sorted(Path(run_dir).glob("*.scores.parquet")):
+        for row in pq.read_table(path, columns=["key", "candidates"]).to_pylist():
+            kept[row["key"]] = policy(row["candidates"], threshold)
+    return kept
+
+
+def oracle_captions(truth: str) -> dict[str, list[str]]:
+    rows = pq.read_table(truth, columns=["key", "split", "clean_caption"]).to_pylist()
+    return {r["key"]: [r["clean_caption"]] for r in rows if r["split"] == "web"}
+
+
+def _seeded(cfg: Config, seed: int) -> Config:
+    cfg = copy.deepcopy(cfg)
+    cfg.pretrain.seed = cfg.finetune.seed = cfg.run.seed = seed
+    return cfg
+
+
+def run_seed(cfg: Config, world: Path, out: Path, log: Callable[[str], None] = print) -> dict[str, Path]:
+    """All variants for one seed; returns variant → folder holding its eval.json."""
+    plan = world_plan(world, rounds=2)
+    boot = out / "boot"
+    rounds = bootstrap(cfg, plan, boot, log=log)
+    beam_cfg = copy.deepcopy(cfg)
+    beam_cfg.caption.method = "beam"
+    beam_run = clean(beam_cfg, plan, rounds[0] / "finetune", out / "beam", log=log)
+    web = expand_shards(plan.web)
+    threshold = cfg.filter.threshold
+    variants = {
+        "+captioner": policy_captions(rounds[1] / "run", keep_all, threshold),
+        "+filter": policy_captions(rounds[1] / "run", keep_web_matched, threshold),
+        "capfilt-beam": policy_captions(beam_run, keep_matched, threshold),
+        "oracle": oracle_captions(plan.truth),
+    }
+    folders = {"noisy": rounds[0], "capfilt": rounds[1], "capfilt-2rounds": rounds[2]}
+    for name, captions in variants.items():
+        vd = out / name
+        data = vd / "data"
+        if not (vd / "data.done").exists():
+            pairs = write_caption_shards(web, captions, data)
+            (vd / "data.done").write_text(json.dumps({"pairs": pairs}))
+        train_and_evaluate(cfg, [str(data / "*.tar"), *plan.human], plan, vd, log=log)
+        folders[name] = vd
+    return folders
+
+
+ORDER = ["noisy", "+captioner", "+filter", "capfilt", "capfilt-beam", "capfilt-2rounds", "oracle"]
+METRICS = [("TR@1", "retrieval", "tr@1"), ("IR@1", "retrieval", "ir@1"), ("TR@5", "retrieval", "tr@5"),
+           ("IR@5", "retrieval", "ir@5"), ("CIDEr", "captioning", "cider"),
+           ("attr acc", "captioning", "attribute_accuracy")]
+
+
+def r1(ev: dict) -> float:
+    """Mean of TR@1 and IR@1: the number the gap is measured on."""
+    return (ev["retrieval"]["tr@1"] + ev["retrieval"]["ir@1"]) / 2
+
+
+def results_markdown(evals: dict[int, dict[str, dict]], command: str) -> str:
+    """The RESULTS.md table: mean ± sd over seeds per variant, the per-seed R@1, and the gap closed."""
+    seeds = sorted(evals)
+    lines = ["| variant | " + " | ".join(m for m, _, _ in METRICS) + " | R@1 mean | R@1 per seed |",
+             "|---" * (len(METRICS) + 3) + "|"]
+    for v in ORDER:
+        cells = []
+        for _, section, key in METRICS:
+            vals = [evals[s][v][section][key] for s in seeds]
+            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}")
+        per_seed = [r1(evals[s][v]) for s in seeds]
+        lines.append(f"| {v} | " + " | ".join(cells) +
+                     f" | {statistics.mean(per_seed):.3f} | {', '.join(f'{x:.3f}' for x in per_seed)} |")
+    gaps = []
+    for s in seeds:
+        base, capf, oracle = (r1(evals[s][v]) for v in ("noisy", "capfilt", "oracle"))
+        gaps.append((capf - base) / (oracle - base) if oracle != base else float("nan"))
+    gap_text = ", ".join(f"seed {s}: {g:.2f}" for s, g in zip(seeds, gaps))
+    return "\n".join([*lines, "", f"Share of the R@1 gap (noisy → oracle) that CapFilt closes: {gap_text} "
+                      f"(mean {statistics.mean(gaps):.2f}).", "", f"Command: `{command}`"])
+
+
+def run_ablation(cfg: Config, world: Path, out: Path, seeds: list[int],
+                 log: Callable[[str], None] = print) -> str:
+    """Every variant for every seed, then the markdown table of their evaluations."""
+    from capfilt.data.synth import write_world
+
+    world, out = Path(world), Path(out)
+    if not (world / "truth.parquet").is_file():
+        write_world(str(world), cfg.synth)
+    evals: dict[int, dict[str, dict]] = {}
+    for seed in seeds:
+        folders = run_seed(_seeded(cfg, seed), world, out / f"seed-{seed}", log=log)
+        evals[seed] = {v: json.loads((d / "eval.json").read_text()) for v, d in folders.items()}
+    (out / "evals.json").write_text(json.dumps(evals, indent=2))
+    return results_markdown(evals, f"capfilt ablation --config {cfg.name} --seeds {','.join(map(str, seeds))}")
+
+
+BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"
+
+
+def update_results(path: Path, table: str) -> None:
+    """Put the generated table between the markers of RESULTS.md, keeping the prose around it."""
+    block = f"{BEGIN}\n{table}\n{END}"
+    text = path.read_text() if path.is_file() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text:
+        text += f"\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    path.write_text(head + block + rest.split(END, 1)[1])

@@ -1,0 +1,47 @@
+"""The ablation's pure parts: its selection policies, its table and gap arithmetic, its results file."""
+
+from __future__ import annotations
+
+import pytest
+
+from capfilt.ablation import ORDER, keep_all, keep_matched, keep_web_matched, results_markdown, update_results
+
+CANDS = [
+    {"text": "web ok", "source": "web", "itm": 0.7},
+    {"text": "syn ok", "source": "synthetic", "itm": 0.5},
+    {"text": "syn bad", "source": "synthetic", "itm": 0.2},
+]
+
+
+def test_policies_keep_what_each_variant_says():
+    assert keep_all(CANDS, 0.5) == ["web ok", "syn ok", "syn bad"]
+    assert keep_web_matched(CANDS, 0.5) == ["web ok"]
+    assert keep_web_matched(CANDS, 0.8) == []
+    assert keep_matched(CANDS, 0.5) == ["web ok", "syn ok"]  # the threshold is inclusive, as BLIP's
+
+
+def _ev(r1: float) -> dict:
+    return {"retrieval": {"tr@1": r1, "ir@1": r1, "tr@5": 1.0, "ir@5": 1.0},
+            "captioning": {"cider": 0.5, "attribute_accuracy": 0.5}}
+
+
+def test_gap_closed_is_measured_on_mean_r1():
+    per_variant = {v: _ev(0.3) for v in ORDER}
+    per_variant.update(noisy=_ev(0.2), capfilt=_ev(0.35), oracle=_ev(0.4))
+    text = results_markdown({0: per_variant, 1: per_variant}, "capfilt ablation")
+    assert "seed 0: 0.75, seed 1: 0.75 (mean 0.75)" in text
+    assert "| noisy | 0.200 ± 0.000" in text
+
+
+def test_update_results_keeps_the_prose(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    update_results(path, "table v1")
+    path.write_text(path.read_text() + "\nWhat we found.\n")
+    update_results(path, "table v2")
+    text = path.read_text()
+    assert "table v2" in text and "table v1" not in text and "What we found." in text
+
+
+@pytest.mark.parametrize("threshold", [0.0, 1.01])
+def test_threshold_edges(threshold):
+    assert len(keep_matched(CANDS, threshold)) == (3 if threshold == 0.0 else 0)
