@@ -1,0 +1,242 @@
+"""Checkpoints: the MED folder (resume, warm start) and the HF exports the CapFilt round loads.
+
+All safetensors, never pickle (DESIGN.md, 'Checkpoints'):
+
+- ``save_med``/``load_med``: ``config.json`` (our ModelConfig, vocab size, special ids, meta),
+  ``model.safetensors`` (every shared tensor once, re-tied on load by building the MED), tokenizer files.
+  Holds the momentum copies and queues too, so training resumes exactly.
+- ``export_captioner`` → a ``BlipForConditionalGeneration`` folder; ``export_filter`` → a
+  ``BlipForImageTextRetrieval`` folder with ``config.capfilt = {"itm_first_token", "itc_temp"}``.
+- ``load_captioner``/``load_filter``: the one loader for our exports and Salesforce's published BLIP
+  checkpoints (which lack ``config.capfilt``: their ITM scores with ``[CLS]`` first, BLIP_REFERENCE.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import (
+    AutoTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    PreTrainedTokenizerBase,
+)
+
+from capfilt.config import ModelConfig, from_dict, to_dict
+from capfilt.model.med import MED
+
+MED_FORMAT = "capfilt-med/1"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+DEFAULT_ITM_FIRST_TOKEN = "[CLS]"  # what Salesforce's HF ITM checkpoints (and transformers) feed
+
+
+# ---- MED checkpoints ------------------------------------------------------------------------------
+
+
+def unique_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with every shared tensor once, under its first name (encoder before decoder)."""
+    seen: set[int] = set()
+    out: dict[str, torch.Tensor] = {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[name] = t.detach()
+    return out
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def save_med(
+    med: MED, tokenizer: PreTrainedTokenizerBase, path: str | Path, meta: dict | None = None
+) -> Path:
+    """Write a MED checkpoint folder; each file is replaced atomically, config.json last."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous().cpu() for k, v in unique_state(med).items()}
+    tmp = path / f".{WEIGHTS}.tmp-{os.getpid()}"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path / WEIGHTS)
+    tokenizer.save_pretrained(str(path))
+    config = {
+        "format": MED_FORMAT,
+        "model": to_dict(med.cfg),
+        "vocab_size": med.vocab_size,
+        "special_ids": med.special_ids,
+        "meta": meta or {},
+    }
+    _atomic_write_bytes(path / CONFIG, json.dumps(config, indent=2, sort_keys=True).encode())
+    return path
+
+
+def load_med(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[MED, PreTrainedTokenizerBase, dict]:
+    """Rebuild the MED (ties come from its structure), load every tensor, return (med, tokenizer, meta)."""
+    path = Path(path)
+    config = json.loads((path / CONFIG).read_text())
+    if config.get("format") != MED_FORMAT:
+        raise ValueError(f"{path} is not a capfilt MED checkpoint (format {config.get('format')!r})")
+    cfg = from_dict(ModelConfig, config["model"], "model")
+    med = MED(cfg, config["vocab_size"], config["special_ids"])
+    expected = unique_state(med)
+    state = load_file(str(path / WEIGHTS))
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"{path / WEIGHTS} does not match the MED: missing {missing[:5]}, unexpected {extra[:5]}"
+        )
+    with torch.no_grad():
+        for name, t in expected.items():
+            if t.shape != state[name].shape:
+                raise ValueError(f"{name}: checkpoint shape {tuple(state[name].shape)} != {tuple(t.shape)}")
+            t.copy_(state[name])
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return med.to(device), tokenizer, config.get("meta", {})
+
+
+# ---- HF exports ------------------------------------------------------------------------------------
+
+
+def blip_config(med: MED, capfilt: dict[str, Any] | None = None) -> BlipConfig:
+    """A BlipConfig whose text/vision configs are the MED's (dims, dropout, label smoothing, special ids)."""
+    config = BlipConfig(
+        text_config=med.text_encoder.config.to_dict(),
+        vision_config=med.vision.config.to_dict(),
+        image_text_hidden_size=med.cfg.embed_dim,
+        label_smoothing=med.cfg.label_smoothing,
+    )
+    if capfilt is not None:
+        config.capfilt = capfilt
+    return config
+
+
+def export_captioner(med: MED, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> Path:
+    """``BlipForConditionalGeneration`` folder: vision_model ← MED ViT, text_decoder ← MED decoder."""
+    path = Path(path)
+    model = BlipForConditionalGeneration(blip_config(med, {"role": "captioner"}))
+    model.vision_model.load_state_dict(med.vision.state_dict())
+    model.text_decoder.load_state_dict(med.text_decoder.state_dict())
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+def export_filter(
+    med: MED, tokenizer: PreTrainedTokenizerBase, path: str | Path, itm_first_token: str = "[ENC]"
+) -> Path:
+    """``BlipForImageTextRetrieval`` folder (vision_model, text_encoder, vision_proj, text_proj, itm_head).
+
+    ``config.capfilt`` records the ITM first token (our MED is trained with [ENC]; transformers'
+    forward feeds the ids as given) and the ITC temperature (the HF model has none).
+    """
+    path = Path(path)
+    if itm_first_token not in tokenizer.get_vocab():
+        raise ValueError(f"tokenizer has no {itm_first_token} token")
+    capfilt = {"role": "filter", "itm_first_token": itm_first_token, "itc_temp": float(med.temp.detach())}
+    model = BlipForImageTextRetrieval(blip_config(med, capfilt))
+    model.vision_model.load_state_dict(med.vision.state_dict())
+    model.text_encoder.load_state_dict(med.text_encoder.state_dict())
+    model.vision_proj.load_state_dict(med.vision_proj.state_dict())
+    model.text_proj.load_state_dict(med.text_proj.state_dict())
+    model.itm_head.load_state_dict(med.itm_head.state_dict())
+    model.save_pretrained(str(path))
+    tokenizer.save_pretrained(str(path))
+    return path
+
+
+# ---- the one loader for ours and Salesforce's -------------------------------------------------------
+
+
+def _weight_files(path: Path) -> list[Path]:
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if any(path.glob("pytorch_model*.bin")):
+            raise ValueError(
+                f"{path} holds only pytorch_model.bin (a pickle); capfilt loads safetensors only. Convert it "
+                'once, on purpose: `python -c "import transformers as t; '
+                f"t.AutoModel.from_pretrained('{path}').save_pretrained('{path}')\"` (writes model.safetensors)"
+            )
+        raise FileNotFoundError(f"{path}: no model.safetensors")
+    return files
+
+
+def model_hash(path: str | Path) -> str:
+    """sha256 over the safetensors weight file(s) and config.json: a model's identity for provenance."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in [*_weight_files(path), path / CONFIG]:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _capfilt_meta(config: BlipConfig) -> dict[str, Any]:
+    meta = getattr(config, "capfilt", None)
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def load_captioner(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[BlipForConditionalGeneration, PreTrainedTokenizerBase, dict]:
+    """A captioner folder (ours or Salesforce's) → (model in eval mode, tokenizer, info).
+
+    info: source ("capfilt"/"external"), dec_token_id (the decoder's first token, from the config),
+    sep_token_id (eos), pad_token_id, model_hash.
+    """
+    path = Path(path)
+    _weight_files(path)
+    model = BlipForConditionalGeneration.from_pretrained(str(path), use_safetensors=True).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    meta = _capfilt_meta(model.config)
+    tc = model.config.text_config
+    info = {
+        "source": "capfilt" if meta else "external",
+        "dec_token_id": int(tc.bos_token_id),
+        "sep_token_id": int(tc.sep_token_id),
+        "pad_token_id": int(tc.pad_token_id),
+        "model_hash": model_hash(path),
+    }
+    return model, tokenizer, info
+
+
+def load_filter(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[BlipForImageTextRetrieval, PreTrainedTokenizerBase, dict]:
+    """A filter folder (ours or Salesforce's) → (model in eval mode, tokenizer, info).
+
+    info: source, itm_first_token (ours: "[ENC]"; Salesforce's: "[CLS]"), itm_first_token_id (replace
+    ids[:, 0] with it before ``model(..., use_itm_head=True)``), itc_temp (None for Salesforce's),
+    model_hash.
+    """
+    path = Path(path)
+    _weight_files(path)
+    model = BlipForImageTextRetrieval.from_pretrained(str(path), use_safetensors=True).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    meta = _capfilt_meta(model.config)
+    first = meta.get("itm_first_token", DEFAULT_ITM_FIRST_TOKEN)
+    vocab = tokenizer.get_vocab()
+    if first not in vocab:
+        raise ValueError(f"{path}: the ITM first token {first} is not in the tokenizer")
+    info = {
+        "source": "capfilt" if meta else "external",
+        "itm_first_token": first,
+        "itm_first_token_id": int(vocab[first]),
+        "itc_temp": meta.get("itc_temp"),
+        "model_hash": model_hash(path),
+    }
+    return model, tokenizer, info

@@ -1,0 +1,138 @@
+"""BLIP's three losses as pure functions of tensors (BLIP_REFERENCE.md, 'Losses').
+
+No module state here: the MED (med.py) runs the encoders and calls these; the tests check each one on
+inputs small enough to work out by hand.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``-sum_j targets[i, j] * log_softmax(logits)[i, j]``."""
+    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+
+
+def positive_targets(
+    batch_size: int, total: int, idx: torch.Tensor | None = None, idx_all: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Hard ITC targets over ``total`` columns ([batch | queue]), each row summing to 1.
+
+    Without ids: one-hot on the diagonal of the first ``batch_size`` columns. With ids (retrieval
+    finetuning): every column whose id equals the row's id is a positive, weighted equally.
+    """
+    if idx is None:
+        targets = torch.zeros(batch_size, total)
+        targets[:, :batch_size] = torch.eye(batch_size)
+        return targets
+    assert idx_all is not None and idx_all.numel() == total
+    pos = torch.eq(idx.view(-1, 1), idx_all.view(1, -1)).float()
+    return pos / pos.sum(dim=1, keepdim=True)
+
+
+def itc_loss(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feat_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    image_queue: torch.Tensor,
+    text_queue: torch.Tensor,
+    temp: torch.Tensor | float,
+    alpha: float,
+    idx: torch.Tensor | None = None,
+    idx_queue: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Image-text contrastive loss with momentum distillation.
+
+    ``*_feat`` (B, D) are the online features, ``*_feat_m`` (B, D) the momentum features, all
+    L2-normalised; the queues are (D, Q). Similarities run against ``[batch momentum | queue]`` / temp;
+    targets = alpha·softmax(momentum sims) + (1 − alpha)·hard targets (same-id with ``idx``);
+    loss = (soft CE i2t + soft CE t2i) / 2.
+    """
+    b = image_feat.size(0)
+    image_all = torch.cat([image_feat_m.t(), image_queue], dim=1)
+    text_all = torch.cat([text_feat_m.t(), text_queue], dim=1)
+    idx_all = None
+    if idx is not None:
+        assert idx_queue is not None, "ITC with ids needs the id queue"
+        idx_all = torch.cat([idx.view(1, -1), idx_queue.view(1, -1)], dim=1)
+    hard = positive_targets(b, image_all.size(1), idx, idx_all).to(image_feat.device)
+    with torch.no_grad():
+        sim_i2t_m = image_feat_m @ text_all / temp
+        sim_t2i_m = text_feat_m @ image_all / temp
+        i2t_targets = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * hard
+        t2i_targets = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * hard
+    sim_i2t = image_feat @ text_all / temp
+    sim_t2i = text_feat @ image_all / temp
+    return (soft_cross_entropy(sim_i2t, i2t_targets) + soft_cross_entropy(sim_t2i, t2i_targets)) / 2
+
+
+def negative_mask(batch_size: int, idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Pairs that must not be drawn as ITM negatives: the diagonal, or every same-id pair with ids."""
+    if idx is None:
+        return torch.eye(batch_size, dtype=torch.bool)
+    idx = idx.view(-1, 1)
+    return torch.eq(idx, idx.t())
+
+
+@torch.no_grad()
+def sample_negatives(
+    sim: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """For each row, one column index drawn with ``multinomial(softmax(sim) + 1e-4)``, masked pairs at 0.
+
+    ``sim`` (B, B) are in-batch similarities (row = the anchor). A row whose every column is masked (all
+    items of the batch share one image id) falls back to masking only the diagonal, where the reference
+    would raise.
+    """
+    weights = F.softmax(sim.float(), dim=1) + 1e-4
+    weights = weights.masked_fill(mask.to(weights.device), 0.0)
+    empty = weights.sum(dim=1) == 0
+    if empty.any():
+        eye = torch.eye(sim.size(0), dtype=torch.bool, device=weights.device)
+        fallback = (F.softmax(sim.float(), dim=1) + 1e-4).masked_fill(eye, 0.0)
+        weights[empty] = fallback[empty]
+    return torch.multinomial(weights, 1, generator=generator).squeeze(1)
+
+
+def itm_labels(batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """[1]·B (positives) + [0]·2B (negative image per text, negative text per image)."""
+    return torch.cat(
+        [torch.ones(batch_size, dtype=torch.long), torch.zeros(2 * batch_size, dtype=torch.long)]
+    ).to(device)
+
+
+def itm_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Plain cross-entropy of the ITM head's (3B, 2) logits against :func:`itm_labels`."""
+    assert logits.size(0) % 3 == 0, "ITM logits come as B positives + 2B negatives"
+    return F.cross_entropy(logits, itm_labels(logits.size(0) // 3, logits.device))
+
+
+def lm_targets(decoder_ids: torch.Tensor, pad_id: int, prompt_len: int = 0) -> torch.Tensor:
+    """LM labels: the decoder ids ([DEC] first) with pad → −100 and [DEC] + ``prompt_len`` tokens → −100.
+
+    The final [SEP] stays a target (the model must learn to stop).
+    """
+    labels = decoder_ids.masked_fill(decoder_ids == pad_id, IGNORE)
+    labels[:, : 1 + prompt_len] = IGNORE
+    return labels
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
+    """Next-token cross-entropy with label smoothing: logits[:, t] predict labels[:, t + 1].
+
+    Mean over the non-ignored targets of ``(1 − ε)·(−log p_y) + ε·mean_k(−log p_k)``, as the
+    reference's ``CrossEntropyLoss(label_smoothing=0.1)``.
+    """
+    shifted = logits[:, :-1, :].contiguous()
+    targets = labels[:, 1:].contiguous()
+    return F.cross_entropy(
+        shifted.view(-1, shifted.size(-1)).float(),
+        targets.view(-1),
+        ignore_index=IGNORE,
+        label_smoothing=label_smoothing,
+    )

@@ -1,0 +1,169 @@
+"""Checkpoints: MED round trip, HF exports equal to the MED, and the Salesforce-format load path."""
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForImageTextRetrieval,
+    BlipTextConfig,
+    BlipVisionConfig,
+)
+
+from capfilt.model.hf import (
+    export_captioner,
+    export_filter,
+    load_captioner,
+    load_filter,
+    load_med,
+    model_hash,
+    save_med,
+    unique_state,
+)
+from capfilt.model.testing import tiny_batch, tiny_med, torch_threads
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny MED after two training steps: momentum copies, queues and temp all moved off their init."""
+    with torch_threads(1):
+        med, tok = tiny_med(seed=5)
+        pixels, ids, mask = tiny_batch(tok, med.cfg, 8)
+        opt = torch.optim.AdamW([p for p in med.parameters() if p.requires_grad], lr=1e-3)
+        med.train()
+        for _ in range(2):
+            loss = med(pixels, ids, mask, alpha=0.4, idx=torch.arange(8))["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        med.eval()
+    return med, tok, (pixels, ids, mask)
+
+
+def test_med_round_trip(trained, tmp_path):
+    med, tok, (pixels, ids, mask) = trained
+    save_med(med, tok, tmp_path / "med", meta={"step": 2, "stage": "pretrain"})
+    with safe_open(str(tmp_path / "med" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert len(keys) < len(med.state_dict())  # shared tensors stored once
+    assert "text_decoder.cls.predictions.decoder.weight" not in keys
+    assert "text_decoder.bert.embeddings.word_embeddings.weight" not in keys
+
+    med2, tok2, meta = load_med(tmp_path / "med")
+    assert meta == {"step": 2, "stage": "pretrain"}
+    a, b = unique_state(med), unique_state(med2)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert int(med2.queue_ptr) == 16 and med2.idx_queue[0, :16].tolist() == list(range(8)) * 2
+    assert med2.text_decoder.bert.embeddings is med2.text_encoder.embeddings
+    assert (
+        med2.text_decoder.cls.predictions.decoder.weight
+        is med2.text_encoder.embeddings.word_embeddings.weight
+    )
+    assert med2.text_decoder.bert.encoder.layer[1].output is med2.text_encoder.encoder.layer[1].output
+    assert tok2("a red circle")["input_ids"] == tok("a red circle")["input_ids"]
+    med2.eval()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        o1 = med(pixels, ids, mask, alpha=0.4)
+        torch.manual_seed(0)
+        o2 = med2(pixels, ids, mask, alpha=0.4)
+    for k in o1:
+        assert torch.equal(o1[k], o2[k]), k
+
+
+def test_exports_equal_the_med(trained, tmp_path):
+    med, tok, (pixels, ids, mask) = trained
+    export_captioner(med, tok, tmp_path / "cap")
+    export_filter(med, tok, tmp_path / "filt")
+    cap, cap_tok, cap_info = load_captioner(tmp_path / "cap")
+    filt, filt_tok, info = load_filter(tmp_path / "filt")
+    assert isinstance(cap, BlipForConditionalGeneration) and isinstance(filt, BlipForImageTextRetrieval)
+    assert cap_info["source"] == "capfilt" and cap_info["dec_token_id"] == med.special_ids["dec"]
+    assert cap_info["sep_token_id"] == med.special_ids["sep"] and cap_info["pad_token_id"] == 0
+    assert cap.config.text_config.label_smoothing == 0.1 and cap.config.text_config.hidden_dropout_prob == 0.1
+    assert cap.config.vision_config.layer_norm_eps == 1e-6
+    assert info["itm_first_token"] == "[ENC]" and info["itm_first_token_id"] == med.special_ids["enc"]
+    assert info["itc_temp"] == pytest.approx(float(med.temp.detach()))
+    assert cap_tok.get_vocab() == tok.get_vocab() == filt_tok.get_vocab()
+
+    with torch.no_grad():
+        image_embeds = med.image_embeds(pixels)
+        # captioner: decoder logits with [DEC] first
+        dec_ids = ids.clone()
+        dec_ids[:, 0] = cap_info["dec_token_id"]
+        got = cap(pixel_values=pixels, input_ids=dec_ids, attention_mask=mask).logits
+        assert torch.allclose(got, med.decoder_logits(image_embeds, ids, mask), atol=1e-5)
+        # filter: ITM logits with the recorded first token
+        itm_ids = ids.clone()
+        itm_ids[:, 0] = info["itm_first_token_id"]
+        got = filt(input_ids=itm_ids, pixel_values=pixels, attention_mask=mask).itm_score
+        assert torch.allclose(got, med.itm_logits(image_embeds, ids, mask), atol=1e-5)
+        # filter: ITC features (transformers returns their cosine matrix)
+        got = filt(input_ids=ids, pixel_values=pixels, attention_mask=mask, use_itm_head=False).itm_score
+        want = med.image_feat(image_embeds=image_embeds) @ med.text_feat(ids, mask).t()
+        assert torch.allclose(got, want, atol=1e-5)
+        # the exported captioner generates, [DEC] first
+        out = cap.generate(pixel_values=pixels[:2], max_length=6, do_sample=False)
+        assert out.shape[0] == 2 and (out[:, 0] == cap_info["dec_token_id"]).all()
+    assert model_hash(tmp_path / "cap") == cap_info["model_hash"] != info["model_hash"]
+
+
+def _salesforce_like(tmp_path):
+    """A tiny random checkpoint laid out like Salesforce/blip-itm-base-coco: BlipConfig + BertTokenizer."""
+    words = ["a", "red", "circle", "dog", "on", "the", "grass"]
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    vocab["[DEC]"], vocab["[ENC]"] = len(vocab), len(vocab) + 1
+    tok = BertTokenizer(vocab=vocab, bos_token="[DEC]", extra_special_tokens=["[ENC]"])
+    text = BlipTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        bos_token_id=vocab["[DEC]"], sep_token_id=3, eos_token_id=3, pad_token_id=0,
+    )  # fmt: skip
+    vision = BlipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    config = BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_text_hidden_size=16)
+    torch.manual_seed(0)
+    BlipForImageTextRetrieval(config).save_pretrained(tmp_path / "itm")
+    tok.save_pretrained(tmp_path / "itm")
+    BlipForConditionalGeneration(config).save_pretrained(tmp_path / "cap")
+    tok.save_pretrained(tmp_path / "cap")
+    return tok
+
+
+def test_salesforce_format_loads_through_the_same_path(tmp_path):
+    tok = _salesforce_like(tmp_path)
+    filt, ftok, info = load_filter(tmp_path / "itm")
+    assert info["source"] == "external" and info["itm_first_token"] == "[CLS]"
+    assert info["itm_first_token_id"] == tok.cls_token_id and info["itc_temp"] is None
+    cap, ctok, cinfo = load_captioner(tmp_path / "cap")
+    assert cinfo["source"] == "external" and cinfo["dec_token_id"] == tok.get_vocab()["[DEC]"]
+    ids = ftok(["a red circle"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        score = filt(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32)).itm_score
+    assert score.shape == (1, 2)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "blip"}))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(ValueError, match="safetensors only"):
+        load_filter(tmp_path)
+    with pytest.raises(ValueError, match="safetensors only"):
+        load_captioner(tmp_path)

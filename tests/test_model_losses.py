@@ -1,0 +1,102 @@
+"""Each loss on inputs small enough to check by hand."""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from capfilt.model import losses as L
+
+E = math.e
+EYE2 = torch.eye(2)
+
+
+def _itc(alpha, queue=None, idx=None, idx_queue=None):
+    q = torch.zeros(2, 0) if queue is None else queue
+    return float(L.itc_loss(EYE2, EYE2, EYE2, EYE2, q, q, 1.0, alpha, idx=idx, idx_queue=idx_queue))
+
+
+def test_itc_one_hot_2x2():
+    # sims = I / 1: each row softmax is [e, 1] / (e + 1); target one-hot on the diagonal
+    assert math.isclose(_itc(0.0), -math.log(E / (E + 1)), rel_tol=1e-6)
+
+
+def test_itc_momentum_distillation_2x2():
+    p = E / (E + 1)  # softmax of the momentum sims (= online sims here) on the diagonal
+    t = 0.5 * p + 0.5  # alpha·softmax + (1 − alpha)·one-hot
+    expected = -(t * math.log(p) + (1 - t) * math.log(1 - p))
+    assert math.isclose(_itc(0.5), expected, rel_tol=1e-6)
+
+
+def test_itc_queue_column_is_a_negative():
+    queue = torch.tensor([[0.0], [1.0]])  # one queued feature, equal to item 1
+    # row 0: sims [1, 0, 0] → target col 0; row 1: sims [0, 1, 1] → target col 1
+    l0 = -math.log(E / (E + 2))
+    l1 = -math.log(E / (2 * E + 1))
+    assert math.isclose(_itc(0.0, queue), (l0 + l1) / 2, rel_tol=1e-6)
+
+
+def test_itc_same_id_targets():
+    # both items of image 7: each row's target is [0.5, 0.5]
+    expected = -(0.5 * math.log(E / (E + 1)) + 0.5 * math.log(1 / (E + 1)))
+    got = _itc(0.0, idx=torch.tensor([7, 7]), idx_queue=torch.zeros(1, 0, dtype=torch.long))
+    assert math.isclose(got, expected, rel_tol=1e-6)
+    # an id in the queue matching a batch item counts as a positive too
+    t = L.positive_targets(2, 3, torch.tensor([1, 2]), torch.tensor([1, 2, 1]))
+    assert torch.allclose(t, torch.tensor([[0.5, 0, 0.5], [0, 1, 0]]))
+
+
+def test_hard_negative_picks_the_only_option():
+    sim = torch.tensor([[5.0, -5.0], [3.0, 9.0]])
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        assert L.sample_negatives(sim, L.negative_mask(2), g).tolist() == [1, 0]
+    # with ids: items 0 and 1 show the same image, so both must pick 2; item 2 picks 0 or 1
+    idx = torch.tensor([4, 4, 9])
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        neg = L.sample_negatives(torch.zeros(3, 3), L.negative_mask(3, idx), g).tolist()
+        assert neg[:2] == [2, 2] and neg[2] in (0, 1)
+
+
+def test_hard_negative_follows_the_similarity():
+    sim = torch.tensor([[0.0, 10.0, -10.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = [int(L.sample_negatives(sim, L.negative_mask(3), g)[0]) for _ in range(200)]
+    assert picks.count(1) > 190  # the hardest negative dominates, the other stays possible (1e-4)
+
+
+def test_hard_negative_all_same_id_falls_back_to_off_diagonal():
+    mask = L.negative_mask(2, torch.tensor([3, 3]))
+    assert L.sample_negatives(torch.zeros(2, 2), mask).tolist() == [1, 0]
+
+
+def test_itm_loss():
+    logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [0.0, 0.0]])  # B = 1: labels [1, 0, 0]
+    expected = (-math.log(E**2 / (1 + E**2)) - math.log(E / (E + 1)) - math.log(0.5)) / 3
+    assert math.isclose(float(L.itm_loss(logits)), expected, rel_tol=1e-6)
+    assert L.itm_labels(2).tolist() == [1, 1, 0, 0, 0, 0]
+
+
+def test_lm_targets_pad_prompt_and_final_sep():
+    ids = torch.tensor([[5, 10, 11, 12, 3, 0, 0]])  # [DEC] a picture x [SEP] pad pad
+    assert L.lm_targets(ids, 0).tolist() == [[-100, 10, 11, 12, 3, -100, -100]]
+    assert L.lm_targets(ids, 0, prompt_len=2).tolist() == [[-100, -100, -100, 12, 3, -100, -100]]
+
+
+def test_lm_loss_matches_manual_label_smoothing():
+    torch.manual_seed(0)
+    v, eps = 6, 0.1
+    logits = torch.randn(2, 4, v)
+    labels = torch.tensor([[-100, 2, 3, -100], [-100, 1, 5, 4]])
+    logp = F.log_softmax(logits, dim=-1)
+    terms = []
+    for b in range(2):
+        for t in range(3):  # logits[:, t] predict labels[:, t + 1]
+            y = int(labels[b, t + 1])
+            if y == -100:
+                continue
+            terms.append((1 - eps) * -logp[b, t, y] + eps * -logp[b, t].mean())
+    expected = torch.stack(terms).mean()
+    assert torch.allclose(L.lm_loss(logits, labels, eps), expected, atol=1e-6)
+    assert len(terms) == 5  # 2 + 3 non-ignored targets
