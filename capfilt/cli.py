@@ -49,7 +49,10 @@ def inspect(
     """Counts, reject reasons and a few samples of input or output shards."""
     from capfilt.data.inspect import inspect_shards
 
-    typer.echo(inspect_shards(urls, samples=samples))
+    try:
+        typer.echo(inspect_shards(urls, samples=samples))
+    except FileNotFoundError as err:  # a spec that matches nothing: a usage error, not a crash
+        raise typer.BadParameter(str(err)) from err
 
 
 @app.command("model-info")

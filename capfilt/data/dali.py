@@ -1,0 +1,140 @@
+"""NVIDIA DALI decoding: the same contract and the same pixels as ``PillowDecoder``, faster on a GPU.
+
+Pipeline: ``fn.external_source`` → ``fn.decoders.image(RGB)`` → ``fn.resize(CUBIC, S×S)`` →
+``fn.crop_mirror_normalize`` (CHW float32, BLIP's mean/std). ``device="mixed"`` decodes on the GPU
+(nvJPEG) and needs CUDA; ``device="cpu"`` runs anywhere (``device_id=None``). Output tensors are
+always on the CPU, like Pillow's, so callers see one contract.
+
+DALI fails the whole batch on one corrupt image and its pipeline is unusable afterwards, so:
+1. every sample is first checked with a Pillow header read (magic bytes, pixel limit): a Reject here
+   costs no decode;
+2. images whose pixels DALI would treat differently go to Pillow directly: alpha (DALI drops it,
+   we composite on white) and formats DALI does not decode (GIF, and anything not JPEG/PNG/BMP/WEBP);
+   DALI applies EXIF orientation itself, and 16-bit, palette, grayscale and CMYK images decode to
+   the same pixels (measured in tests/test_decode.py);
+3. when a batch still fails, the pipeline is rebuilt and the batch re-run one sample at a time; a
+   sample that fails alone is decoded by Pillow, whose verdict (tensor or Reject) is final.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from capfilt.data.decode import MEAN, STD, Decoder, has_alpha, open_checked, pillow_decode
+from capfilt.data.sample import Reject, Sample
+
+DALI_FORMATS = {"JPEG", "PNG", "BMP", "WEBP", "MPO"}
+
+
+def _import_dali():
+    try:
+        from nvidia import dali
+        from nvidia.dali import fn, types
+    except ImportError as err:
+        raise ImportError(
+            "the DALI decoder needs NVIDIA DALI: pip install 'capfilt[dali]' "
+            "(or nvidia-dali-cuda120), or set run.decoder=pillow"
+        ) from err
+    return dali, fn, types
+
+
+class DaliDecoder(Decoder):
+    """Batches through a DALI pipeline; see the module docstring for how failures are contained."""
+
+    def __init__(
+        self,
+        image_size: int,
+        device: str = "cpu",
+        batch_size: int = 64,
+        threads: int = 1,
+        max_pixels: int = 89_478_485,
+        device_id: int = 0,
+    ):
+        if device not in ("cpu", "mixed"):
+            raise ValueError(f"device must be 'cpu' or 'mixed', not {device!r}")
+        if device == "mixed" and not torch.cuda.is_available():
+            raise RuntimeError("DALI device='mixed' decodes on a GPU, and CUDA is not available here")
+        self.image_size, self.device, self.batch_size = image_size, device, batch_size
+        self.threads, self.max_pixels = threads, max_pixels
+        self.device_id = device_id if device == "mixed" else None
+        self._pipe = None
+
+    def _build(self):
+        dali, fn, types = _import_dali()
+        s = self.image_size
+
+        @dali.pipeline_def(
+            batch_size=self.batch_size,
+            num_threads=self.threads,
+            device_id=self.device_id,
+            prefetch_queue_depth=1,
+            exec_dynamic=True,
+        )
+        def pipeline():
+            encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+            img = fn.decoders.image(encoded, device=self.device, output_type=types.RGB)
+            img = fn.resize(img, resize_x=s, resize_y=s, interp_type=types.INTERP_CUBIC, antialias=True)
+            return fn.crop_mirror_normalize(
+                img,
+                dtype=types.FLOAT,
+                output_layout="CHW",
+                mean=[m * 255 for m in MEAN],
+                std=[v * 255 for v in STD],
+            )
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def _run(self, blobs: list[bytes]) -> list[torch.Tensor]:
+        """One DALI batch; on failure the pipeline is dropped (DALI marks it invalid) and we re-raise."""
+        if self._pipe is None:
+            self._pipe = self._build()
+        try:
+            self._pipe.feed_input("encoded", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
+            (out,) = self._pipe.run()
+        except Exception:
+            self._pipe = None
+            raise
+        if self.device == "mixed":
+            out = out.as_cpu()
+        return [torch.from_numpy(np.array(out[i])) for i in range(len(blobs))]
+
+    def _route(self, sample: Sample) -> Reject | str:
+        """'dali', 'pillow', or the Reject a header read already proves."""
+        im = open_checked(sample, self.max_pixels)
+        if isinstance(im, Reject):
+            return im
+        return "dali" if im.format in DALI_FORMATS and not has_alpha(im) else "pillow"
+
+    def decode(self, samples: list[Sample]) -> list[torch.Tensor | Reject]:
+        results: list[torch.Tensor | Reject | None] = [None] * len(samples)
+        to_dali = []
+        for i, s in enumerate(samples):
+            route = self._route(s)
+            if route == "dali":
+                to_dali.append(i)
+            else:
+                results[i] = route if isinstance(route, Reject) else self._pillow(s)
+        for start in range(0, len(to_dali), self.batch_size):
+            chunk = to_dali[start : start + self.batch_size]
+            try:
+                tensors = self._run([samples[i].image for i in chunk])
+            except Exception:
+                tensors = [self._one(samples[i]) for i in chunk]
+            for i, t in zip(chunk, tensors):
+                results[i] = t
+        return results
+
+    def _one(self, sample: Sample) -> torch.Tensor | Reject:
+        try:
+            return self._run([sample.image])[0]
+        except Exception:
+            return self._pillow(sample)
+
+    def _pillow(self, sample: Sample) -> torch.Tensor | Reject:
+        return pillow_decode(sample, self.image_size, self.max_pixels)
+
+    def close(self) -> None:
+        self._pipe = None

@@ -1,0 +1,221 @@
+"""Read one WebDataset shard into ``Sample``s and ``Reject``s, owning every error.
+
+We parse the tar ourselves (a 512-byte header loop) instead of using webdataset's iterators: their
+handlers sleep on each error and a truncated tar raises and loses the rest of the shard. Here a bad
+sample becomes a ``Reject`` with a reason, and a truncated shard keeps every sample before the cut.
+
+Truncation (a shard cut short by a killed writer or an interrupted copy) is reported two ways:
+- the sample being read at the cut, if one had started, is yielded as ``Reject(reason="truncated")``;
+- ``ShardReader.truncated`` is True after iteration (so is ``ShardStats.truncated`` once copied there).
+A tar that ends without its end-of-archive zero blocks counts as truncated: tarfile, GNU tar and
+webdataset always write them, and a writer killed between two members leaves exactly that shape.
+Any other I/O error (network, permissions) propagates: the shard is the unit of retry.
+
+Grouping follows webdataset: key = member path up to the first dot of its basename (folders stay in
+the key), extension = the rest, lower-cased. Members without an extension, hidden files and
+non-file members (folders, links) are not sample members and are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import tarfile
+from collections.abc import Iterator
+
+import fsspec
+
+from capfilt.data.sample import IMAGE_EXTS, Reject, Sample
+
+BLOCK = 512
+_FILE_TYPES = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE}
+
+
+class _Truncated(Exception):
+    """The stream ended inside the archive; ``name`` is the member being read, when its header was."""
+
+    def __init__(self, detail: str, name: str | None = None):
+        super().__init__(detail)
+        self.name = name
+
+
+def split_key(name: str) -> tuple[str, str] | None:
+    """``"a/b/0001.seg.jpg"`` → ``("a/b/0001", "seg.jpg")``; None when the name has no extension."""
+    folder, base = posixpath.split(name)
+    stem, dot, ext = base.partition(".")
+    if not stem or not dot or not ext:
+        return None
+    return posixpath.join(folder, stem), ext.lower()
+
+
+def _read_upto(f, n: int) -> bytes:
+    """Read n bytes, fewer only at end of stream (some file objects return short reads early)."""
+    chunks, left = [], n
+    while left > 0:
+        chunk = f.read(left)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
+
+
+def _read_exact(f, n: int) -> bytes:
+    data = _read_upto(f, n)
+    if len(data) != n:
+        raise _Truncated(f"wanted {n} bytes, got {len(data)}")
+    return data
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """Parse a pax extended header: records of ``"LEN key=value\\n"``."""
+    out, pos = {}, 0
+    while pos < len(data):
+        length = int(data[pos : data.index(b" ", pos)])
+        key, _, value = data[data.index(b" ", pos) + 1 : pos + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def iter_members(f) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(name, data)`` for each regular file; raise ``_Truncated`` where the stream is cut.
+
+    Handles ustar, GNU long names (``L``) and pax headers (``x``), which Python's tarfile writes for
+    long or non-ASCII names; other member types are skipped.
+    """
+    long_name = None
+    while True:
+        header = _read_upto(f, BLOCK)
+        if len(header) != BLOCK:
+            raise _Truncated("no end-of-archive marker" if not header else "cut inside a header")
+        if header == bytes(BLOCK):
+            return
+        try:
+            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as err:
+            raise _Truncated(f"corrupt tar header: {err}") from err
+        name = long_name or info.name
+        try:
+            data = _read_exact(f, info.size)  # payloads of skipped types are read and dropped too
+            _read_exact(f, -info.size % BLOCK)
+        except _Truncated as err:
+            raise _Truncated(
+                f"cut inside {name}: {err}", name if info.type in _FILE_TYPES else None
+            ) from None
+        if info.type == b"L":
+            long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
+        elif info.type == b"x":
+            long_name = _pax_records(data).get("path", long_name)
+        else:
+            long_name = None
+            if info.type in _FILE_TYPES:
+                yield name, data
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _caption(key: str, url: str, members: dict[str, bytes], meta: dict) -> str | Reject:
+    if "txt" in members:
+        try:
+            text = members["txt"].decode("utf-8").strip()
+        except UnicodeDecodeError as err:
+            return Reject(key, url, "bad_text", f"txt is not UTF-8: {err}")
+        return text or Reject(key, url, "bad_text", "txt is empty")
+    text = meta.get("caption")
+    if text is None:
+        return Reject(key, url, "missing_caption", f"members: {sorted(members)}")
+    if not isinstance(text, str) or not text.strip():
+        return Reject(key, url, "bad_text", f"json caption is {text!r}")
+    return text.strip()
+
+
+def make_sample(key: str, url: str, members: dict[str, bytes]) -> Sample | Reject:
+    """Build a Sample from one key's members, or the Reject that says why it cannot be one."""
+    image_ext = next((ext for ext in IMAGE_EXTS if ext in members), None)
+    if image_ext is None:
+        return Reject(key, url, "missing_image", f"members: {sorted(members)}")
+    if not members[image_ext]:
+        return Reject(key, url, "empty_image", f"{key}.{image_ext} has 0 bytes")
+    meta = {}
+    if "json" in members:
+        try:
+            meta = json.loads(members["json"], parse_constant=_no_constant)
+        except ValueError as err:
+            return Reject(key, url, "bad_json", str(err))
+        if not isinstance(meta, dict):
+            return Reject(key, url, "bad_json", f"json is a {type(meta).__name__}, not an object")
+    caption = _caption(key, url, members, meta)
+    if isinstance(caption, Reject):
+        return caption
+    extra = {ext: data for ext, data in members.items() if ext not in (image_ext, "txt", "json")}
+    return Sample(key, url, members[image_ext], image_ext, caption, meta, extra)
+
+
+class ShardReader:
+    """Iterate one shard's samples and rejects; ``truncated`` tells, after iteration, if it was cut.
+
+    >>> reader = ShardReader("s3://bucket/web-000003.tar")
+    >>> for item in reader: ...
+    >>> reader.truncated
+    """
+
+    def __init__(self, url: str, **storage_options):
+        self.url = url
+        self.storage_options = storage_options
+        self.truncated = False
+        self.truncation_detail = ""
+
+    def __iter__(self) -> Iterator[Sample | Reject]:
+        self.truncated, self.truncation_detail = False, ""
+        seen: set[str] = set()
+        key, members, duplicate = None, {}, ""
+
+        def flush() -> Sample | Reject:
+            if duplicate:
+                return Reject(key, self.url, "duplicate_key", duplicate)
+            return make_sample(key, self.url, members)
+
+        def start(new_key: str) -> None:
+            nonlocal key, members, duplicate
+            key, members = new_key, {}
+            duplicate = f"{new_key} reappears after other keys" if new_key in seen else ""
+            seen.add(new_key)
+
+        with fsspec.open(self.url, "rb", compression="infer", **self.storage_options) as f:
+            stream = iter_members(f)
+            while True:
+                try:
+                    name, data = next(stream)
+                except StopIteration:
+                    break
+                except _Truncated as err:
+                    self.truncated, self.truncation_detail = True, str(err)
+                    parts = split_key(err.name) if err.name else None
+                    if parts and parts[0] != key:  # the cut member starts a new sample
+                        if key is not None:
+                            yield flush()
+                        start(parts[0])
+                    if key is not None:
+                        yield Reject(key, self.url, "truncated", str(err))
+                    return
+                parts = split_key(name)
+                if parts is None:
+                    continue
+                new_key, ext = parts
+                if new_key != key:
+                    if key is not None:
+                        yield flush()
+                    start(new_key)
+                if ext in members:
+                    duplicate = duplicate or f"{new_key}.{ext} appears twice"
+                members[ext] = data
+        if key is not None:
+            yield flush()
+
+
+def iter_shard(url: str, **storage_options) -> Iterator[Sample | Reject]:
+    """Samples and rejects of one shard; use ``ShardReader`` when you need to know about truncation."""
+    return iter(ShardReader(url, **storage_options))

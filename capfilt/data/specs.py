@@ -1,0 +1,125 @@
+"""Shard specs: turn what a user types into a sorted list of shard URLs.
+
+A spec is an fsspec URL (local path, ``file://``, ``s3://``, ``gs://``, ``memory://``...) that may hold
+brace patterns (``web-{000000..000999}.tar``, ``{a,b}``), glob characters (``*?[``), or name a list
+file (a path ending in ``.txt``/``.list``, or any path given as ``@path``) with one spec per line.
+Expanded literal URLs are checked against one listing of their folder (not one request per shard), so
+a typo fails here, with the missing names, instead of deep inside a round.
+
+S3-compatible stores (MinIO, Ceph, R2, moto...) need no code: set ``AWS_ENDPOINT_URL`` (read by
+botocore, for every AWS client) or ``FSSPEC_S3_ENDPOINT_URL`` (fsspec's config, for s3fs only), plus
+the usual credentials; every read and write in capfilt goes through fsspec and picks them up.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+
+import fsspec
+from fsspec.core import url_to_fs
+
+_BRACE = re.compile(r"\{([^{}]*)\}")
+_RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
+_GLOB_CHARS = set("*?[")
+LIST_SUFFIXES = (".txt", ".list")
+
+
+class ShardSpecError(FileNotFoundError):
+    """A spec that matches no shard, or names shards that do not exist."""
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """Expand ``{a,b}`` lists and ``{000..123}`` ranges (zero padding keeps its width), left to right."""
+    m = _BRACE.search(pattern)
+    if m is None:
+        return [pattern]
+    head, body, tail = pattern[: m.start()], m.group(1), pattern[m.end() :]
+    r = _RANGE.match(body)
+    if r:
+        lo, hi = int(r.group(1)), int(r.group(2))
+        width = len(r.group(1)) if r.group(1).startswith("0") else 0
+        step = 1 if hi >= lo else -1
+        choices = [str(i).zfill(width) for i in range(lo, hi + step, step)]
+    else:
+        choices = body.split(",")
+    return [out for choice in choices for out in expand_braces(head + choice + tail)]
+
+
+def _is_list_file(spec: str) -> bool:
+    return spec.startswith("@") or spec.endswith(LIST_SUFFIXES)
+
+
+def _read_list(spec: str) -> list[str]:
+    with fsspec.open(spec.removeprefix("@"), "rt") as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _with_protocol(fs, original: str, path: str) -> str:
+    """One spelling per file, in the form the user wrote: an absolute local path, or a full URL."""
+    return fs.unstrip_protocol(path) if "://" in original else path
+
+
+def _normalise(url: str) -> str:
+    fs, path = url_to_fs(url)
+    return _with_protocol(fs, url, path)
+
+
+def _glob(spec: str) -> list[str]:
+    fs, path = url_to_fs(spec)
+    matches = fs.glob(path, detail=True)
+    found = [_with_protocol(fs, spec, p) for p, info in matches.items() if info["type"] != "directory"]
+    if not found:
+        raise ShardSpecError(f"shard spec {spec!r} matches no file")
+    return found
+
+
+def _check_exist(urls: Iterable[str]) -> None:
+    """One folder listing per parent folder; raise naming the shards that are not there."""
+    by_parent: dict[tuple[int, str], list[tuple[str, str]]] = defaultdict(list)
+    filesystems = {}
+    for url in urls:
+        fs, path = url_to_fs(url)
+        filesystems[id(fs)] = fs
+        by_parent[(id(fs), posixpath.dirname(path))].append((url, path))
+    missing, folders = [], []
+    for (fs_id, parent), items in by_parent.items():
+        fs = filesystems[fs_id]
+        try:
+            present = {fs._strip_protocol(e["name"]): e["type"] for e in fs.ls(parent, detail=True)}
+        except FileNotFoundError:
+            present = {}
+        missing += [url for url, path in items if path not in present]
+        folders += [url for url, path in items if present.get(path) == "directory"]
+    if folders:
+        raise ShardSpecError(
+            f"{folders[0]} is a folder, not a shard: name its shards, e.g. {folders[0]}/*.tar"
+        )
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ShardSpecError(f"{len(missing)} shard(s) do not exist: {shown}")
+
+
+def expand_shards(specs: list[str] | str) -> list[str]:
+    """Every shard URL the specs name: braces, globs and list files expanded; sorted, de-duplicated."""
+    specs = [specs] if isinstance(specs, str) else specs
+    found: set[str] = set()
+    literals: list[str] = []
+    for spec in specs:
+        for url in expand_braces(spec.strip()):
+            if _is_list_file(url):
+                lines = _read_list(url)
+                if not lines:
+                    raise ShardSpecError(f"list file {url!r} names no shard")
+                found.update(expand_shards(lines))
+            elif _GLOB_CHARS & set(url.split("://", 1)[-1]):
+                found.update(_glob(url))
+            else:
+                literals.append(_normalise(url))
+    _check_exist(literals)
+    found.update(literals)
+    if not found:
+        raise ShardSpecError(f"shard specs {specs!r} match nothing")
+    return sorted(found)

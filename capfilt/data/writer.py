@@ -1,0 +1,242 @@
+"""Write shards through fsspec, atomically and byte-for-byte reproducibly.
+
+Atomic: on file systems with a rename (local, NFS, memory...) each file is written to a hidden temp
+name in the same folder (``.NAME.EXT.<random>.tmp``) and renamed; on object stores (s3, gs, azure)
+an object only becomes visible when its single put or multipart upload completes, so it is written in
+place with ``autocommit=False`` and committed, or discarded on error. Readers, globs and the ledger
+never match temp names (they start with a dot and end in ``.tmp``). A writer killed on an object store may leave an incomplete multipart upload (invisible;
+clean up with a bucket lifecycle rule).
+
+Reproducible: tar members in a fixed order with mtime 0, uid/gid 0, empty user names, mode 0644, so
+the same results give the same bytes on every rerun.
+
+A round's outputs per input shard, in this order: ``NAME.tar``, ``NAME.parquet``,
+``NAME.scores.parquet``, ``NAME.stats.json``, then ``NAME.done`` last: its presence commits the shard.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import posixpath
+import tarfile
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from capfilt.data.sample import Sample, ScoredSample, ShardStats
+
+ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
+TEMP_SUFFIX = ".tmp"
+SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+
+CANDIDATE_TYPE = pa.struct(
+    [
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("itm", pa.float64()),
+        ("itc", pa.float64()),
+        ("kept", pa.bool_()),
+    ]
+)
+ROW_FIELDS = [
+    ("key", pa.string()),
+    ("shard", pa.string()),
+    ("caption", pa.string()),
+    ("candidates", pa.list_(CANDIDATE_TYPE)),
+    ("image_ext", pa.string()),
+    ("meta_json", pa.string()),
+]
+KEPT_SCHEMA = pa.schema(ROW_FIELDS)
+KEPT_SCHEMA_WITH_IMAGE = pa.schema([*ROW_FIELDS, ("image", pa.binary())])
+SCORES_SCHEMA = pa.schema([*ROW_FIELDS, ("kept", pa.bool_())])
+
+
+def is_temp(name: str) -> bool:
+    """A writer's temp file: never a shard, never a commit."""
+    base = posixpath.basename(name)
+    return base.startswith(".") and base.endswith(TEMP_SUFFIX)
+
+
+def _protocol(fs) -> str:
+    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+
+
+@contextlib.contextmanager
+def atomic_open(url: str) -> Iterator[io.RawIOBase]:
+    """Open ``url`` for writing so that readers see the whole file or nothing."""
+    fs, path = url_to_fs(url)
+    if _protocol(fs) in ATOMIC_PUT_PROTOCOLS:  # fsspec's transaction protocol: commit or discard
+        f = fs.open(path, "wb", autocommit=False)
+        try:
+            yield f
+        except BaseException:
+            f.discard()
+            f.closed = True  # else fsspec's __del__ would flush, and start an upload, after the discard
+            raise
+        f.close()
+        f.commit()
+        return
+    folder, base = posixpath.split(path)
+    fs.makedirs(folder, exist_ok=True)
+    tmp = posixpath.join(folder, f".{base}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
+    try:
+        with fs.open(tmp, "wb") as f:
+            yield f
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = size, 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_tar(url: str, members: Iterable[tuple[str, bytes]]) -> int:
+    """Write ``(name, bytes)`` members, in the given order, as a reproducible tar; returns the count."""
+    n = 0
+    with atomic_open(url) as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            n += 1
+    return n
+
+
+def _json_bytes(obj) -> bytes:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True, allow_nan=False).encode()
+
+
+def sample_members(sample: Sample, txt: str, json_obj: dict) -> list[tuple[str, bytes]]:
+    """One sample's members, sorted by extension: original image bytes, txt, json, carried extras."""
+    members = {sample.image_ext: sample.image, "txt": txt.encode(), **sample.extra}
+    if json_obj:
+        members["json"] = _json_bytes(json_obj)
+    return [(f"{sample.key}.{ext}", members[ext]) for ext in sorted(members)]
+
+
+def write_samples_shard(url: str, samples: Iterable[Sample]) -> int:
+    """Write input-style samples (image, txt, json = ``meta``, extras) as a WebDataset shard."""
+    return write_tar(url, (m for s in samples for m in sample_members(s, s.caption, s.meta)))
+
+
+# --- a round's outputs -------------------------------------------------------------------------------
+
+
+def _score(x: float) -> float | None:
+    return None if x is None or math.isnan(x) else float(x)
+
+
+def _candidates(r: ScoredSample) -> list[dict]:
+    return [
+        {"text": c.text, "source": c.source, "itm": _score(c.itm), "itc": _score(c.itc), "kept": c.kept}
+        for c in r.candidates
+    ]
+
+
+def _row(r: ScoredSample) -> dict:
+    s = r.sample
+    return {
+        "key": s.key,
+        "shard": s.shard,
+        "caption": r.caption,
+        "candidates": _candidates(r),
+        "image_ext": s.image_ext,
+        "meta_json": json.dumps(s.meta, ensure_ascii=False, sort_keys=True),
+    }
+
+
+def _write_parquet(url: str, rows: list[dict], schema: pa.Schema) -> None:
+    table = pa.Table.from_pylist(rows, schema=schema)
+    with atomic_open(url) as f:
+        pq.write_table(table, f)
+
+
+def _write_json(url: str, obj: dict) -> None:
+    with atomic_open(url) as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode())
+
+
+def output_name(input_url: str, inputs: Sequence[str] = ()) -> str:
+    """The output NAME of an input shard: its file name without ``.tar`` (``web-000003.tar`` → ``web-000003``).
+
+    When another URL in ``inputs`` (the round's full shard list) has the same name in a different
+    folder, both get ``-`` plus the first 8 hex digits of the SHA-1 of their full URL, so names stay
+    unique and stable for a given input list.
+    """
+
+    def stem(url: str) -> str:
+        base = posixpath.basename(url.rstrip("/"))
+        for suffix in SHARD_SUFFIXES:
+            if base.endswith(suffix):
+                return base[: -len(suffix)]
+        return base
+
+    name = stem(input_url)
+    if any(stem(u) == name and u != input_url for u in inputs):
+        name += "-" + hashlib.sha1(input_url.encode()).hexdigest()[:8]
+    return name
+
+
+def is_done(out_dir: str, name: str) -> bool:
+    """Whether the shard NAME is committed in ``out_dir`` (its done marker exists)."""
+    fs, path = url_to_fs(out_dir)
+    return fs.exists(posixpath.join(path, f"{name}.done"))
+
+
+def write_round_shard(
+    out_dir: str,
+    name: str,
+    results: list[ScoredSample],
+    stats: ShardStats,
+    provenance: dict,
+    parquet_image_bytes: bool = False,
+) -> dict:
+    """Write one input shard's round outputs, each file atomically, the done marker last; return it."""
+    stats.check()
+    kept = [r for r in results if r.kept]
+    if len(kept) != stats.kept or len(results) != stats.kept + stats.dropped:
+        raise AssertionError(
+            f"{name}: results ({len(kept)} kept of {len(results)}) disagree with stats "
+            f"(kept={stats.kept}, dropped={stats.dropped})"
+        )
+    fs, root = url_to_fs(out_dir)
+    fs.makedirs(root, exist_ok=True)
+    base = out_dir.rstrip("/") + "/" + name
+
+    def tar_members() -> Iterator[tuple[str, bytes]]:
+        for r in kept:
+            doc = {
+                "caption": r.caption,
+                "candidates": _candidates(r),
+                "source_json": r.sample.meta,
+                "provenance": provenance,
+            }
+            yield from sample_members(r.sample, r.caption, doc)
+
+    write_tar(f"{base}.tar", tar_members())
+    kept_rows = [_row(r) | ({"image": r.sample.image} if parquet_image_bytes else {}) for r in kept]
+    _write_parquet(
+        f"{base}.parquet", kept_rows, KEPT_SCHEMA_WITH_IMAGE if parquet_image_bytes else KEPT_SCHEMA
+    )
+    _write_parquet(f"{base}.scores.parquet", [_row(r) | {"kept": r.kept} for r in results], SCORES_SCHEMA)
+    _write_json(f"{base}.stats.json", dataclasses.asdict(stats) | {"provenance": provenance})
+    files = [f"{name}{ext}" for ext in (".tar", ".parquet", ".scores.parquet", ".stats.json")]
+    done = {
+        "shard": stats.shard,
+        "files": {f: fs.size(posixpath.join(root, f)) for f in files},
+        "provenance": provenance,
+    }
+    _write_json(f"{base}.done", done)
+    return done

@@ -1,0 +1,127 @@
+"""Decoding: BLIP preprocessing, every hard image kind, Pillow and DALI agreeing, failure containment."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DECODE_MAX_PIXELS, decode_cases, encode, smooth_image
+from PIL import Image
+
+from capfilt.config import RunConfig
+from capfilt.data.decode import MEAN, STD, PillowDecoder, make_decoder
+from capfilt.data.reader import iter_shard
+from capfilt.data.sample import Reject, Sample
+from capfilt.data.specs import expand_shards
+
+# Pillow and DALI resize with different bicubic kernels. Measured mean |difference| per image, in
+# normalised units (1 unit ≈ 69 grey levels): 32 px world → 24 or 48 px: 0.003 (worst image 0.004);
+# 64 px world → 96 or 384 px: 0.002 (worst 0.003); an exact 2× downscale (64 → 32 px), where the
+# kernels differ most: 0.021 (worst 0.044). The bound covers every case: 0.05 ≈ 3.4 grey levels.
+AGREEMENT_TOL = 0.05
+
+
+def _samples() -> list[Sample]:
+    return [Sample(k, "mem", data, ext, k) for k, (data, ext, _) in decode_cases().items()]
+
+
+def _verdicts(results) -> dict[str, str | None]:
+    return {s.key: (r.reason if isinstance(r, Reject) else None) for s, r in zip(_samples(), results)}
+
+
+def _expected() -> dict[str, str | None]:
+    return {k: reason for k, (_, _, reason) in decode_cases().items()}
+
+
+def test_normalisation_matches_blip():
+    colour = (200, 100, 50)
+    sample = Sample("c", "mem", encode(Image.new("RGB", (10, 7), colour), "PNG"), "png", "c")
+    (t,) = PillowDecoder(16).decode([sample])
+    assert t.shape == (3, 16, 16) and t.dtype == torch.float32
+    want = torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, MEAN, STD)])
+    torch.testing.assert_close(t[:, 5, 5], want, atol=1e-5, rtol=0)
+
+
+def test_pillow_handles_every_hard_case():
+    with PillowDecoder(32, threads=2, max_pixels=DECODE_MAX_PIXELS) as dec:
+        results = dec.decode(_samples())
+    assert _verdicts(results) == _expected()
+    out = dict(zip(decode_cases(), results))
+    # alpha composited on white, 16-bit scaled (not clipped to white), EXIF applied
+    white = torch.tensor([(1 - m) / s for m, s in zip(MEAN, STD)])
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))
+    (clear,) = PillowDecoder(32).decode([Sample("a", "m", encode(rgba, "PNG"), "png", "a")])
+    torch.testing.assert_close(clear[:, 4, 4], white, atol=1e-5, rtol=0)
+    gray8 = PillowDecoder(32).decode([Sample("g", "m", decode_cases()["gray"][0], "png", "g")])[0]
+    assert (out["gray-16bit"] - gray8).abs().max() < 0.02
+    upright = smooth_image().transpose(Image.Transpose.ROTATE_270)
+    (want,) = PillowDecoder(32).decode([Sample("u", "m", encode(upright), "jpg", "u")])
+    assert (out["exif-rotated"] - want).abs().mean() < 0.05
+
+
+def test_decode_batch_stacks_and_splits():
+    dec = PillowDecoder(16, max_pixels=DECODE_MAX_PIXELS)
+    batch, kept, rejects = dec.decode_batch(_samples())
+    ok = [i for i, reason in enumerate(_expected().values()) if reason is None]
+    assert kept == ok and batch.shape == (len(ok), 3, 16, 16)
+    assert sorted(r.reason for r in rejects) == sorted(r for r in _expected().values() if r)
+    empty, kept, rejects = dec.decode_batch([])
+    assert empty.shape == (0, 3, 16, 16) and kept == [] and rejects == []
+
+
+def test_make_decoder_from_run_config():
+    dec = make_decoder(RunConfig(image_size=24, decode_threads=1, max_pixels=100))
+    assert isinstance(dec, PillowDecoder) and dec.image_size == 24 and dec.max_pixels == 100
+
+
+# --- DALI (CPU mode runs anywhere DALI is installed; mixed needs CUDA) ---------------------------------
+
+
+def _dali(**kw):
+    pytest.importorskip("nvidia.dali")
+    from capfilt.data.dali import DaliDecoder
+
+    return DaliDecoder(**kw)
+
+
+def test_dali_agrees_with_pillow_on_the_demo_world(tiny_world):
+    samples = [s for url in expand_shards([f"{tiny_world}/web-*.tar"]) for s in iter_shard(url)]
+    for size in (24, 48):  # a downscale and an upscale of the 32 px world
+        pillow = PillowDecoder(size).decode(samples)
+        dali = _dali(image_size=size, batch_size=32).decode(samples)
+        diffs = torch.stack([(p - d).abs().mean() for p, d in zip(pillow, dali)])
+        assert diffs.max() < AGREEMENT_TOL, (size, diffs.max())
+
+
+def test_dali_same_verdicts_and_pixels_on_hard_cases():
+    pillow = PillowDecoder(32, max_pixels=DECODE_MAX_PIXELS).decode(_samples())
+    dali = _dali(image_size=32, batch_size=8, max_pixels=DECODE_MAX_PIXELS).decode(_samples())
+    assert _verdicts(dali) == _expected()
+    for key, p, d in zip(decode_cases(), pillow, dali):
+        if not isinstance(p, Reject):
+            assert (p - d).abs().mean() < AGREEMENT_TOL, key
+
+
+def test_dali_batch_with_one_corrupt_image_rejects_only_it():
+    good = encode(smooth_image())
+    samples = [Sample(f"k{i}", "m", good, "jpg", "c") for i in range(6)]
+    samples[3] = Sample("bad", "m", good[:400], "jpg", "c")  # passes the header check, fails in DALI
+    dec = _dali(image_size=32, batch_size=6)
+    results = dec.decode(samples)
+    assert [isinstance(r, Reject) for r in results] == [False, False, False, True, False, False]
+    assert results[3].reason == "undecodable_image"
+    assert all(isinstance(r, torch.Tensor) for r in dec.decode(samples[:3]))  # the pipeline recovered
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="DALI mixed decodes on a GPU; no CUDA here")
+def test_dali_mixed_agrees_with_cpu():
+    samples = [Sample(f"k{i}", "m", encode(smooth_image(seed=i)), "jpg", "c") for i in range(4)]
+    cpu = _dali(image_size=32, device="cpu").decode(samples)
+    gpu = _dali(image_size=32, device="mixed").decode(samples)
+    assert all((c - g).abs().mean() < AGREEMENT_TOL for c, g in zip(cpu, gpu))
+
+
+def test_dali_mixed_without_cuda_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        _dali(image_size=32, device="mixed")

@@ -1,0 +1,122 @@
+"""Reading shards: grouping, every per-sample reject, truncation, img2dataset layout, long names."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from conftest import bad_shard_members, encode, make_sample, smooth_image
+
+from capfilt.data.reader import ShardReader, iter_shard, split_key
+from capfilt.data.sample import Reject, Sample
+from capfilt.data.specs import expand_shards
+from capfilt.data.writer import write_samples_shard, write_tar
+
+
+def test_split_key_follows_webdataset():
+    assert split_key("a/b/0001.seg.JPG") == ("a/b/0001", "seg.jpg")
+    assert split_key("0001.txt") == ("0001", "txt")
+    assert split_key("README") is None
+
+
+def test_every_reader_reject_reason(tmp_path):
+    members, expected = bad_shard_members()
+    url = str(tmp_path / "bad.tar")
+    write_tar(url, members)
+    reader = ShardReader(url)
+    items = list(reader)
+    assert not reader.truncated
+    verdicts = {}
+    for item in items:
+        key = item.key if item.key not in verdicts else f"{item.key}#2"
+        verdicts[key] = item.reason if isinstance(item, Reject) else None
+    reader_level = {
+        k: (v if v not in ("undecodable_image", "too_many_pixels") else None) for k, v in expected.items()
+    }
+    assert verdicts == reader_level
+    by_key = {i.key: i for i in items if isinstance(i, Sample)}
+    assert by_key["json-caption"].caption == "from json"
+    assert by_key["json-caption"].meta["url"] == "http://x"
+    assert by_key["extras"].image_ext == "jpg"
+    assert by_key["extras"].extra == {"seg.png": b"\x89PNG..", "cls": b"3"}
+    assert by_key["ok"].image == members[0][1]  # the original bytes, untouched
+
+
+def test_truncated_shard_keeps_samples_before_the_cut(tmp_path):
+    samples = [make_sample(f"s{i}", caption=f"caption {i}") for i in range(5)]
+    full = tmp_path / "full.tar"
+    write_samples_shard(str(full), samples)
+    data = full.read_bytes()
+    third_jpg = data.index(b"s2.jpg")  # header of sample 2's first member
+    cuts = {
+        "inside a member": (third_jpg + 700, ["s0", "s1"], "s2"),
+        # s2's header is cut or missing: nothing proves s1 was complete, so s1 is the partial sample
+        "inside a header": (third_jpg + 100, ["s0"], "s1"),
+        "at a member boundary": (third_jpg, ["s0"], "s1"),
+    }
+    for name, (cut, whole, partial) in cuts.items():
+        path = tmp_path / "cut.tar"
+        path.write_bytes(data[:cut])
+        reader = ShardReader(str(path))
+        items = list(reader)
+        kept = [i.key for i in items if isinstance(i, Sample)]
+        rejects = [(i.key, i.reason) for i in items if isinstance(i, Reject)]
+        assert reader.truncated, name
+        assert rejects == [(partial, "truncated")], name
+        assert kept == whole, name
+    reader = ShardReader(str(full))
+    assert len(list(reader)) == 5 and not reader.truncated
+
+
+def test_img2dataset_folder_reads_as_is(tmp_path):
+    jpg = encode(smooth_image())
+    members = []
+    for i in range(3):
+        key = f"0000{i}"
+        meta = {
+            "key": key,
+            "url": f"http://example.com/{i}.jpg",
+            "caption": f"web caption {i}",
+            "status": "success",
+            "width": 48,
+            "height": 40,
+            "error_message": None,
+        }
+        members += [
+            (f"{key}.jpg", jpg),
+            (f"{key}.json", json.dumps(meta).encode()),
+            (f"{key}.txt", meta["caption"].encode()),
+        ]
+    write_tar(str(tmp_path / "00000.tar"), members)
+    pq.write_table(pa.table({"key": ["00000"], "status": ["success"]}), tmp_path / "00000.parquet")
+    (tmp_path / "00000_stats.json").write_text('{"count": 3, "successes": 3}')
+    shards = expand_shards([f"{tmp_path}/*.tar"])
+    assert shards == [str(tmp_path / "00000.tar")]
+    samples = list(iter_shard(shards[0]))
+    assert [s.key for s in samples] == ["00000", "00001", "00002"]
+    assert all(isinstance(s, Sample) and s.meta["status"] == "success" for s in samples)
+    assert samples[1].caption == "web caption 1" and samples[1].shard == shards[0]
+
+
+def test_long_unicode_keys_and_gzip(tmp_path):
+    key = "folder/" + "k" * 120 + "-café"
+    url = str(tmp_path / "long.tar")
+    write_samples_shard(url, [make_sample(key, caption="long")])
+    (sample,) = iter_shard(url)
+    assert sample.key == key and sample.caption == "long"
+    gz = tmp_path / "long.tar.gz"
+    gz.write_bytes(gzip.compress((tmp_path / "long.tar").read_bytes()))
+    assert [s.key for s in iter_shard(str(gz))] == [key]
+
+
+def test_tiny_world_reads_clean(tiny_world):
+    counts = Counter()
+    for url in expand_shards([f"{tiny_world}/*.tar"]):
+        reader = ShardReader(url)
+        for item in reader:
+            counts[type(item).__name__] += 1
+        assert not reader.truncated
+    assert counts == {"Sample": 64 + 16 + 16}

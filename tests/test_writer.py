@@ -1,0 +1,227 @@
+"""Writing round outputs: contents, reproducible bytes, Parquet for pyarrow and pandas, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from conftest import DECODE_MAX_PIXELS, bad_shard_members, make_sample
+
+from capfilt.data.decode import PillowDecoder
+from capfilt.data.reader import ShardReader, iter_shard
+from capfilt.data.sample import Candidate, Reject, ScoredSample, ShardStats
+from capfilt.data.writer import (
+    SCORES_SCHEMA,
+    is_done,
+    is_temp,
+    output_name,
+    write_round_shard,
+    write_tar,
+)
+
+PROVENANCE = {"round": 1, "captioner": "sha256:aa", "filter": "sha256:bb", "seed": 0}
+
+
+def scored(n: int = 4, shard: str = "in/web-000000.tar") -> tuple[list[ScoredSample], ShardStats]:
+    """n samples; the odd ones kept through their synthetic caption, the even ones dropped."""
+    results = []
+    for i in range(n):
+        s = make_sample(f"web-{i:08d}", caption=f"alt text {i}", url=f"http://x/{i}")
+        s.shard, s.extra = shard, {"cls": str(i).encode()}
+        keep = i % 2 == 1
+        cands = [
+            Candidate(s.caption, "web", itm=0.1, itc=0.2),
+            Candidate(f"a red circle {i}", "synthetic", 0.9, 0.4, keep),
+        ]
+        results.append(ScoredSample(s, cands, keep, cands[1].text if keep else ""))
+    stats = ShardStats(shard, n_in=n + 1, kept=n // 2, dropped=n - n // 2)
+    stats.reject(Reject("broken", shard, "bad_json", "x"))
+    return results, stats
+
+
+def test_round_outputs_contents(tmp_path):
+    results, stats = scored()
+    done = write_round_shard(str(tmp_path), "web-000000", results, stats, PROVENANCE)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == [
+        f"web-000000{e}" for e in (".done", ".parquet", ".scores.parquet", ".stats.json", ".tar")
+    ]
+    assert is_done(str(tmp_path), "web-000000") and not is_done(str(tmp_path), "web-000001")
+    assert done["shard"] == "in/web-000000.tar" and done["provenance"] == PROVENANCE
+    assert done["files"]["web-000000.tar"] == (tmp_path / "web-000000.tar").stat().st_size
+
+    kept = list(iter_shard(str(tmp_path / "web-000000.tar")))
+    assert [s.key for s in kept] == ["web-00000001", "web-00000003"]
+    first = kept[0]
+    assert first.image == results[1].sample.image  # original bytes, not re-encoded
+    assert first.caption == "a red circle 1" and first.extra == {"cls": b"1"}
+    assert first.meta["source_json"] == {"url": "http://x/1"} and first.meta["provenance"] == PROVENANCE
+    assert [c["source"] for c in first.meta["candidates"]] == ["web", "synthetic"]
+    assert first.meta["candidates"][1] == {
+        "text": "a red circle 1",
+        "source": "synthetic",
+        "itm": 0.9,
+        "itc": 0.4,
+        "kept": True,
+    }
+
+    table = pq.read_table(tmp_path / "web-000000.parquet")
+    assert (
+        table.column("key").to_pylist() == ["web-00000001", "web-00000003"]
+        and "image" not in table.column_names
+    )
+    frame = pd.read_parquet(tmp_path / "web-000000.parquet")
+    assert frame["candidates"][0][1]["text"] == "a red circle 1"
+    scores = pq.read_table(tmp_path / "web-000000.scores.parquet")
+    assert scores.schema.equals(SCORES_SCHEMA) and scores.column("kept").to_pylist() == [
+        False,
+        True,
+        False,
+        True,
+    ]
+    assert pd.read_parquet(tmp_path / "web-000000.scores.parquet")["caption"].tolist()[:2] == [
+        "",
+        "a red circle 1",
+    ]
+    stats_json = json.loads((tmp_path / "web-000000.stats.json").read_text())
+    assert stats_json["rejected"] == {"bad_json": 1} and stats_json["provenance"] == PROVENANCE
+
+
+def test_parquet_image_bytes_and_bytes_reproducible(tmp_path):
+    results, stats = scored()
+    write_round_shard(str(tmp_path / "a"), "s", results, stats, PROVENANCE, parquet_image_bytes=True)
+    write_round_shard(str(tmp_path / "b"), "s", results, stats, PROVENANCE, parquet_image_bytes=True)
+    for ext in (".tar", ".parquet", ".scores.parquet", ".stats.json", ".done"):
+        assert (tmp_path / "a" / f"s{ext}").read_bytes() == (tmp_path / "b" / f"s{ext}").read_bytes(), ext
+    images = pq.read_table(tmp_path / "a" / "s.parquet").column("image").to_pylist()
+    assert images == [results[1].sample.image, results[3].sample.image]
+    with tarfile.open(tmp_path / "a" / "s.tar") as tar:
+        assert {(m.mtime, m.uid, m.gid, m.mode, m.uname) for m in tar.getmembers()} == {(0, 0, 0, 0o644, "")}
+
+
+def test_stats_must_agree_with_results(tmp_path):
+    results, stats = scored()
+    stats.kept += 1
+    with pytest.raises(AssertionError):
+        write_round_shard(str(tmp_path), "s", results, stats, PROVENANCE)
+    assert not is_done(str(tmp_path), "s")
+
+
+def test_output_names_unique_across_folders():
+    a, b, c = "s3://b/crawl1/web-000003.tar", "s3://b/crawl2/web-000003.tar", "s3://b/crawl1/web-000004.tar"
+    assert output_name(c, [a, b, c]) == "web-000004"
+    assert output_name("/data/x.tar.gz") == "x"
+    na, nb = output_name(a, [a, b, c]), output_name(b, [a, b, c])
+    assert na != nb and na.startswith("web-000003-") and len(na) == len("web-000003-") + 8
+
+
+def test_bad_shard_end_to_end_conservation(tmp_path):
+    """Read → decode → (keep every decoded sample) → write: in = written + rejected, reasons counted."""
+    members, expected = bad_shard_members()
+    url = str(tmp_path / "bad.tar")
+    write_tar(url, members)
+    reader = ShardReader(url)
+    items = list(reader)
+    stats = ShardStats(url, n_in=len(items), truncated=reader.truncated)
+    samples = []
+    for item in items:
+        (stats.reject(item) if isinstance(item, Reject) else samples.append(item))
+    decoded = PillowDecoder(24, max_pixels=DECODE_MAX_PIXELS).decode(samples)
+    results = []
+    for s, d in zip(samples, decoded):
+        if isinstance(d, Reject):
+            stats.reject(d)
+        else:
+            results.append(ScoredSample(s, [Candidate(s.caption, "web", 0.9, 0.5, True)], True, s.caption))
+    stats.kept = len(results)
+    write_round_shard(str(tmp_path / "out"), "bad", results, stats, PROVENANCE)
+    written = len(list(iter_shard(str(tmp_path / "out" / "bad.tar"))))
+    want = {}
+    for reason in expected.values():
+        if reason:
+            want[reason] = want.get(reason, 0) + 1
+    assert stats.rejected == want
+    assert stats.n_in == written + sum(stats.rejected.values()) == len(expected)
+    assert set(want) >= {
+        "missing_image",
+        "missing_caption",
+        "duplicate_key",
+        "bad_text",
+        "bad_json",
+        "empty_image",
+        "undecodable_image",
+        "too_many_pixels",
+    }
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import sys, tarfile, time
+    sys.path.insert(0, sys.argv[2])
+    from conftest import make_sample
+    from capfilt.data.sample import Candidate, ScoredSample, ShardStats
+    from capfilt.data.writer import write_round_shard
+
+    add = tarfile.TarFile.addfile
+    def slow_addfile(self, *a, **k):  # a slow disk: the tar takes seconds to write
+        time.sleep(0.005)
+        return add(self, *a, **k)
+    tarfile.TarFile.addfile = slow_addfile
+    results = [ScoredSample(s, [Candidate("c", "web", 0.9, 0.5, True)], True, "c")
+               for s in (make_sample(f"k{i:05d}", image=bytes(2000)) for i in range(2000))]
+    stats = ShardStats("in.tar", n_in=2000, kept=2000)
+    print("writing", flush=True)
+    write_round_shard(sys.argv[1], "big", results, stats, {})
+""")
+
+
+def test_sigkill_mid_write_leaves_no_visible_partial_file(tmp_path):
+    out = tmp_path / "out"
+    script = tmp_path / "kill_me.py"
+    script.write_text(KILL_SCRIPT)
+    tests_dir = str(Path(__file__).parent)
+    proc = subprocess.Popen([sys.executable, str(script), str(out), tests_dir], stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == b"writing"
+        deadline = time.time() + 60
+        while time.time() < deadline:  # kill once the temp tar holds data
+            temps = [p for p in out.glob(".*") if p.stat().st_size > 0] if out.exists() else []
+            if temps:
+                break
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    names = [p.name for p in out.iterdir()]
+    assert names and all(is_temp(n) for n in names), names
+    assert not is_done(str(out), "big")
+
+
+def test_inspect_input_and_output_shards(tmp_path):
+    from capfilt.data.inspect import inspect_shards
+
+    results, stats = scored()
+    write_round_shard(str(tmp_path / "out"), "web-000000", results, stats, PROVENANCE)
+    members, _ = bad_shard_members()
+    write_tar(str(tmp_path / "bad.tar"), members)
+    (tmp_path / "cut.tar").write_bytes((tmp_path / "bad.tar").read_bytes()[:5000])
+
+    text = inspect_shards([str(tmp_path / "out")], samples=1)
+    assert "in=5 kept=2 dropped=2 rejected=1" in text and "bad_json=1" in text
+    assert "kept synthetic itm=0.9" in text and "web-00000001" in text and "web-00000003" not in text
+    assert inspect_shards([str(tmp_path / "out" / "web-000000.tar")], samples=0).startswith(
+        f"{tmp_path}/out/web-000000: output shard"
+    )
+    text = inspect_shards([f"{tmp_path}/{{bad,cut}}.tar"], samples=2)
+    assert "missing_image=1" in text and "duplicate_key=2" in text and "TRUNCATED" in text
+    assert "ok  48x40 jpg  'a red circle'" in text
