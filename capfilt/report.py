@@ -52,7 +52,7 @@ def round_row(round_dir: Path) -> dict:
     """The per-round table row: the round's models on the test split, and the cleaning of its run."""
     ev = _load_json(round_dir / "eval.json")
     summary = _load_json(round_dir / "run" / "summary.json") or _load_json(round_dir / "summary.json")
-    flt = ev.get("filter", {})
+    flt = ev.get("filtering", {})
     ret = ev.get("retrieval", {})
     cap = ev.get("captioning", {})
     kept = summary.get("kept_rate_by_source", {})

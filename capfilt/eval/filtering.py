@@ -1,0 +1,92 @@
+"""How well the filter finds noisy web captions, measured against the demo world's ground truth.
+
+The decision scored is "drop the web caption" (its ITM match probability < threshold) against truth's
+``noisy`` flag, over the web samples a round scored. ROC-AUC is the rank statistic (Mann-Whitney U, ties
+counted half), written out so that no sklearn is needed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+
+def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
+    """P(score of a random positive > score of a random negative), ties counted half; nan if one class."""
+    scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(scores, kind="mergesort")
+    ranks = np.empty(len(scores))
+    sorted_scores = scores[order]
+    start = 0
+    while start < len(scores):  # average rank (1-based) over each run of ties
+        end = start
+        while end + 1 < len(scores) and sorted_scores[end + 1] == sorted_scores[start]:
+            end += 1
+        ranks[order[start : end + 1]] = (start + end) / 2 + 1
+        start = end + 1
+    u = ranks[labels].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def drop_metrics(itm: Sequence[float], noisy: Sequence[bool], threshold: float = 0.5) -> dict:
+    """Precision, recall, F1 and ROC-AUC of "drop when ITM < threshold" as a detector of noisy captions.
+
+    ``base_rate`` (the share of noisy captions) is the precision of dropping at random: the bar to beat.
+    """
+    itm, noisy = np.asarray(itm, dtype=np.float64), np.asarray(noisy, dtype=bool)
+    drop = itm < threshold
+    tp = int((drop & noisy).sum())
+    precision = tp / drop.sum() if drop.any() else float("nan")
+    recall = tp / noisy.sum() if noisy.any() else float("nan")
+    f1 = 2 * precision * recall / (precision + recall) if tp else 0.0
+    return {
+        "n": len(itm),
+        "threshold": threshold,
+        "base_rate": float(noisy.mean()) if len(noisy) else float("nan"),
+        "dropped": int(drop.sum()),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
+        "roc_auc": roc_auc(-itm, noisy),  # a low match probability should mean noisy
+    }
+
+
+def web_itm_scores(run_dir: str | Path) -> dict[str, float]:
+    """key → ITM probability of the web candidate, from every ``*.scores.parquet`` of a finished round."""
+    scores = {}
+    for path in sorted(Path(run_dir).rglob("*.scores.parquet")):
+        for row in pq.read_table(path, columns=["key", "candidates"]).to_pylist():
+            for cand in row["candidates"]:
+                if cand["source"] == "web":
+                    scores[row["key"]] = cand["itm"]
+    return scores
+
+
+def round_metrics(run_dir: str | Path, truth: str | Path, threshold: float = 0.5) -> dict:
+    """``drop_metrics`` of a round's web captions against truth.parquet, plus recall per noise type.
+
+    Samples the round rejected (no scores) are left out and counted in ``missing``.
+    """
+    scores = web_itm_scores(run_dir)
+    rows = [
+        r
+        for r in pq.read_table(truth, columns=["key", "split", "noisy", "noise_type"]).to_pylist()
+        if r["split"] == "web"
+    ]
+    scored = [r for r in rows if r["key"] in scores]
+    itm = np.array([scores[r["key"]] for r in scored])
+    noisy = np.array([bool(r["noisy"]) for r in scored])
+    metrics = drop_metrics(itm, noisy, threshold)
+    metrics["missing"] = len(rows) - len(scored)
+    types = sorted({r["noise_type"] for r in scored if r["noisy"] and r["noise_type"]})
+    metrics["recall_by_noise_type"] = {}
+    for t in types:
+        of_type = np.array([bool(r["noisy"]) and r["noise_type"] == t for r in scored])
+        metrics["recall_by_noise_type"][t] = float((itm[of_type] < threshold).mean())
+    return metrics

@@ -1,0 +1,40 @@
+"""``capfilt eval``: every evaluation that applies to what it is given, in one JSON-able dict.
+
+A filter folder gives retrieval R@k on the test shards, a captioner folder captioning metrics (with
+attribute accuracy when the demo world's truth is given), a finished round plus truth the filter's
+precision/recall on web captions.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from capfilt.config import Config
+from capfilt.data.specs import expand_shards
+from capfilt.eval.captioning import evaluate_captioning
+from capfilt.eval.filtering import round_metrics
+from capfilt.eval.heldout import load_heldout
+from capfilt.eval.retrieval import evaluate_retrieval
+
+
+def evaluate_all(
+    cfg: Config, test: list[str], captioner=None, filter_=None, run_dir=None, truth=None, out=None
+) -> dict:
+    """Run the evaluations that apply; write them to ``out`` as JSON when given."""
+    metrics: dict = {}
+    if captioner is not None or filter_ is not None:
+        data = load_heldout(expand_shards(test), cfg.run)
+        metrics["test"] = {"images": len(data.keys), "rejected": dict(data.rejects)}
+        if filter_ is not None:
+            metrics["retrieval"] = evaluate_retrieval(str(filter_), data, cfg.filter)
+        if captioner is not None:
+            metrics["captioning"] = evaluate_captioning(str(captioner), data, cfg.caption, truth)
+    if run_dir is not None:
+        if truth is None:
+            raise ValueError("scoring a round's filter needs the demo world's truth.parquet (--truth)")
+        metrics["filtering"] = round_metrics(run_dir, truth, cfg.filter.threshold)
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(metrics, indent=1))
+    return metrics

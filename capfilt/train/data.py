@@ -1,0 +1,209 @@
+"""Training pairs from WebDataset shards: read → one pair per reference → shuffle → augment → batch.
+
+An epoch's order is a pure function of (seed, epoch), and every random crop of (seed, epoch, rank, batch,
+slot). That is what lets a resumed run skip the batches it already trained on and then see exactly the
+batches an uninterrupted run would: no RNG state has to be saved.
+
+No torchvision on CPU here, so BLIP's train augmentation (RandomResizedCrop, bicubic, horizontal flip) is
+written out with Pillow and numpy below. RandAugment(2, 5) is left out: the demo world's captions name
+colours and positions, which colour jitter and shears would falsify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from itertools import count, islice
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from capfilt.config import RunConfig, TrainConfig
+from capfilt.data.decode import normalize, open_checked, to_rgb
+from capfilt.data.reader import iter_shard
+from capfilt.data.sample import Reject, Sample
+from capfilt.model.tokenizer import normalize_caption
+
+MAX_PIXELS = RunConfig.max_pixels  # the round's decompression-bomb limit
+
+
+@dataclass
+class Pair:
+    """One (image, caption) training pair; ``idx`` is the same for every caption of one image."""
+
+    sample: Sample
+    caption: str
+    idx: int
+
+
+def image_id(shard: str, key: str) -> int:
+    """A stable integer id of an image (63 bits), so ITC/ITM finetuning treats its captions as positives."""
+    name = shard.rstrip("/").rsplit("/", 1)[-1]
+    return int.from_bytes(hashlib.blake2b(f"{name}/{key}".encode(), digest_size=8).digest(), "big") >> 1
+
+
+def read_pairs(shards: Iterable[str], rejects: Counter | None = None) -> Iterator[Pair]:
+    """Every usable pair of the shards, in order: one per reference of json["captions"], else the caption.
+
+    Rejected samples are skipped and counted by reason in ``rejects``; so are captions that normalise to
+    nothing (``bad_text``).
+    """
+    rejects = Counter() if rejects is None else rejects
+    for url in shards:
+        for item in iter_shard(url):
+            if isinstance(item, Reject):
+                rejects[item.reason] += 1
+                continue
+            refs = item.meta.get("captions") or [item.caption]
+            idx = image_id(url, item.key)
+            for ref in refs:
+                text = normalize_caption(ref)
+                if text:
+                    yield Pair(item, text, idx)
+                else:
+                    rejects["bad_text"] += 1
+
+
+def shuffled(items: Iterable, buffer: int, rng: np.random.Generator) -> Iterator:
+    """WebDataset-style shuffle: keep ``buffer`` items, emit a random one as each new item arrives."""
+    pool: list = []
+    for item in items:
+        if len(pool) < buffer:
+            pool.append(item)
+            continue
+        j = int(rng.integers(len(pool)))
+        pool[j], item = item, pool[j]
+        yield item
+    rng.shuffle(pool)
+    yield from pool
+
+
+def random_resized_crop(
+    img: Image.Image, size: int, scale: tuple[float, float], rng: np.random.Generator
+) -> Image.Image:
+    """torchvision's RandomResizedCrop (ratio 3/4..4/3, 10 tries, then a centre crop), bicubic."""
+    width, height = img.size
+    area = width * height
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < w <= width and 0 < h <= height:
+            top, left = int(rng.integers(height - h + 1)), int(rng.integers(width - w + 1))
+            break
+    else:
+        w, h = min(width, height), min(width, height)
+        top, left = (height - h) // 2, (width - w) // 2
+    return img.resize((size, size), Image.BICUBIC, box=(left, top, left + w, top + h))
+
+
+def decode_rgb(sample: Sample) -> Image.Image | Reject:
+    """Full-resolution RGB (the crop needs it), with the inference decoder's checks and mode rules."""
+    im = open_checked(sample, MAX_PIXELS)
+    if isinstance(im, Reject):
+        return im
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im = to_rgb(ImageOps.exif_transpose(im))
+            im.load()
+            return im
+    except (OSError, ValueError, SyntaxError, EOFError) as err:
+        return Reject(sample.key, sample.shard, "undecodable_image", f"{type(err).__name__}: {err}")
+
+
+def decoded(pairs: Iterable[Pair], rejects: Counter) -> Iterator[tuple[Image.Image, Pair]]:
+    """Pairs with their decoded image; undecodable ones are counted and skipped (before batching, so
+    batches stay full and their boundaries stay a function of the data)."""
+    for pair in pairs:
+        im = decode_rgb(pair.sample)
+        if isinstance(im, Reject):
+            rejects[im.reason] += 1
+        else:
+            yield im, pair
+
+
+def augment(img: Image.Image, stage: TrainConfig, rng: np.random.Generator) -> torch.Tensor:
+    """The train augmentation of one stage (size, crop scale, flip), then BLIP's normalisation."""
+    img = random_resized_crop(img, stage.image_size, stage.crop_scale, rng)
+    if stage.hflip and rng.random() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return normalize(np.asarray(img))
+
+
+class PairBatches(IterableDataset):
+    """The batches of one epoch for one DDP rank, from batch ``skip`` on.
+
+    Every rank reads the same shuffled stream and keeps every ``world``-th pair; DataLoader workers
+    (if any) take every n-th batch. Only full batches are made; the loop decides how many to use.
+    """
+
+    def __init__(
+        self, shards: list[str], stage: TrainConfig, epoch: int, rank: int = 0, world: int = 1, skip: int = 0
+    ):
+        self.shards, self.stage, self.epoch = shards, stage, epoch
+        self.rank, self.world, self.skip = rank, world, skip
+        self.rejects: Counter = Counter()
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        seed, bs = self.stage.seed, self.stage.batch_size
+        rng = np.random.default_rng([seed, self.epoch])
+        order = [self.shards[i] for i in rng.permutation(len(self.shards))]
+        stream = shuffled(read_pairs(order, self.rejects), self.stage.shuffle_buffer, rng)
+        mine = decoded(islice(stream, self.rank, None, self.world), self.rejects)
+        for _ in islice(mine, bs * self.skip):  # trained on before a resume
+            pass
+        for b in count(self.skip):
+            pairs = list(islice(mine, bs))
+            if len(pairs) < bs:
+                return
+            if b % n_workers != worker:
+                continue
+            crops = [
+                augment(im, self.stage, np.random.default_rng([seed, self.epoch, self.rank, b, j]))
+                for j, (im, _) in enumerate(pairs)
+            ]
+            yield {
+                "pixels": torch.stack(crops),
+                "captions": [p.caption for _, p in pairs],
+                "idx": torch.tensor([p.idx for _, p in pairs], dtype=torch.long),
+            }
+
+
+def epoch_loader(
+    shards: list[str],
+    stage: TrainConfig,
+    epoch: int,
+    rank: int = 0,
+    world: int = 1,
+    skip: int = 0,
+    num_workers: int = 0,
+) -> DataLoader:
+    """A DataLoader over ``PairBatches`` (already batched, so ``batch_size=None``)."""
+    return DataLoader(
+        PairBatches(shards, stage, epoch, rank, world, skip), batch_size=None, num_workers=num_workers
+    )
+
+
+def count_pairs(shards: list[str]) -> tuple[int, list[str], Counter]:
+    """One pass reading image headers only: pairs per epoch, their captions (for a tokenizer), rejects.
+
+    The schedule is built on this count, so images whose header already fails are left out here too.
+    """
+    rejects: Counter = Counter()
+    captions = []
+    for pair in read_pairs(shards, rejects):
+        checked = open_checked(pair.sample, MAX_PIXELS)
+        if isinstance(checked, Reject):
+            rejects[checked.reason] += 1
+        else:
+            captions.append(pair.caption)
+    return len(captions), captions, rejects

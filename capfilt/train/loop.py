@@ -1,0 +1,167 @@
+"""The one training loop, for pretraining and both finetunings, in one process or in each Ray worker.
+
+Read it top to bottom: load the MED (from the newest checkpoint in ``job.out`` if there is one), build
+AdamW, then per step: seed from (seed, step, rank), set the learning rate (linear warm-up, cosine to
+min_lr) and alpha (linear ramp over ``alpha_ramp_epochs``), forward the requested losses, clip, step,
+log, checkpoint. The data order is a pure function of (seed, epoch), so resuming at step s means
+skipping ``s mod steps_per_epoch`` batches of epoch ``s // steps_per_epoch``; the result equals an
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from capfilt.config import TrainConfig, config_from_dict
+from capfilt.model.hf import load_med
+from capfilt.model.tokenizer import prompt_length, tokenize
+from capfilt.train.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from capfilt.train.data import epoch_loader
+
+
+@dataclass
+class Job:
+    """One training run as plain data, so that the same job runs here or in every Ray Train worker."""
+
+    name: str  # for logs: "pretrain", "captioner", "filter"
+    config: dict  # Config.to_dict()
+    stage: str  # "pretrain" or "finetune": which TrainConfig of the config applies
+    init: str  # MED folder to start from when ``out`` has no checkpoint yet
+    shards: list[str]
+    out: str  # checkpoints go to out/step-N, out/latest
+    n_pairs: int  # training pairs per epoch (data.count_pairs), for the schedule
+    losses: list[str]
+    prompt: str = ""  # prepended to every caption and masked out of the LM loss
+    use_idx: bool = False  # image ids: same-image captions are ITC positives, never ITM negatives
+    log_every: int = 10
+
+
+@dataclass
+class Schedule:
+    """Steps of a run and the per-step learning rate and alpha."""
+
+    stage: TrainConfig
+    steps_per_epoch: int
+    alpha: float
+    total: int = field(init=False)
+
+    def __post_init__(self):
+        if self.steps_per_epoch < 1:
+            raise ValueError("fewer training pairs than one global batch: lower batch_size or add data")
+        self.total = self.stage.steps or self.stage.epochs * self.steps_per_epoch
+
+    def lr(self, step: int) -> float:
+        s = self.stage
+        if step < s.warmup_steps:
+            return s.lr * (step + 1) / s.warmup_steps
+        progress = (step - s.warmup_steps) / max(1, self.total - s.warmup_steps)
+        return s.min_lr + 0.5 * (s.lr - s.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def alpha_at(self, step: int) -> float:
+        return self.alpha * min(1.0, step / (self.stage.alpha_ramp_epochs * self.steps_per_epoch))
+
+
+def make_optimizer(model: torch.nn.Module, stage: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, biases, LayerNorm weights and the temperature (ndim < 2) do not."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(
+        [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": stage.weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ],
+        lr=stage.lr,
+    )
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch seed of one step on one rank: dropout and ITM negatives never depend on history."""
+    return (seed * 1_000_003 + step) * 1_009 + rank
+
+
+def train(job: Job, rank: int = 0, world: int = 1) -> dict:
+    """Run ``job`` to its last step on this rank; rank 0 writes checkpoints. Returns rank 0's state."""
+    cfg = config_from_dict(job.config)
+    stage: TrainConfig = getattr(cfg, job.stage)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    ckpt = latest_checkpoint(job.out)
+    med, tok, _ = load_med(ckpt / "med" if ckpt else job.init)
+    med.resize_image(stage.image_size)
+    med.to(device).train()
+    opt = make_optimizer(med, stage)
+    state = load_state(ckpt, opt) if ckpt else {"step": 0, "history": []}
+    model = (
+        DistributedDataParallel(med, find_unused_parameters=True, broadcast_buffers=False)
+        if world > 1
+        else med
+    )
+
+    sched = Schedule(stage, job.n_pairs // (stage.batch_size * world), cfg.model.alpha)
+    prompt_len = prompt_length(tok, job.prompt) if job.prompt else 0
+    step, history = state["step"], state["history"]
+    start, t0 = step, time.perf_counter()
+    while step < sched.total:
+        epoch, done = divmod(step, sched.steps_per_epoch)
+        batches = epoch_loader(job.shards, stage, epoch, rank, world, skip=done)
+        wanted = min(sched.steps_per_epoch - done, sched.total - step)
+        for batch in islice(batches, wanted):
+            wanted -= 1
+            torch.manual_seed(step_seed(stage.seed, step, rank))
+            lr, alpha = sched.lr(step), sched.alpha_at(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            ids, mask = tokenize(tok, [job.prompt + c for c in batch["captions"]], cfg.model.max_text_len)
+            idx = batch["idx"].to(device) if job.use_idx else None
+            with torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and stage.bf16):
+                losses = model(
+                    batch["pixels"].to(device),
+                    ids.to(device),
+                    mask.to(device),
+                    alpha=alpha,
+                    losses=job.losses,
+                    idx=idx,
+                    prompt_len=prompt_len,
+                )
+            opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(med.parameters(), stage.grad_clip)
+            opt.step()
+            step += 1
+
+            history.append(
+                {"step": step, "lr": lr, "alpha": alpha} | {k: v.item() for k, v in losses.items()}
+            )
+            samples_per_s = (step - start) * stage.batch_size * world / (time.perf_counter() - t0)
+            if rank == 0 and (step % job.log_every == 0 or step == sched.total):
+                parts = " ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k != "step")
+                print(
+                    f"[{job.name}] step {step}/{sched.total} {parts} {samples_per_s:.1f} samples/s",
+                    flush=True,
+                )
+            if rank == 0 and (step % stage.checkpoint_every == 0 or step == sched.total):
+                state = {"history": history, "samples_per_s": samples_per_s, "total": sched.total}
+                save_checkpoint(job.out, step, med, tok, opt, state)
+        if wanted:
+            raise RuntimeError(
+                f"[{job.name}] epoch {epoch} ran out of data {wanted} batches early: images that failed "
+                "to decode after counting? Their rejects are counted by read_pairs/decoded."
+            )
+    return state
+
+
+def final_checkpoint(out: str | Path) -> Path:
+    """The checkpoint a finished job left; an error if it never wrote one."""
+    ckpt = latest_checkpoint(out)
+    if ckpt is None:
+        raise RuntimeError(f"{out}: training wrote no checkpoint")
+    return ckpt

@@ -1,0 +1,55 @@
+"""``capfilt pretrain``: a MED on cleaned + human pairs with ITC + ITM + LM.
+
+From scratch, the tokenizer is trained on the training captions and a seeded MED is written to
+``OUT/init`` first, so that every Ray worker (and every resume) starts from the same folder; with
+``init`` the given checkpoint is the start, with its own tokenizer. The finished model is ``OUT/med``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from capfilt.config import Config
+from capfilt.data.specs import expand_shards
+from capfilt.model.hf import save_med
+from capfilt.model.med import MED
+from capfilt.model.tokenizer import train_tokenizer
+from capfilt.train.data import count_pairs
+from capfilt.train.distributed import run_job
+from capfilt.train.loop import Job, final_checkpoint
+
+
+def fresh_med(cfg: Config, captions: list[str], path: Path) -> Path:
+    """Train a tokenizer on ``captions``, build a MED seeded from the pretrain seed, save it at ``path``."""
+    tok = train_tokenizer(captions, cfg.model.vocab_size)
+    torch.manual_seed(cfg.pretrain.seed)
+    return save_med(MED.from_config(cfg.model, tok), tok, path, {"config": cfg.to_dict()})
+
+
+def pretrain(cfg: Config, shards: list[str], out: str | Path, init: str | Path | None = None) -> Path:
+    """Pretrain into ``out`` (checkpoints ``out/step-N``, final model ``out/med``); resumes if interrupted."""
+    out, shards = Path(out), expand_shards(shards)
+    n_pairs, captions, rejects = count_pairs(shards)
+    print(f"[pretrain] {len(shards)} shards, {n_pairs} pairs, rejected {dict(rejects)}", flush=True)
+    if init is None:
+        init = out / "init"
+        if not (init / "config.json").is_file():
+            fresh_med(cfg, captions, init)
+    job = Job(
+        name="pretrain",
+        config=cfg.to_dict(),
+        stage="pretrain",
+        init=str(init),
+        shards=shards,
+        out=str(out),
+        n_pairs=n_pairs,
+        losses=["itc", "itm", "lm"],
+    )
+    run_job(job, cfg.pretrain.workers)
+    final = out / "med"
+    shutil.rmtree(final, ignore_errors=True)
+    shutil.copytree(final_checkpoint(out) / "med", final)
+    return final

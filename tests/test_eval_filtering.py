@@ -1,0 +1,76 @@
+"""Filter metrics on hand-checkable fixtures: raw scores, and a round's scores.parquet against truth."""
+
+import math
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from capfilt.eval.filtering import drop_metrics, roc_auc, round_metrics
+
+
+def test_roc_auc_by_hand():
+    assert roc_auc([0.9, 0.8, 0.1, 0.2], [1, 1, 0, 0]) == 1.0
+    assert roc_auc([0.1, 0.2, 0.9, 0.8], [1, 1, 0, 0]) == 0.0
+    # positives 0.5, 0.3; negatives 0.5, 0.1: pairs (0.5>0.5 tie=.5, 0.5>0.1=1, 0.3<0.5=0, 0.3>0.1=1) → 2.5/4
+    assert roc_auc([0.5, 0.3, 0.5, 0.1], [1, 1, 0, 0]) == 0.625
+    assert math.isnan(roc_auc([0.1, 0.2], [1, 1]))
+
+
+def test_drop_metrics_by_hand():
+    itm = [0.1, 0.2, 0.9, 0.4, 0.8, 0.7]
+    noisy = [1, 1, 1, 0, 0, 0]
+    m = drop_metrics(itm, noisy, threshold=0.5)
+    # dropped: 0.1, 0.2, 0.4 → tp 2, fp 1; noisy 3 → recall 2/3
+    assert m["dropped"] == 3 and m["base_rate"] == 0.5
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    # -itm ranks noisy [0.1, 0.2, 0.9] vs clean [0.4, 0.8, 0.7]: 0.1 and 0.2 beat all three; 0.9 beats none
+    assert m["roc_auc"] == pytest.approx(6 / 9)
+
+
+def test_round_metrics_from_parquet(tmp_path):
+    cand = pa.struct(
+        [
+            ("text", pa.string()),
+            ("source", pa.string()),
+            ("itm", pa.float64()),
+            ("itc", pa.float64()),
+            ("kept", pa.bool_()),
+        ]
+    )
+    rows = [("a", 0.1), ("b", 0.9), ("c", 0.3), ("d", 0.8)]
+    table = pa.table(
+        {
+            "key": [k for k, _ in rows],
+            "kept": [s >= 0.5 for _, s in rows],
+            "candidates": pa.array(
+                [
+                    [
+                        {"text": "w", "source": "web", "itm": s, "itc": 0.0, "kept": s >= 0.5},
+                        {"text": "s", "source": "synthetic", "itm": 0.99, "itc": 0.0, "kept": True},
+                    ]
+                    for _, s in rows
+                ],
+                type=pa.list_(cand),
+            ),
+        }
+    )
+    (tmp_path / "run").mkdir()
+    pq.write_table(table, tmp_path / "run" / "web-000000.scores.parquet")
+    pq.write_table(
+        pa.table(
+            {
+                "key": ["a", "b", "c", "d", "e", "h"],
+                "split": ["web"] * 5 + ["human"],
+                "noisy": [True, False, True, True, True, False],
+                "noise_type": ["shuffled", None, "swapped_color", "shuffled", "shuffled", None],
+                "clean_caption": ["x"] * 6,
+            }
+        ),
+        tmp_path / "truth.parquet",
+    )
+    m = round_metrics(tmp_path / "run", tmp_path / "truth.parquet")
+    assert m["n"] == 4 and m["missing"] == 1  # "e" was never scored; "h" is not web
+    assert m["precision"] == 1.0 and m["recall"] == pytest.approx(2 / 3)
+    assert m["recall_by_noise_type"] == {"shuffled": 0.5, "swapped_color": 1.0}
