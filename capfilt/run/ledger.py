@@ -1,0 +1,116 @@
+"""The run ledger: what a run folder holds, what is left to do, and whether a rerun may continue it.
+
+``OUT/manifest.json`` records the input shards, the config, the model hashes and the seed. A rerun
+with the same config and models continues the run: shards whose done marker exists are skipped (the
+writer puts the marker last, so a marker means the shard's files are complete). A rerun with a
+different config or different models refuses, because mixing two runs' shards in one folder would make
+the folder lie about how it was made. With ``new_run=True`` it clears the folder's previous outputs
+(every file of the old manifest's shards, the summary) and starts over in the same folder: OUT always
+holds exactly one run, so the folder name can be handed to the next stage without a subfolder lookup.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+from typing import Any
+
+from fsspec.core import url_to_fs
+
+from capfilt.config import Config
+from capfilt.data import writer
+from capfilt.data.sample import ShardStats
+
+MANIFEST = "manifest.json"
+SUMMARY = "summary.json"
+IDENTITY = ("config", "models", "seed")  # what must match for a rerun to continue a run
+
+
+class RunMismatchError(RuntimeError):
+    """A rerun whose config or models differ from the run already in the folder."""
+
+
+def make_manifest(shards: list[str], cfg: Config, models: dict[str, str]) -> dict[str, Any]:
+    return {"shards": list(shards), "config": cfg.to_dict(), "models": dict(models), "seed": cfg.run.seed}
+
+
+def _join(out: str, name: str) -> str:
+    return out.rstrip("/") + "/" + name
+
+
+def read_json(url: str) -> dict[str, Any] | None:
+    fs, path = url_to_fs(url)
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "rt") as f:
+        return json.load(f)
+
+
+def write_json(url: str, obj: dict[str, Any]) -> None:
+    with writer.atomic_open(url) as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def read_manifest(out: str) -> dict[str, Any]:
+    manifest = read_json(_join(out, MANIFEST))
+    if manifest is None:
+        raise FileNotFoundError(f"{out}: no {MANIFEST}; not a capfilt run folder")
+    return manifest
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted paths where two manifests' identities differ, e.g. ``config.caption.top_p``."""
+    def walk(a: Any, b: Any, where: str) -> list[str]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            return [d for k in sorted(set(a) | set(b)) for d in walk(a.get(k), b.get(k), f"{where}.{k}")]
+        return [] if a == b else [f"{where.lstrip('.')}: {a!r} → {b!r}"]
+    return walk({k: old.get(k) for k in IDENTITY}, {k: new.get(k) for k in IDENTITY}, "")
+
+
+def clear_run(out: str, old: dict[str, Any]) -> None:
+    """Remove every output of a previous run: its shards' files, the summary, the manifest."""
+    fs, root = url_to_fs(out)
+    for name in shard_names(old["shards"]).values():
+        for path in fs.glob(posixpath.join(root, f"{name}.*")):
+            fs.rm(path)
+    for name in (SUMMARY, MANIFEST):
+        if fs.exists(posixpath.join(root, name)):
+            fs.rm(posixpath.join(root, name))
+
+
+def open_run(out: str, manifest: dict[str, Any], new_run: bool = False) -> None:
+    """Start or continue the run in ``out``; refuse a rerun with another config or models."""
+    fs, root = url_to_fs(out)
+    fs.makedirs(root, exist_ok=True)
+    old = read_json(_join(out, MANIFEST))
+    if old is not None:
+        diff = differences(old, manifest)
+        if diff and not new_run:
+            raise RunMismatchError(
+                f"{out} holds a run made with another config or models:\n  " + "\n  ".join(diff[:20])
+                + "\nUse another --out, or pass --new-run to clear that run and start over."
+            )
+        if diff:
+            clear_run(out, old)
+        else:  # same run, maybe more shards: remember them all
+            manifest = {**manifest, "shards": list(dict.fromkeys(old["shards"] + manifest["shards"]))}
+    write_json(_join(out, MANIFEST), manifest)
+
+
+def shard_names(shards: list[str]) -> dict[str, str]:
+    """Input URL → output NAME, unique over the run's whole shard list."""
+    return {u: writer.output_name(u, shards) for u in shards}
+
+
+def pending_shards(out: str, names: dict[str, str], shards: list[str]) -> list[tuple[str, str]]:
+    """(url, name) of the ``shards`` without a done marker in ``out``, in order."""
+    return [(u, names[u]) for u in shards if not writer.is_done(out, names[u])]
+
+
+def read_stats(out: str, name: str) -> ShardStats:
+    """A committed shard's stats, as written next to it."""
+    data = read_json(_join(out, f"{name}.stats.json"))
+    if data is None:
+        raise FileNotFoundError(f"{out}: {name} is marked done but has no stats.json")
+    return ShardStats(**{f.name: data[f.name] for f in dataclasses.fields(ShardStats) if f.name in data})

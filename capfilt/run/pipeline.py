@@ -1,0 +1,171 @@
+"""One shard through the round: read → decode → caption → score → select → write.
+
+This is the unit of work, retry and resume; the local runner and the Ray actors both call
+:func:`process_shard`, so distribution only decides where it runs. Reading and decoding run in a thread
+ahead of the model (bounded queue), so the model does not wait on I/O; the shard is written once at
+the end because the writer commits a whole shard atomically (done marker last).
+
+Errors are data: reader and decoder rejects, and samples on which the captioner or the filter raises,
+become Rejects with a reason. A batch that raises is retried one sample at a time, so one bad sample
+costs only itself. ``stats.check()`` (in = kept + dropped + rejected) runs before anything is written.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from capfilt.config import Config
+from capfilt.data import reader, writer
+from capfilt.data.sample import Candidate, Reject, Sample, ScoredSample, ShardStats
+from capfilt.run import faults
+from capfilt.run.prefetch import prefetch
+from capfilt.stages.select import decide
+
+PREFETCH_BATCHES = 2
+
+
+@dataclass
+class Batch:
+    """Decoded samples ready for the model, with the rejects met while reading and decoding them."""
+
+    samples: list[Sample] = field(default_factory=list)
+    pixels: torch.Tensor | None = None
+    rejects: list[Reject] = field(default_factory=list)
+    n_in: int = 0
+    seconds: float = 0.0  # read + decode time spent producing this batch
+
+
+def decoded_batches(shard: reader.ShardReader, decoder: Any, batch_size: int) -> Iterator[Batch]:
+    """Read the shard and decode it batch by batch; every record read is counted in ``n_in``."""
+    pending: list[Sample] = []
+    batch, t0 = Batch(), time.perf_counter()
+
+    def flush() -> Batch:
+        nonlocal batch, t0
+        if pending:
+            batch.pixels, kept, rejects = decoder.decode_batch(pending)
+            batch.samples = [pending[i] for i in kept]
+            batch.rejects += rejects
+        batch.seconds = time.perf_counter() - t0
+        out, batch, t0 = batch, Batch(), time.perf_counter()
+        pending.clear()
+        return out
+
+    for record in shard:
+        batch.n_in += 1
+        if isinstance(record, Reject):
+            batch.rejects.append(record)
+            continue
+        pending.append(record)
+        if len(pending) == batch_size:
+            yield flush()
+    if pending or batch.n_in:
+        yield flush()
+
+
+def guarded(fn: Callable[[torch.Tensor, list], list], pixels: torch.Tensor, args: list, samples: list[Sample],
+            reason: str) -> tuple[list[int], list, list[Reject]]:
+    """``fn(pixels, args)`` on the batch; if it raises, once per sample, rejecting only those that raise.
+
+    Returns the indices that succeeded, their outputs, and the rejects.
+    """
+    try:
+        return list(range(len(samples))), fn(pixels, args), []
+    except Exception:
+        ok, outs, rejects = [], [], []
+        for i, s in enumerate(samples):
+            try:
+                outs += fn(pixels[i:i + 1], args[i:i + 1])
+                ok.append(i)
+            except Exception as err:
+                rejects.append(Reject(s.key, s.shard, reason, f"{type(err).__name__}: {err}"))
+        return ok, outs, rejects
+
+
+def score_batch(batch: Batch, captioner: Any, filter_: Any, threshold: float,
+                timings: dict[str, float]) -> tuple[list[ScoredSample], list[Reject]]:
+    """Caption, score and select one decoded batch."""
+    samples, pixels = batch.samples, batch.pixels
+    t0 = time.perf_counter()
+    ok, captions, rejects = guarded(captioner.caption, pixels, [s.key for s in samples], samples,
+                                    "caption_failed")
+    samples, pixels = [samples[i] for i in ok], pixels[ok] if ok else pixels[:0]
+    candidates = [[Candidate(s.caption, "web")] + [Candidate(t, "synthetic") for t in caps]
+                  for s, caps in zip(samples, captions)]
+    t1 = time.perf_counter()
+    ok, scores, failed = guarded(filter_.score, pixels, [[c.text for c in cs] for cs in candidates], samples,
+                                 "score_failed")
+    rejects += failed
+    t2 = time.perf_counter()
+    results = []
+    for i, pairs in zip(ok, scores):
+        for c, (itm, itc) in zip(candidates[i], pairs):
+            c.itm, c.itc = itm, itc
+        results.append(decide(samples[i], candidates[i], threshold))
+    t3 = time.perf_counter()
+    for name, dt in (("caption", t1 - t0), ("score", t2 - t1), ("select", t3 - t2)):
+        timings[name] = timings.get(name, 0.0) + dt
+    return results, rejects
+
+
+def shard_stats(url: str, results: list[ScoredSample], rejects: list[Reject], n_in: int,
+                truncated: bool) -> ShardStats:
+    """Count what happened to every record of the shard."""
+    stats = ShardStats(shard=url, n_in=n_in, truncated=truncated)
+    for r in rejects:
+        stats.reject(r)
+    for res in results:
+        if res.kept:
+            stats.kept += 1
+        else:
+            stats.dropped += 1
+        for c in res.candidates:
+            stats.candidates_by_source[c.source] = stats.candidates_by_source.get(c.source, 0) + 1
+            if c.kept:
+                stats.kept_by_source[c.source] = stats.kept_by_source.get(c.source, 0) + 1
+    return stats
+
+
+def process_shard(url: str, out_dir: str, captioner: Any, filter_: Any, decoder: Any, cfg: Config,
+                  provenance: dict[str, Any], name: str | None = None) -> ShardStats:
+    """Clean one shard into ``out_dir/NAME.*`` and return its stats (also written, with the done marker).
+
+    ``name`` defaults to ``writer.output_name(url)``; the round passes the name it got from the whole
+    shard list, so that two inputs with the same file name do not collide.
+    """
+    start = time.perf_counter()
+    name = name or writer.output_name(url)
+    results: list[ScoredSample] = []
+    rejects: list[Reject] = []
+    timings = {"read_decode": 0.0, "wait_input": 0.0}
+    n_in = 0
+    shard = reader.ShardReader(url)
+    batches = prefetch(decoded_batches(shard, decoder, cfg.run.batch_size), PREFETCH_BATCHES)
+    while True:
+        t0 = time.perf_counter()
+        batch = next(batches, None)
+        timings["wait_input"] += time.perf_counter() - t0  # > 0 only when the model waited on I/O
+        if batch is None:
+            break
+        n_in += batch.n_in
+        rejects += batch.rejects
+        timings["read_decode"] += batch.seconds
+        if batch.samples:
+            done, failed = score_batch(batch, captioner, filter_, cfg.filter.threshold, timings)
+            results += done
+            rejects += failed
+            faults.maybe_kill(name)
+    stats = shard_stats(url, results, rejects, n_in, shard.truncated)  # read after the reader finished
+    stats.check()
+    stats.timings = timings  # stats.json gets the timings up to here; the caller's copy also gets write
+    t0 = time.perf_counter()
+    writer.write_round_shard(out_dir, name, results, stats, provenance,
+                             parquet_image_bytes=cfg.run.parquet_image_bytes)
+    timings["write"] = time.perf_counter() - t0
+    timings["total"] = time.perf_counter() - start
+    return stats

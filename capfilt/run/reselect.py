@@ -1,0 +1,60 @@
+"""``capfilt select``: apply another threshold to a finished round without loading any model.
+
+Scores come from each committed shard's ``NAME.scores.parquet``; image bytes, json and extra members
+come from re-reading the input shards the manifest lists (the scores file does not hold images).
+Rejects are carried over from the old stats, so in = kept + dropped + rejected still holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+
+from capfilt.data import reader, writer
+from capfilt.data.sample import Candidate, Sample, ShardStats
+from capfilt.run import ledger
+from capfilt.run.pipeline import shard_stats
+from capfilt.run.progress import summarize
+from capfilt.stages.select import decide
+
+NAN = float("nan")
+
+
+def _candidates(row: dict[str, Any]) -> list[Candidate]:
+    return [Candidate(c["text"], c["source"], NAN if c["itm"] is None else c["itm"],
+                      NAN if c["itc"] is None else c["itc"]) for c in row["candidates"]]
+
+
+def reselect_shard(run_dir: str, out: str, url: str, name: str, threshold: float) -> ShardStats:
+    old = ledger.read_stats(run_dir, name)
+    fs, _ = url_to_fs(run_dir)
+    with fs.open(f"{run_dir.rstrip('/')}/{name}.scores.parquet", "rb") as f:
+        rows = {r["key"]: r for r in pq.read_table(f).to_pylist()}
+    samples = {s.key: s for s in reader.ShardReader(url) if isinstance(s, Sample) and s.key in rows}
+    results = [decide(samples[key], _candidates(row), threshold) for key, row in rows.items()]
+    stats = shard_stats(url, results, [], old.n_in, old.truncated)
+    stats.rejected, stats.rejects = dict(old.rejected), list(old.rejects)
+    stats.check()
+    provenance = {**_provenance(run_dir, name), "threshold": threshold, "reselected_from": run_dir}
+    writer.write_round_shard(out, name, results, stats, provenance)
+    return stats
+
+
+def _provenance(run_dir: str, name: str) -> dict[str, Any]:
+    data = ledger.read_json(f"{run_dir.rstrip('/')}/{name}.stats.json") or {}
+    return dict(data.get("provenance", {}))
+
+
+def reselect(run_dir: str, out: str, threshold: float = 0.5) -> dict[str, Any]:
+    """Re-select every committed shard of ``run_dir`` into ``out``; returns the new summary."""
+    manifest = ledger.read_manifest(run_dir)
+    names = ledger.shard_names(manifest["shards"])
+    committed = [u for u in manifest["shards"] if writer.is_done(run_dir, names[u])]
+    cfg = {**manifest["config"], "filter": {**manifest["config"]["filter"], "threshold": threshold}}
+    ledger.open_run(out, {**manifest, "config": cfg, "reselected_from": run_dir})
+    stats = [reselect_shard(run_dir, out, u, names[u], threshold) for u in committed]
+    summary = summarize(stats, {}, stats, 0.0)
+    ledger.write_json(f"{out.rstrip('/')}/{ledger.SUMMARY}", summary)
+    return summary

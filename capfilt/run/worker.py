@@ -1,0 +1,37 @@
+"""What one process needs to clean shards: captioner, filter and decoder loaded once, many shards served.
+
+The local runner holds one; each Ray actor holds one. Either way a shard goes through the same
+:func:`capfilt.run.pipeline.process_shard`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from capfilt.config import Config
+from capfilt.data.decode import make_decoder
+from capfilt.data.sample import ShardStats
+from capfilt.run.pipeline import process_shard
+from capfilt.stages.captioner import Captioner
+from capfilt.stages.filter import Filter
+
+
+def default_device() -> str:
+    """The GPU Ray (or CUDA_VISIBLE_DEVICES) gave this process, else the CPU."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ShardWorker:
+    def __init__(self, cfg: Config, captioner: str, filter_: str, provenance: dict[str, Any],
+                 device: str | None = None):
+        device = device or default_device()
+        self.cfg, self.provenance = cfg, provenance
+        self.captioner = Captioner(captioner, cfg.caption, device, seed=cfg.run.seed)
+        self.filter = Filter(filter_, cfg.filter, device)
+        self.decoder = make_decoder(cfg.run)
+
+    def run(self, url: str, name: str, out_dir: str) -> ShardStats:
+        return process_shard(url, out_dir, self.captioner, self.filter, self.decoder, self.cfg, self.provenance,
+                             name=name)

@@ -1,0 +1,63 @@
+"""The filter stage: ITM match probability and ITC similarity of every candidate caption of an image.
+
+Each image is encoded once; its embeddings are repeated for each of its candidates, which are scored in
+chunks of ``filter.batch_size``. ITM feeds the caption with its first token replaced by the one the
+checkpoint was trained with (``[ENC]`` for ours, ``[CLS]`` for Salesforce's: BLIP_REFERENCE.md, traps)
+and takes softmax(itm_head)[:, 1]. ITC is the cosine of the normalised projected CLS features of the
+image and of the unimodal text encoder (no cross-attention, ``[CLS]`` first), without temperature.
+Captions are normalised with BLIP's ``pre_caption`` first, as in training.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from capfilt.config import FilterConfig
+from capfilt.model.hf import load_filter
+from capfilt.model.tokenizer import normalize_caption, tokenize
+
+MAX_TEXT_TOKENS = 35  # the reference ITM model's text length
+
+
+class Filter:
+    """Loads an HF-format ITM/ITC filter once and scores (image, caption) pairs."""
+
+    def __init__(self, path: str, cfg: FilterConfig, device: str = "cpu"):
+        self.model, self.tokenizer, self.info = load_filter(path, device)
+        self.cfg, self.device = cfg, torch.device(device)
+        self.itm_first_id = self.info["itm_first_token_id"]
+
+    @torch.no_grad()
+    def score(self, pixels: torch.Tensor, captions: list[list[str]]) -> list[list[tuple[float, float]]]:
+        """``captions[b]`` are image b's candidates; returns (itm, itc) per candidate, same shape."""
+        if len(captions) != pixels.shape[0]:
+            raise ValueError(f"{pixels.shape[0]} images but {len(captions)} caption lists")
+        image_embeds = self.model.vision_model(pixel_values=pixels.to(self.device)).last_hidden_state
+        image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0]), dim=-1)
+        pairs = [(b, text) for b, texts in enumerate(captions) for text in texts]
+        scores: list[tuple[float, float]] = []
+        for start in range(0, len(pairs), self.cfg.batch_size):
+            chunk = pairs[start:start + self.cfg.batch_size]
+            idx = torch.tensor([b for b, _ in chunk], device=self.device)
+            scores += self._score_pairs(image_embeds[idx], image_feat[idx], [t for _, t in chunk])
+        out, i = [], 0
+        for texts in captions:
+            out.append(scores[i:i + len(texts)])
+            i += len(texts)
+        return out
+
+    def _score_pairs(
+        self, image_embeds: torch.Tensor, image_feat: torch.Tensor, texts: list[str]
+    ) -> list[tuple[float, float]]:
+        ids, mask = tokenize(self.tokenizer, [normalize_caption(t) for t in texts], MAX_TEXT_TOKENS)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        text_cls = self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
+        itc = (image_feat * F.normalize(self.model.text_proj(text_cls), dim=-1)).sum(-1)
+        itm_ids = ids.clone()
+        itm_ids[:, 0] = self.itm_first_id
+        fused = self.model.text_encoder(
+            input_ids=itm_ids, attention_mask=mask, encoder_hidden_states=image_embeds
+        ).last_hidden_state[:, 0]
+        itm = self.model.itm_head(fused).float().softmax(-1)[:, 1]
+        return list(zip(itm.tolist(), itc.float().tolist()))

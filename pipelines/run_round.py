@@ -1,0 +1,38 @@
+"""Cluster job: one CapFilt round, submitted with
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python pipelines/run_round.py 's3://b/web-{000000..000999}.tar' --out s3://b/round-1 \\
+        --captioner /models/captioner --filter /models/filter --config blip-base
+
+Under ``ray job submit`` it joins the cluster (``address="auto"``); run by hand it starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from capfilt.config import load_config
+from capfilt.run.round import run_round
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("shards", nargs="+", help="web shard specs (fsspec URLs, brace patterns, globs, lists)")
+    p.add_argument("--out", required=True, help="run folder or fsspec URL")
+    p.add_argument("--captioner", required=True, help="captioner HF folder")
+    p.add_argument("--filter", required=True, help="filter HF folder")
+    p.add_argument("--config", default="demo", help="config name in configs/ or a YAML path")
+    p.add_argument("--set", action="append", default=[], help="override: section.key=value (repeatable)")
+    p.add_argument("--new-run", action="store_true", help="clear a run made with another config/models")
+    args = p.parse_args(argv)
+    address = "auto" if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS") else None
+    summary = run_round(load_config(args.config, args.set), args.shards, args.out, captioner=args.captioner,
+                        filter_=args.filter, address=address, new_run=args.new_run, progress=False)
+    print(json.dumps(summary, indent=1))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+import json
+
+import pytest
+
+from capfilt.config import load_config
+from capfilt.run import ledger
+
+
+def manifest(cfg, shards=("a/web-0.tar", "a/web-1.tar"), models=None):
+    return ledger.make_manifest(list(shards), cfg, models or {"captioner": "c1", "filter": "f1"})
+
+
+def test_same_run_continues_and_remembers_all_shards(tmp_path):
+    cfg = load_config("tiny")
+    ledger.open_run(str(tmp_path), manifest(cfg))
+    ledger.open_run(str(tmp_path), manifest(cfg, shards=("a/web-2.tar",)))
+    assert ledger.read_manifest(str(tmp_path))["shards"] == ["a/web-0.tar", "a/web-1.tar", "a/web-2.tar"]
+
+
+def test_other_config_or_models_refuse_with_the_differences(tmp_path):
+    cfg = load_config("tiny")
+    ledger.open_run(str(tmp_path), manifest(cfg))
+    with pytest.raises(ledger.RunMismatchError, match=r"config\.caption\.top_p: 0\.9 → 0\.5"):
+        ledger.open_run(str(tmp_path), manifest(load_config("tiny", ["caption.top_p=0.5"])))
+    with pytest.raises(ledger.RunMismatchError, match="models.filter"):
+        ledger.open_run(str(tmp_path), manifest(cfg, models={"captioner": "c1", "filter": "f2"}))
+
+
+def test_new_run_clears_the_previous_outputs(tmp_path):
+    cfg = load_config("tiny")
+    ledger.open_run(str(tmp_path), manifest(cfg))
+    for f in ("web-0.tar", "web-0.done", "web-1.stats.json", "summary.json", "notes.txt"):
+        (tmp_path / f).write_text("x")
+    names = ledger.shard_names(["a/web-0.tar", "a/web-1.tar"])
+    assert ledger.pending_shards(str(tmp_path), names, list(names)) == [("a/web-1.tar", "web-1")]
+    new = manifest(load_config("tiny", ["run.seed=1"]))
+    ledger.open_run(str(tmp_path), new, new_run=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "notes.txt"]
+    assert json.loads((tmp_path / "manifest.json").read_text())["seed"] == 1
+
+
+def test_shard_names_stay_unique(tmp_path):
+    names = ledger.shard_names(["a/web-0.tar", "b/web-0.tar"])
+    assert len(set(names.values())) == 2

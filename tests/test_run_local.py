@@ -1,0 +1,110 @@
+"""The round in-process: accounting, resume, per-sample failure isolation, fsspec (S3 via moto)."""
+
+import json
+import os
+import socket
+import tarfile
+
+import pyarrow.parquet as pq
+import pytest
+from run_helpers import tiny_cfg
+
+from capfilt.data.decode import make_decoder
+from capfilt.run.pipeline import process_shard
+from capfilt.run.reselect import reselect
+from capfilt.run.round import run_round
+
+pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
+
+
+def test_round_accounts_for_every_sample_and_resumes(tmp_path, tiny_models, tiny_shards):
+    cap, flt = tiny_models
+    out = str(tmp_path / "run")
+    cfg = tiny_cfg("filter.threshold=0.505")
+    summary = run_round(cfg, tiny_shards, out, cap, flt, local=True, progress=False)
+    assert summary["n_in"] == 30 and summary["rejected"] == {"undecodable_image": 1}
+    assert summary["n_in"] == summary["kept"] + summary["dropped"] + 1
+    for name in ("web-000000", "web-000001", "web-000002"):
+        stats = json.loads((tmp_path / "run" / f"{name}.stats.json").read_text())
+        assert stats["n_in"] == stats["kept"] + stats["dropped"] + sum(stats["rejected"].values())
+        rows = pq.read_table(tmp_path / "run" / f"{name}.scores.parquet").to_pylist()
+        assert len(rows) == stats["kept"] + stats["dropped"]
+        assert all([c["source"] for c in r["candidates"]] == ["web", "synthetic", "synthetic"] for r in rows)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*.done")}
+    again = run_round(cfg, tiny_shards, out, cap, flt, local=True, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*.done")} == mtimes
+    assert again["this_invocation"]["shards"] == 0
+    assert {k: again[k] for k in ("n_in", "kept", "dropped", "rejected")} == {
+        k: summary[k] for k in ("n_in", "kept", "dropped", "rejected")}
+
+    none = reselect(out, str(tmp_path / "strict"), threshold=1.01)  # no model is loaded
+    assert (none["kept"], none["dropped"], none["rejected"]) == (0, 29, {"undecodable_image": 1})
+    every = reselect(out, str(tmp_path / "lax"), threshold=0.0)
+    assert (every["kept"], every["n_in"]) == (29, 30)
+    with tarfile.open(tmp_path / "lax" / "web-000001.tar") as tar:
+        assert len([m for m in tar.getnames() if m.endswith(".png")]) == 10
+
+
+class FlakyCaptioner:
+    """Raises on any batch holding a poisoned key."""
+
+    def caption(self, pixels, keys):
+        if "s0-005" in keys:
+            raise RuntimeError("CUDA error: poisoned sample")
+        return [["a synthetic caption"] for _ in keys]
+
+
+class ConstantFilter:
+    def score(self, pixels, captions):
+        return [[(0.9, 0.3) for _ in caps] for caps in captions]
+
+
+def test_a_failing_sample_costs_only_itself(tmp_path, tiny_shards):
+    cfg = tiny_cfg()
+    stats = process_shard(tiny_shards[0], str(tmp_path), FlakyCaptioner(), ConstantFilter(),
+                          make_decoder(cfg.run), cfg, {"test": True})
+    assert stats.n_in == 10 and stats.kept == 8
+    assert stats.rejected == {"undecodable_image": 1, "caption_failed": 1}
+    assert [r["key"] for r in stats.rejects if r["reason"] == "caption_failed"] == ["s0-005"]
+
+
+@pytest.fixture(scope="module")
+def s3(tiny_shards):
+    """A moto S3 server with the input shards uploaded; yields the bucket URL."""
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("capfilt-test")
+    for url in tiny_shards:
+        fs.put(url, f"capfilt-test/in/{os.path.basename(url)}")
+    yield "s3://capfilt-test"
+    server.stop()
+    for k, v in old.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    s3fs.S3FileSystem.clear_instance_cache()
+
+
+def test_round_reads_and_writes_s3(s3, tiny_models, tmp_path):
+    import s3fs
+
+    cap, flt = tiny_models
+    cfg = tiny_cfg()
+    summary = run_round(cfg, [f"{s3}/in/web-{{000000..000001}}.tar"], f"{s3}/out", cap, flt, local=True,
+                        progress=False)
+    assert summary["shards_done"] == 2 and summary["n_in"] == 20
+    fs = s3fs.S3FileSystem()
+    names = sorted(os.path.basename(p) for p in fs.ls("capfilt-test/out"))
+    assert "web-000001.done" in names and "manifest.json" in names and "summary.json" in names
+    assert not any(n.endswith(".tmp") for n in names)

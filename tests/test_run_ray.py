@@ -1,0 +1,167 @@
+"""The round on a real local Ray: actors SIGKILLed mid-shard, a driver SIGKILLed mid-run, ray job submit.
+
+Every recovered run must write the same bytes as an uninterrupted one (stats.json differs only in its
+timings, which are measured).
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import ray
+from run_helpers import make_shards, tiny_cfg
+
+from capfilt.run.faults import KILL_DIR
+from capfilt.run.round import run_round
+
+pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def outputs(folder: Path) -> dict[str, bytes]:
+    """Every shard file's bytes; stats.json without its timings (measured) and without the object
+    addresses that Pillow's error messages carry in reject details (``<_io.BytesIO object at 0x...>``)."""
+    files = {}
+    for p in sorted(folder.glob("web-*")):
+        if p.name.endswith(".stats.json"):
+            stats = {k: v for k, v in json.loads(p.read_text()).items() if k != "timings"}
+            files[p.name] = re.sub(r" at 0x[0-9a-f]+", "", json.dumps(stats))
+        elif not p.name.endswith(".done"):
+            files[p.name] = p.read_bytes()
+    return files
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("ray-shards"), n_shards=4, per_shard=10)
+
+
+@pytest.fixture(scope="module")
+def kill_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("kills")
+
+
+@pytest.fixture(scope="module")
+def local_ray(kill_dir):
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {KILL_DIR: str(kill_dir)}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(local_ray, tiny_models, shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    summary = run_round(tiny_cfg(), shards, str(out), *tiny_models, progress=False)
+    assert summary["shards_done"] == 4 and not summary["failed_shards"]
+    return out
+
+
+def test_actors_killed_mid_shard_give_identical_outputs(reference, tiny_models, shards, kill_dir, tmp_path):
+    (kill_dir / "web-000001.kill").write_text("2")  # the same shard dies twice, on whichever actor runs it
+    (kill_dir / "web-000003.kill").write_text("1")
+    summary = run_round(tiny_cfg(), shards, str(tmp_path / "run"), *tiny_models, progress=False)
+    assert all((kill_dir / f).read_text() == "0" for f in ("web-000001.kill", "web-000003.kill"))
+    assert summary["shards_done"] == 4 and not summary["failed_shards"]
+    assert summary["n_in"] == summary["kept"] + summary["dropped"] + sum(summary["rejected"].values())
+    assert outputs(tmp_path / "run") == outputs(reference)
+
+
+def test_a_shard_that_keeps_failing_is_reported_not_fatal(local_ray, tiny_models, shards, kill_dir, tmp_path):
+    (kill_dir / "web-000002.kill").write_text("99")
+    summary = run_round(tiny_cfg("run.max_shard_retries=1"), shards, str(tmp_path / "run"), *tiny_models,
+                        progress=False)
+    (kill_dir / "web-000002.kill").write_text("0")
+    assert list(summary["failed_shards"]) == [shards[2]] and summary["shards_done"] == 3
+    assert not (tmp_path / "run" / "web-000002.done").exists()
+
+
+def test_driver_killed_mid_run_resumes_without_recomputing(reference, tiny_models, shards, tmp_path):
+    out = tmp_path / "run"
+    cap, flt = tiny_models
+    cmd = [sys.executable, "-m", "capfilt.cli", "run", *shards, "--out", str(out), "--captioner", cap,
+           "--filter", flt, "--config", "tiny", "--set", "run.actors=2", "--set", "caption.num_captions=2",
+           "--local"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("*.done")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    first = {p.name: p.stat().st_mtime_ns for p in out.glob("*.done")}
+    assert 1 <= len(first) < 4, "the driver should die after its first committed shard"
+    summary = run_round(tiny_cfg(), shards, str(out), cap, flt, local=True, progress=False)
+    assert summary["this_invocation"]["shards"] == 4 - len(first)
+    assert {n: (out / n).stat().st_mtime_ns for n in first} == first
+    assert outputs(out).keys() == outputs(reference).keys()
+    # local (driver threads) and Ray actors (1 thread) may differ in float rounding; the captions may not
+    for name in outputs(reference):
+        if name.endswith(".scores.parquet"):
+            import pyarrow.parquet as pq
+
+            texts = [[c["text"] for c in r["candidates"]] for r in pq.read_table(out / name).to_pylist()]
+            ref = [[c["text"] for c in r["candidates"]] for r in pq.read_table(reference / name).to_pylist()]
+            assert texts == ref
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ray_job_submit_runs_the_pipeline(tiny_models, shards, tmp_path):
+    """A real head node (``ray start --block``, so that ending that one process ends the cluster we
+    started and nothing else: ``ray stop`` would stop every Ray on a shared machine)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    port, dash = free_port(), free_port()
+    temp = tempfile.mkdtemp(prefix="cfray", dir="/tmp")  # Unix socket paths must stay short
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a throwaway loopback cluster; no token to share
+    head = subprocess.Popen(
+        [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    out = tmp_path / "run"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # it answers (401 when token auth is on): it is up
+                break
+            except OSError:
+                assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
+                time.sleep(0.5)
+        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
+                  "--", "python", "pipelines/run_round.py", *shards, "--out", str(out),
+                  "--captioner", tiny_models[0], "--filter", tiny_models[1], "--config", "tiny",
+                  "--set", "run.actors=1"]
+        done = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # its own process group: the head and what it started
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(temp, ignore_errors=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["shards_done"] == 4 and summary["n_in"] == 40

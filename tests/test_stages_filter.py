@@ -1,0 +1,39 @@
+import pytest
+import torch
+
+from capfilt.config import FilterConfig
+from capfilt.model.tokenizer import normalize_caption
+from capfilt.stages.filter import Filter
+
+pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
+
+CAPTIONS = [["A red square!", "two circles"], ["a blue triangle"], ["one", "big small", "the picture"]]
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def test_scores_shape_ranges_and_chunking(tiny_models, pixels):
+    big = Filter(tiny_models[1], FilterConfig(batch_size=64)).score(pixels, CAPTIONS)
+    small = Filter(tiny_models[1], FilterConfig(batch_size=2)).score(pixels, CAPTIONS)
+    assert [len(x) for x in big] == [2, 1, 3]
+    for row_big, row_small in zip(big, small):
+        for (itm, itc), (itm2, itc2) in zip(row_big, row_small):
+            assert 0.0 <= itm <= 1.0 and -1.0 <= itc <= 1.0
+            assert itm == pytest.approx(itm2, abs=1e-5) and itc == pytest.approx(itc2, abs=1e-5)
+
+
+def test_itm_uses_the_checkpoints_first_token_and_itc_is_unimodal(tiny_models, pixels):
+    f = Filter(tiny_models[1], FilterConfig())
+    assert f.info["itm_first_token"] == "[ENC]"
+    [[(itm, itc)]] = f.score(pixels[:1], [["A red square!"]])
+    m, tok = f.model, f.tokenizer
+    ids = tok([normalize_caption("A red square!")], return_tensors="pt").input_ids
+    with torch.no_grad():
+        itc_ref = m(input_ids=ids, pixel_values=pixels[:1], use_itm_head=False).itm_score[0, 0]
+        ids[:, 0] = tok.convert_tokens_to_ids("[ENC]")
+        itm_ref = m(input_ids=ids, pixel_values=pixels[:1], use_itm_head=True).itm_score.softmax(-1)[0, 1]
+    assert itm == pytest.approx(float(itm_ref), abs=1e-5)
+    assert itc == pytest.approx(float(itc_ref), abs=1e-5)
