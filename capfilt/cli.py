@@ -223,5 +223,22 @@ def ablation(
     typer.echo(table)
 
 
+@app.command()
+def bench(
+    config: ConfigOpt = "demo",
+    set_: SetOpt = None,
+    world: Annotated[Path, typer.Option(help="the demo world")] = Path("shards"),
+    models: Annotated[Path | None, typer.Option(help="folder with captioner/ and filter/ for the round")] = Path(
+        "runs/demo/round-0/finetune"),
+    parts: Annotated[str, typer.Option(help="comma-separated: decode, train, round")] = "decode,train,round",
+):
+    """Measure decode, training and round throughput (and the naive loop) on the demo world; prints JSON."""
+    import json
+
+    from capfilt.bench import run_bench
+
+    typer.echo(json.dumps(run_bench(_config(config, set_), world, models, parts.split(",")), indent=1))
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

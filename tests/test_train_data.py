@@ -93,3 +93,16 @@ def test_random_resized_crop_shape_and_bounds():
     out = [random_resized_crop(img, 16, (0.2, 1.0), rng) for _ in range(20)]
     assert all(o.size == (16, 16) for o in out)
     assert len({o.tobytes() for o in out}) > 1
+
+
+def test_a_cleaned_shard_trains_on_every_kept_caption():
+    """Round output: json["candidates"] with kept flags; BLIP pretrains on every kept caption."""
+    from capfilt.train.data import references
+
+    meta = {"caption": "a red square", "candidates": [
+        {"text": "a red square", "source": "web", "kept": True},
+        {"text": "a picture of a red square", "source": "synthetic", "kept": True},
+        {"text": "click to enlarge", "source": "synthetic", "kept": False}]}
+    assert references(meta, "a red square") == ["a red square", "a picture of a red square"]
+    assert references({"captions": ["x", "y"]}, "x") == ["x", "y"]
+    assert references({}, "txt only") == ["txt only"]

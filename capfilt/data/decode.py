@@ -17,6 +17,7 @@ never below S, which is several times faster and changes the result by less than
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -35,6 +36,12 @@ _ALPHA_MODES = {"RGBA", "LA", "PA", "La", "RGBa"}
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError, TypeError)
 
 
+def error_text(err: Exception) -> str:
+    """An exception as reject detail, without the object addresses Pillow puts in its messages, so that
+    stats.json is byte-identical across runs."""
+    return re.sub(r" at 0x[0-9a-fA-F]+", "", f"{type(err).__name__}: {err}")
+
+
 def normalize(rgb: np.ndarray) -> torch.Tensor:
     """H×W×3 uint8 RGB → 3×H×W float32, (x/255 - mean) / std."""
     return torch.from_numpy(((rgb.astype(np.float32) - _MEAN) / _STD).transpose(2, 0, 1).copy())
@@ -51,7 +58,7 @@ def open_checked(sample: Sample, max_pixels: int) -> Image.Image | Reject:
     except Image.DecompressionBombError as err:
         return Reject(sample.key, sample.shard, "too_many_pixels", str(err))
     except _DECODE_ERRORS as err:
-        return Reject(sample.key, sample.shard, "undecodable_image", f"{type(err).__name__}: {err}")
+        return Reject(sample.key, sample.shard, "undecodable_image", error_text(err))
     w, h = im.size
     if w * h > max_pixels:
         return Reject(sample.key, sample.shard, "too_many_pixels", f"{w}x{h} > {max_pixels} pixels")
@@ -88,7 +95,7 @@ def pillow_decode(sample: Sample, image_size: int, max_pixels: int) -> torch.Ten
             im = im.resize((image_size, image_size), Image.Resampling.BICUBIC)
             return normalize(np.asarray(im))
     except _DECODE_ERRORS as err:
-        return Reject(sample.key, sample.shard, "undecodable_image", f"{type(err).__name__}: {err}")
+        return Reject(sample.key, sample.shard, "undecodable_image", error_text(err))
 
 
 class Decoder(ABC):

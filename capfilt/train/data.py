@@ -48,8 +48,15 @@ def image_id(shard: str, key: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{name}/{key}".encode(), digest_size=8).digest(), "big") >> 1
 
 
+def references(meta: dict, caption: str) -> list[str]:
+    """The captions a sample trains on: json["captions"] (human and test shards), else every caption a
+    CapFilt round kept (json["candidates"], web and synthetic alike, as BLIP pretrains on), else txt."""
+    kept = [c["text"] for c in meta.get("candidates", []) if c.get("kept")]
+    return meta.get("captions") or kept or [caption]
+
+
 def read_pairs(shards: Iterable[str], rejects: Counter | None = None) -> Iterator[Pair]:
-    """Every usable pair of the shards, in order: one per reference of json["captions"], else the caption.
+    """Every usable pair of the shards, in order: one per reference (see ``references``).
 
     Rejected samples are skipped and counted by reason in ``rejects``; so are captions that normalise to
     nothing (``bad_text``).
@@ -60,7 +67,7 @@ def read_pairs(shards: Iterable[str], rejects: Counter | None = None) -> Iterato
             if isinstance(item, Reject):
                 rejects[item.reason] += 1
                 continue
-            refs = item.meta.get("captions") or [item.caption]
+            refs = references(item.meta, item.caption)
             idx = image_id(url, item.key)
             for ref in refs:
                 text = normalize_caption(ref)

@@ -1,0 +1,61 @@
+"""Bootstrap end to end at the tiny size: round 0 and two cleaning rounds, a crash, a resume, the report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import capfilt.train.finetune as finetune_module
+from capfilt.bootstrap import bootstrap
+from capfilt.config import load_config
+from capfilt.demo import world_plan
+from capfilt.report import format_table, round_row, write_report
+
+
+@pytest.mark.slow
+def test_two_rounds_resume_after_a_crash_and_report(tiny_world, tmp_path, monkeypatch):
+    cfg = load_config("tiny")
+    plan = world_plan(Path(tiny_world), rounds=2)
+    plan.local = True  # the Ray path of a round is tested in test_run_ray.py
+    out = tmp_path / "boot"
+
+    real = finetune_module.finetune
+    calls = []
+
+    def crash_in_round_1(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 2:
+            raise RuntimeError("node lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(finetune_module, "finetune", crash_in_round_1)
+    with pytest.raises(RuntimeError, match="node lost"):
+        bootstrap(cfg, plan, out, log=lambda _: None)
+    assert (out / "round-0" / "eval.done").exists()
+    assert (out / "round-1" / "pretrain.done").exists() and not (out / "round-1" / "finetune.done").exists()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("round-*/*.done")}
+
+    monkeypatch.setattr(finetune_module, "finetune", real)
+    log: list[str] = []
+    rounds = bootstrap(cfg, plan, out, log=log.append)
+    assert [r.name for r in rounds] == ["round-0", "round-1", "round-2"]
+    assert {"round-0: pretrain already done", "round-1: run already done", "round-1: pretrain already done"} <= set(log)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "a finished step ran again"
+
+    for r in rounds:
+        ev = json.loads((r / "eval.json").read_text())
+        assert 0 <= ev["retrieval"]["tr@1"] <= 100 and "cider" in ev["captioning"]
+    for r in rounds[1:]:
+        summary = json.loads((r / "run" / "summary.json").read_text())
+        assert summary["n_in"] == summary["kept"] + summary["dropped"] + sum(summary["rejected"].values())
+        assert summary["n_in"] == 64 and not summary["failed_shards"]  # every web sample of the tiny world accounted for
+        assert "filtering" in json.loads((r / "eval.json").read_text())
+
+    table = format_table([(r.name, round_row(r)) for r in rounds])
+    assert "round-2" in table
+    assert "round-2: cleaning run" in write_report(out).read_text()
+
+    with pytest.raises(SystemExit, match="another config"):
+        bootstrap(load_config("tiny", ["filter.threshold=0.9"]), plan, out, log=lambda _: None)
