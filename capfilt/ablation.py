@@ -63,8 +63,16 @@ def write_caption_shards(shards: list[str], captions: dict[str, list[str]], out:
         for item in iter_shard(url):
             if isinstance(item, Sample) and captions.get(item.key):
                 texts = captions[item.key]
-                samples.append(Sample(key=item.key, shard=url, image=item.image, image_ext=item.image_ext,
-                                      caption=texts[0], meta={"captions": texts}))
+                samples.append(
+                    Sample(
+                        key=item.key,
+                        shard=url,
+                        image=item.image,
+                        image_ext=item.image_ext,
+                        caption=texts[0],
+                        meta={"captions": texts},
+                    )
+                )
                 pairs += len(texts)
         write_samples_shard(str(out / f"{output_name(url, shards)}.tar"), samples)
     return pairs
@@ -119,9 +127,14 @@ def run_seed(cfg: Config, world: Path, out: Path, log: Callable[[str], None] = p
 
 
 ORDER = ["noisy", "+captioner", "+filter", "capfilt", "capfilt-beam", "capfilt-2rounds", "oracle"]
-METRICS = [("TR@1", "retrieval", "tr@1"), ("IR@1", "retrieval", "ir@1"), ("TR@5", "retrieval", "tr@5"),
-           ("IR@5", "retrieval", "ir@5"), ("CIDEr", "captioning", "cider"),
-           ("attr acc", "captioning", "attribute_accuracy")]
+METRICS = [
+    ("TR@1", "retrieval", "tr@1"),
+    ("IR@1", "retrieval", "ir@1"),
+    ("TR@5", "retrieval", "tr@5"),
+    ("IR@5", "retrieval", "ir@5"),
+    ("CIDEr", "captioning", "cider"),
+    ("attr acc", "captioning", "attribute_accuracy"),
+]
 
 
 def r1(ev: dict) -> float:
@@ -132,8 +145,10 @@ def r1(ev: dict) -> float:
 def results_markdown(evals: dict[int, dict[str, dict]], command: str) -> str:
     """The RESULTS.md table: mean ± sd over seeds per variant, the per-seed R@1, and the gap closed."""
     seeds = sorted(evals)
-    lines = ["| variant | " + " | ".join(m for m, _, _ in METRICS) + " | R@1 mean | R@1 per seed |",
-             "|---" * (len(METRICS) + 3) + "|"]
+    lines = [
+        "| variant | " + " | ".join(m for m, _, _ in METRICS) + " | R@1 mean | R@1 per seed |",
+        "|---" * (len(METRICS) + 3) + "|",
+    ]
     for v in ORDER:
         cells = []
         for _, section, key in METRICS:
@@ -141,19 +156,31 @@ def results_markdown(evals: dict[int, dict[str, dict]], command: str) -> str:
             sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
             cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}")
         per_seed = [r1(evals[s][v]) for s in seeds]
-        lines.append(f"| {v} | " + " | ".join(cells) +
-                     f" | {statistics.mean(per_seed):.3f} | {', '.join(f'{x:.3f}' for x in per_seed)} |")
+        lines.append(
+            f"| {v} | "
+            + " | ".join(cells)
+            + f" | {statistics.mean(per_seed):.3f} | {', '.join(f'{x:.3f}' for x in per_seed)} |"
+        )
     gaps = []
     for s in seeds:
         base, capf, oracle = (r1(evals[s][v]) for v in ("noisy", "capfilt", "oracle"))
         gaps.append((capf - base) / (oracle - base) if oracle != base else float("nan"))
     gap_text = ", ".join(f"seed {s}: {g:.2f}" for s, g in zip(seeds, gaps))
-    return "\n".join([*lines, "", f"Share of the R@1 gap (noisy → oracle) that CapFilt closes: {gap_text} "
-                      f"(mean {statistics.mean(gaps):.2f}).", "", f"Command: `{command}`"])
+    return "\n".join(
+        [
+            *lines,
+            "",
+            f"Share of the R@1 gap (noisy → oracle) that CapFilt closes: {gap_text} "
+            f"(mean {statistics.mean(gaps):.2f}).",
+            "",
+            f"Command: `{command}`",
+        ]
+    )
 
 
-def run_ablation(cfg: Config, world: Path, out: Path, seeds: list[int],
-                 log: Callable[[str], None] = print) -> str:
+def run_ablation(
+    cfg: Config, world: Path, out: Path, seeds: list[int], log: Callable[[str], None] = print
+) -> str:
     """Every variant for every seed, then the markdown table of their evaluations."""
     from capfilt.data.synth import write_world
 
@@ -165,7 +192,9 @@ def run_ablation(cfg: Config, world: Path, out: Path, seeds: list[int],
         folders = run_seed(_seeded(cfg, seed), world, out / f"seed-{seed}", log=log)
         evals[seed] = {v: json.loads((d / "eval.json").read_text()) for v, d in folders.items()}
     (out / "evals.json").write_text(json.dumps(evals, indent=2))
-    return results_markdown(evals, f"capfilt ablation --config {cfg.name} --seeds {','.join(map(str, seeds))}")
+    return results_markdown(
+        evals, f"capfilt ablation --config {cfg.name} --seeds {','.join(map(str, seeds))}"
+    )
 
 
 BEGIN, END = "<!-- ablation:begin -->", "<!-- ablation:end -->"

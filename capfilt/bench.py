@@ -22,8 +22,13 @@ from capfilt.train.checkpoint import latest_checkpoint
 
 
 def machine() -> dict:
-    return {"date": date.today().isoformat(), "cpus": torch.get_num_threads(), "python": platform.python_version(),
-            "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+    return {
+        "date": date.today().isoformat(),
+        "cpus": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
 
 
 def bench_train(cfg: Config, shards: list[str], steps: int = 30) -> dict:
@@ -35,7 +40,11 @@ def bench_train(cfg: Config, shards: list[str], steps: int = 30) -> dict:
     with tempfile.TemporaryDirectory(prefix="capfilt-bench-") as out:
         pretrain(cfg, shards, Path(out))
         state = json.loads((latest_checkpoint(out) / "state.json").read_text())
-    return {"steps": steps, "batch_size": cfg.pretrain.batch_size, "samples_per_s": round(state["samples_per_s"], 1)}
+    return {
+        "steps": steps,
+        "batch_size": cfg.pretrain.batch_size,
+        "samples_per_s": round(state["samples_per_s"], 1),
+    }
 
 
 def run_bench(cfg: Config, world: Path, models: Path | None, parts: list[str]) -> dict:
@@ -54,8 +63,11 @@ def run_bench(cfg: Config, world: Path, models: Path | None, parts: list[str]) -
         from capfilt.run.bench import bench_round
 
         if models is None or not (models / "captioner").is_dir():
-            raise SystemExit("the round benchmark needs --models DIR holding captioner/ and filter/ "
-                             "(e.g. runs/demo/round-0/finetune after `make demo`)")
-        result["round"] = bench_round(cfg, web, str(models / "captioner"), str(models / "filter"),
-                                      truth=str(world / "truth.parquet"))
+            raise SystemExit(
+                "the round benchmark needs --models DIR holding captioner/ and filter/ "
+                "(e.g. runs/demo/round-0/finetune after `make demo`)"
+            )
+        result["round"] = bench_round(
+            cfg, web, str(models / "captioner"), str(models / "filter"), truth=str(world / "truth.parquet")
+        )
     return result

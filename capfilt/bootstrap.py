@@ -39,8 +39,14 @@ def _marker(round_dir: Path, step: str) -> Path:
 def _check_manifest(out: Path, cfg: Config, plan: BootstrapPlan) -> None:
     """Record the config and inputs; refuse to resume a folder made with different ones."""
     manifest = out / "manifest.json"
-    want = {"config": cfg.to_dict(), "web": plan.web, "human": plan.human, "test": plan.test,
-            "truth": plan.truth, "warm_start": plan.warm_start}
+    want = {
+        "config": cfg.to_dict(),
+        "web": plan.web,
+        "human": plan.human,
+        "test": plan.test,
+        "truth": plan.truth,
+        "warm_start": plan.warm_start,
+    }
     if manifest.is_file():
         have = json.loads(manifest.read_text())
         have.pop("rounds", None)
@@ -65,9 +71,15 @@ def _step(round_dir: Path, step: str, fn: Callable[[], object], log: Callable[[s
     marker.write_text(json.dumps({"seconds": round(time.time() - t0, 1), **info}, default=str))
 
 
-def train_and_evaluate(cfg: Config, train_shards: list[str], plan: BootstrapPlan, rd: Path,
-                       init: Path | None = None, run_dir: Path | None = None,
-                       log: Callable[[str], None] = print) -> None:
+def train_and_evaluate(
+    cfg: Config,
+    train_shards: list[str],
+    plan: BootstrapPlan,
+    rd: Path,
+    init: Path | None = None,
+    run_dir: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
     """Pretrain a MED on ``train_shards``, finetune a captioner and a filter on the human shards, and
     evaluate them on the test shards (and ``run_dir``'s cleaning against truth), each step resumable."""
     from capfilt.eval.report import evaluate_all
@@ -77,19 +89,46 @@ def train_and_evaluate(cfg: Config, train_shards: list[str], plan: BootstrapPlan
     rd.mkdir(parents=True, exist_ok=True)
     _step(rd, "pretrain", lambda: pretrain(cfg, train_shards, rd / "pretrain", init=init), log)
     _step(rd, "finetune", lambda: finetune(cfg, rd / "pretrain" / "med", plan.human, rd / "finetune"), log)
-    _step(rd, "eval", lambda: {"metrics": evaluate_all(
-        cfg, plan.test, captioner=rd / "finetune" / "captioner", filter_=rd / "finetune" / "filter",
-        run_dir=run_dir, truth=plan.truth, out=rd / "eval.json")}, log)
+    _step(
+        rd,
+        "eval",
+        lambda: {
+            "metrics": evaluate_all(
+                cfg,
+                plan.test,
+                captioner=rd / "finetune" / "captioner",
+                filter_=rd / "finetune" / "filter",
+                run_dir=run_dir,
+                truth=plan.truth,
+                out=rd / "eval.json",
+            )
+        },
+        log,
+    )
 
 
-def clean(cfg: Config, plan: BootstrapPlan, models: Path, rd: Path, log: Callable[[str], None] = print) -> Path:
+def clean(
+    cfg: Config, plan: BootstrapPlan, models: Path, rd: Path, log: Callable[[str], None] = print
+) -> Path:
     """`capfilt run` over the web shards with the captioner and filter in ``models``; returns the run folder."""
     from capfilt.run.round import run_round
 
     rd.mkdir(parents=True, exist_ok=True)
-    _step(rd, "run", lambda: run_round(
-        cfg, plan.web, str(rd / "run"), captioner=str(models / "captioner"), filter_=str(models / "filter"),
-        local=plan.local, address=plan.address, new_run=False), log)
+    _step(
+        rd,
+        "run",
+        lambda: run_round(
+            cfg,
+            plan.web,
+            str(rd / "run"),
+            captioner=str(models / "captioner"),
+            filter_=str(models / "filter"),
+            local=plan.local,
+            address=plan.address,
+            new_run=False,
+        ),
+        log,
+    )
     return rd / "run"
 
 

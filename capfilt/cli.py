@@ -104,7 +104,9 @@ def evaluate(
     test: Annotated[list[str], typer.Argument(help="held-out shards with reference captions")],
     captioner: Annotated[Path | None, typer.Option(help="captioner folder")] = None,
     filter_: Annotated[Path | None, typer.Option("--filter", help="filter folder")] = None,
-    run_dir: Annotated[Path | None, typer.Option("--run", help="a finished round, scored against truth")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run", help="a finished round, scored against truth")
+    ] = None,
     truth: Annotated[str | None, typer.Option(help="truth.parquet of the demo world")] = None,
     config: ConfigOpt = "demo",
     set_: SetOpt = None,
@@ -114,7 +116,13 @@ def evaluate(
     from capfilt.eval.report import evaluate_all
 
     metrics = evaluate_all(
-        _config(config, set_), test, captioner=captioner, filter_=filter_, run_dir=run_dir, truth=truth, out=out
+        _config(config, set_),
+        test,
+        captioner=captioner,
+        filter_=filter_,
+        run_dir=run_dir,
+        truth=truth,
+        out=out,
     )
     typer.echo(metrics)
 
@@ -128,14 +136,24 @@ def run(
     config: ConfigOpt = "demo",
     set_: SetOpt = None,
     local: Annotated[bool, typer.Option(help="run in this process, no Ray (debugging)")] = False,
-    address: Annotated[str | None, typer.Option(help="Ray cluster address; default starts a local Ray")] = None,
-    new_run: Annotated[bool, typer.Option(help="allow a different config/model in an existing run folder")] = False,
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address; default starts a local Ray")
+    ] = None,
+    new_run: Annotated[
+        bool, typer.Option(help="allow a different config/model in an existing run folder")
+    ] = False,
 ):
     """One CapFilt round: read → decode → caption → score → select → write, resumable."""
     from capfilt.run.round import run_round
 
     summary = run_round(
-        _config(config, set_), shards, out, captioner=captioner, filter_=filter_, local=local, address=address,
+        _config(config, set_),
+        shards,
+        out,
+        captioner=captioner,
+        filter_=filter_,
+        local=local,
+        address=address,
         new_run=new_run,
     )
     typer.echo(summary)
@@ -172,8 +190,16 @@ def bootstrap(
     from capfilt.bootstrap import bootstrap as run_bootstrap
     from capfilt.report import format_table, round_row
 
-    plan = BootstrapPlan(web=web, human=human, test=test, rounds=rounds, truth=truth, warm_start=warm_start,
-                         local=local, address=address)
+    plan = BootstrapPlan(
+        web=web,
+        human=human,
+        test=test,
+        rounds=rounds,
+        truth=truth,
+        warm_start=warm_start,
+        local=local,
+        address=address,
+    )
     dirs = run_bootstrap(_config(config, set_), plan, out)
     typer.echo(format_table([(d.name, round_row(d)) for d in dirs]))
 
@@ -211,9 +237,11 @@ def ablation(
     seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1",
     world: Annotated[Path, typer.Option(help="the demo world (written if absent)")] = Path("shards"),
     out: Annotated[Path, typer.Option(help="folder for every variant's models and evaluations")] = Path(
-        "runs/ablation"),
+        "runs/ablation"
+    ),
     results: Annotated[Path, typer.Option(help="markdown file whose ablation table is replaced")] = Path(
-        "docs/RESULTS.md"),
+        "docs/RESULTS.md"
+    ),
 ):
     """The paper's CapFilt ablation on the demo world: noisy, +captioner, +filter, both, beam, 2 rounds, oracle."""
     from capfilt.ablation import run_ablation, update_results
@@ -228,8 +256,9 @@ def bench(
     config: ConfigOpt = "demo",
     set_: SetOpt = None,
     world: Annotated[Path, typer.Option(help="the demo world")] = Path("shards"),
-    models: Annotated[Path | None, typer.Option(help="folder with captioner/ and filter/ for the round")] = Path(
-        "runs/demo/round-0/finetune"),
+    models: Annotated[
+        Path | None, typer.Option(help="folder with captioner/ and filter/ for the round")
+    ] = Path("runs/demo/round-0/finetune"),
     parts: Annotated[str, typer.Option(help="comma-separated: decode, train, round")] = "decode,train,round",
 ):
     """Measure decode, training and round throughput (and the naive loop) on the demo world; prints JSON."""

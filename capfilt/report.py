@@ -115,22 +115,30 @@ def histogram_svg(groups: dict[str, list[float]], title: str, bins: int = HIST_B
     }
     top = max([max(c) for c in counts.values() if c] + [1])
     bw = (width - 2 * pad) / bins
-    parts = [f'<svg class="hist" width="{width}" height="{height + 40}" role="img" aria-label="{html.escape(title)}">',
-             f'<text x="{pad}" y="14" font-size="13">{html.escape(title)}</text>',
-             f'<line x1="{pad}" y1="{height}" x2="{width - pad}" y2="{height}" stroke="#333"/>',
-             f'<line x1="{pad + bins * bw / 2}" y1="20" x2="{pad + bins * bw / 2}" y2="{height}" '
-             'stroke="#999" stroke-dasharray="4"/>']
+    parts = [
+        f'<svg class="hist" width="{width}" height="{height + 40}" role="img" aria-label="{html.escape(title)}">',
+        f'<text x="{pad}" y="14" font-size="13">{html.escape(title)}</text>',
+        f'<line x1="{pad}" y1="{height}" x2="{width - pad}" y2="{height}" stroke="#333"/>',
+        f'<line x1="{pad + bins * bw / 2}" y1="20" x2="{pad + bins * bw / 2}" y2="{height}" '
+        'stroke="#999" stroke-dasharray="4"/>',
+    ]
     for i, (name, c) in enumerate(counts.items()):
         colour = colours[i % len(colours)]
         points = []
         for b, n in enumerate(c):
             y = height - (height - 24) * n / top
             points += [f"{pad + b * bw:.1f},{y:.1f}", f"{pad + (b + 1) * bw:.1f},{y:.1f}"]
-        parts.append(f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(points)}"/>')
-        parts.append(f'<text x="{pad + 10 + 150 * i}" y="{height + 34}" font-size="12" fill="{colour}">'
-                     f'{html.escape(name)} (n={len(groups[name])})</text>')
+        parts.append(
+            f'<polyline fill="none" stroke="{colour}" stroke-width="2" points="{" ".join(points)}"/>'
+        )
+        parts.append(
+            f'<text x="{pad + 10 + 150 * i}" y="{height + 34}" font-size="12" fill="{colour}">'
+            f"{html.escape(name)} (n={len(groups[name])})</text>"
+        )
     for tick in (0.0, 0.5, 1.0):
-        parts.append(f'<text x="{pad + tick * bins * bw - 8:.0f}" y="{height + 16}" font-size="11">{tick}</text>')
+        parts.append(
+            f'<text x="{pad + tick * bins * bw - 8:.0f}" y="{height + 16}" font-size="11">{tick}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -139,16 +147,31 @@ def _histograms(scores: list[dict], truth: dict[str, dict]) -> str:
     web = [(r["key"], c) for r in scores for c in r["candidates"] if c["source"] == "web"]
     syn = [c for r in scores for c in r["candidates"] if c["source"] == "synthetic"]
     figs = [
-        histogram_svg({"kept": [c["itm"] for _, c in web if c["kept"]],
-                       "dropped": [c["itm"] for _, c in web if not c["kept"]]}, "ITM, web captions"),
-        histogram_svg({"kept": [c["itm"] for c in syn if c["kept"]],
-                       "dropped": [c["itm"] for c in syn if not c["kept"]]}, "ITM, synthetic captions"),
+        histogram_svg(
+            {
+                "kept": [c["itm"] for _, c in web if c["kept"]],
+                "dropped": [c["itm"] for _, c in web if not c["kept"]],
+            },
+            "ITM, web captions",
+        ),
+        histogram_svg(
+            {
+                "kept": [c["itm"] for c in syn if c["kept"]],
+                "dropped": [c["itm"] for c in syn if not c["kept"]],
+            },
+            "ITM, synthetic captions",
+        ),
     ]
     if truth:
-        figs.append(histogram_svg(
-            {"clean": [c["itm"] for k, c in web if k in truth and not truth[k]["noisy"]],
-             "noisy": [c["itm"] for k, c in web if k in truth and truth[k]["noisy"]]},
-            "ITM, web captions by ground truth"))
+        figs.append(
+            histogram_svg(
+                {
+                    "clean": [c["itm"] for k, c in web if k in truth and not truth[k]["noisy"]],
+                    "noisy": [c["itm"] for k, c in web if k in truth and truth[k]["noisy"]],
+                },
+                "ITM, web captions by ground truth",
+            )
+        )
     return "\n".join(figs)
 
 
@@ -175,14 +198,22 @@ def _example_card(row: dict, sample: Sample, truth: dict[str, dict]) -> str:
     lines = []
     for c in row["candidates"]:
         mark = "kept" if c["kept"] else "dropped"
-        lines.append(f'<li class="{mark}"><b>{c["source"]}</b> {html.escape(c["text"])} '
-                     f'<span>ITM {c["itm"]:.2f} · ITC {c["itc"]:.2f} · {mark}</span></li>')
+        lines.append(
+            f'<li class="{mark}"><b>{c["source"]}</b> {html.escape(c["text"])} '
+            f"<span>ITM {c['itm']:.2f} · ITC {c['itc']:.2f} · {mark}</span></li>"
+        )
     t = truth.get(row["key"])
-    note = f'<div class="truth">truth: {"noisy (" + t["noise_type"] + ")" if t["noisy"] else "clean"}</div>' if t else ""
+    note = (
+        f'<div class="truth">truth: {"noisy (" + t["noise_type"] + ")" if t["noisy"] else "clean"}</div>'
+        if t
+        else ""
+    )
     decision = "kept" if row["kept"] else "dropped"
-    return (f'<figure class="example {decision}"><img src="{src}" alt="{html.escape(row["key"])}">'
-            f'<figcaption><code>{html.escape(row["key"])}</code> — {decision}{note}<ul>{"".join(lines)}</ul>'
-            "</figcaption></figure>")
+    return (
+        f'<figure class="example {decision}"><img src="{src}" alt="{html.escape(row["key"])}">'
+        f"<figcaption><code>{html.escape(row['key'])}</code> — {decision}{note}<ul>{''.join(lines)}</ul>"
+        "</figcaption></figure>"
+    )
 
 
 PAGE = """<!doctype html>
@@ -221,7 +252,10 @@ def _table_html(views: list[RoundView]) -> str:
     cols = list(views[0].row) if views else []
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["round", *cols])
     body = "".join(
-        "<tr>" + f"<th>{html.escape(v.name)}</th>" + "".join(f"<td>{_fmt(v.row.get(c))}</td>" for c in cols) + "</tr>"
+        "<tr>"
+        + f"<th>{html.escape(v.name)}</th>"
+        + "".join(f"<td>{_fmt(v.row.get(c))}</td>" for c in cols)
+        + "</tr>"
         for v in views
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -240,8 +274,10 @@ def write_report(root: Path, out: Path | None = None, truth: Path | None = None)
         if not scores:
             continue
         cards = "".join(_example_card(r, s, truth_rows) for r, s in _example_samples(scores, EXAMPLES))
-        sections.append(f"<h2>{html.escape(v.name)}: cleaning run</h2>{_histograms(scores, truth_rows)}"
-                        f'<h3>Examples</h3><div class="grid">{cards}</div>')
+        sections.append(
+            f"<h2>{html.escape(v.name)}: cleaning run</h2>{_histograms(scores, truth_rows)}"
+            f'<h3>Examples</h3><div class="grid">{cards}</div>'
+        )
     page = PAGE.format(title=html.escape(root.name), table=_table_html(views), sections="\n".join(sections))
     out = Path(out) if out else root / "report.html"
     tmp = out.with_suffix(".html.tmp")

@@ -35,8 +35,15 @@ def main() -> None:
     args = ap.parse_args()
 
     ray.init(address="auto")  # the cluster this job was submitted to
-    plan = BootstrapPlan(web=args.web, human=args.human, test=args.test, rounds=args.rounds, truth=args.truth,
-                         warm_start=args.warm_start, address="auto")
+    plan = BootstrapPlan(
+        web=args.web,
+        human=args.human,
+        test=args.test,
+        rounds=args.rounds,
+        truth=args.truth,
+        warm_start=args.warm_start,
+        address="auto",
+    )
     dirs = bootstrap(load_config(args.config, args.overrides), plan, Path(args.out))
     print(format_table([(d.name, round_row(d)) for d in dirs]))
 

@@ -28,8 +28,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new-run", action="store_true", help="clear a run made with another config/models")
     args = p.parse_args(argv)
     address = "auto" if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS") else None
-    summary = run_round(load_config(args.config, args.set), args.shards, args.out, captioner=args.captioner,
-                        filter_=args.filter, address=address, new_run=args.new_run, progress=False)
+    summary = run_round(
+        load_config(args.config, args.set),
+        args.shards,
+        args.out,
+        captioner=args.captioner,
+        filter_=args.filter,
+        address=address,
+        new_run=args.new_run,
+        progress=False,
+    )
     print(json.dumps(summary, indent=1))
     return summary
 

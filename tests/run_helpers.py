@@ -28,11 +28,27 @@ def make_models(folder: Path) -> tuple[str, str]:
     rng = random.Random(0)
     tokenizer = train_tokenizer([" ".join(rng.choices(WORDS, k=8)) for _ in range(200)], vocab_size=120)
     ids = special_ids(tokenizer)
-    text = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                intermediate_size=64, max_position_embeddings=64, bos_token_id=ids["dec"],
-                sep_token_id=ids["sep"], eos_token_id=ids["sep"], pad_token_id=ids["pad"], encoder_hidden_size=32)
-    vision = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                  image_size=32, patch_size=8)
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        bos_token_id=ids["dec"],
+        sep_token_id=ids["sep"],
+        eos_token_id=ids["sep"],
+        pad_token_id=ids["pad"],
+        encoder_hidden_size=32,
+    )
+    vision = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+    )
     config = BlipConfig(text_config=text, vision_config=vision, projection_dim=16, image_text_hidden_size=16)
     torch.manual_seed(0)
     paths = []
@@ -60,8 +76,14 @@ def make_shards(folder: Path, n_shards: int = 3, per_shard: int = 10) -> list[st
     urls = []
     for s in range(n_shards):
         samples = [
-            Sample(key=f"s{s}-{i:03d}", shard="", image=b"not an image" if (s, i) == (0, 3) else png(100 * s + i),
-                   image_ext="png", caption=" ".join(rng.choices(WORDS, k=5)), meta={"i": i})
+            Sample(
+                key=f"s{s}-{i:03d}",
+                shard="",
+                image=b"not an image" if (s, i) == (0, 3) else png(100 * s + i),
+                image_ext="png",
+                caption=" ".join(rng.choices(WORDS, k=5)),
+                meta={"i": i},
+            )
             for i in range(per_shard)
         ]
         url = str(folder / f"web-{s:06d}.tar")

@@ -21,8 +21,10 @@ def test_policies_keep_what_each_variant_says():
 
 
 def _ev(r1: float) -> dict:
-    return {"retrieval": {"tr@1": r1, "ir@1": r1, "tr@5": 1.0, "ir@5": 1.0},
-            "captioning": {"cider": 0.5, "attribute_accuracy": 0.5}}
+    return {
+        "retrieval": {"tr@1": r1, "ir@1": r1, "tr@5": 1.0, "ir@5": 1.0},
+        "captioning": {"cider": 0.5, "attribute_accuracy": 0.5},
+    }
 
 
 def test_gap_closed_is_measured_on_mean_r1():

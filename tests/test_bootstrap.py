@@ -41,7 +41,11 @@ def test_two_rounds_resume_after_a_crash_and_report(tiny_world, tmp_path, monkey
     log: list[str] = []
     rounds = bootstrap(cfg, plan, out, log=log.append)
     assert [r.name for r in rounds] == ["round-0", "round-1", "round-2"]
-    assert {"round-0: pretrain already done", "round-1: run already done", "round-1: pretrain already done"} <= set(log)
+    assert {
+        "round-0: pretrain already done",
+        "round-1: run already done",
+        "round-1: pretrain already done",
+    } <= set(log)
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "a finished step ran again"
 
     for r in rounds:
@@ -50,7 +54,9 @@ def test_two_rounds_resume_after_a_crash_and_report(tiny_world, tmp_path, monkey
     for r in rounds[1:]:
         summary = json.loads((r / "run" / "summary.json").read_text())
         assert summary["n_in"] == summary["kept"] + summary["dropped"] + sum(summary["rejected"].values())
-        assert summary["n_in"] == 64 and not summary["failed_shards"]  # every web sample of the tiny world accounted for
+        assert (
+            summary["n_in"] == 64 and not summary["failed_shards"]
+        )  # every web sample of the tiny world accounted for
         assert "filtering" in json.loads((r / "eval.json").read_text())
 
     table = format_table([(r.name, round_row(r)) for r in rounds])

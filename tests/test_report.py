@@ -17,8 +17,15 @@ from PIL import Image
 
 from capfilt.report import format_table, histogram_svg, write_report
 
-CANDIDATE = pa.struct([("text", pa.string()), ("source", pa.string()), ("itm", pa.float64()),
-                       ("itc", pa.float64()), ("kept", pa.bool_())])
+CANDIDATE = pa.struct(
+    [
+        ("text", pa.string()),
+        ("source", pa.string()),
+        ("itm", pa.float64()),
+        ("itc", pa.float64()),
+        ("kept", pa.bool_()),
+    ]
+)
 
 
 def _jpg(colour) -> bytes:
@@ -45,17 +52,41 @@ def run_dir(tmp_path):
             _add(tar, f"{key}.jpg", _jpg((40 * i, 100, 200 - 30 * i)))
             _add(tar, f"{key}.txt", f"caption {i}".encode())
             itm_web, itm_syn = (0.9, 0.8) if i % 2 == 0 else (0.1, 0.3)
-            cands = [{"text": f"caption {i}", "source": "web", "itm": itm_web, "itc": 0.4, "kept": itm_web >= 0.5},
-                     {"text": f"a blue square {i}", "source": "synthetic", "itm": itm_syn, "itc": 0.3,
-                      "kept": itm_syn >= 0.5}]
-            rows.append({"key": key, "shard": str(shard), "caption": f"caption {i}" if i % 2 == 0 else "",
-                         "candidates": cands, "image_ext": "jpg", "meta_json": "{}", "kept": i % 2 == 0})
+            cands = [
+                {"text": f"caption {i}", "source": "web", "itm": itm_web, "itc": 0.4, "kept": itm_web >= 0.5},
+                {
+                    "text": f"a blue square {i}",
+                    "source": "synthetic",
+                    "itm": itm_syn,
+                    "itc": 0.3,
+                    "kept": itm_syn >= 0.5,
+                },
+            ]
+            rows.append(
+                {
+                    "key": key,
+                    "shard": str(shard),
+                    "caption": f"caption {i}" if i % 2 == 0 else "",
+                    "candidates": cands,
+                    "image_ext": "jpg",
+                    "meta_json": "{}",
+                    "kept": i % 2 == 0,
+                }
+            )
             truth.append({"key": key, "noisy": i % 2 == 1, "noise_type": "swap" if i % 2 else "none"})
     out = tmp_path / "run"
     out.mkdir()
-    schema = pa.schema([("key", pa.string()), ("shard", pa.string()), ("caption", pa.string()),
-                        ("candidates", pa.list_(CANDIDATE)), ("image_ext", pa.string()),
-                        ("meta_json", pa.string()), ("kept", pa.bool_())])
+    schema = pa.schema(
+        [
+            ("key", pa.string()),
+            ("shard", pa.string()),
+            ("caption", pa.string()),
+            ("candidates", pa.list_(CANDIDATE)),
+            ("image_ext", pa.string()),
+            ("meta_json", pa.string()),
+            ("kept", pa.bool_()),
+        ]
+    )
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), out / "web-000000.scores.parquet")
     (out / "summary.json").write_text(json.dumps({"kept_rate_by_source": {"web": 0.5, "synthetic": 0.5}}))
     pq.write_table(pa.Table.from_pylist(truth), tmp_path / "truth.parquet")
@@ -93,9 +124,21 @@ def _chromium() -> str:
 def test_report_loads_in_headless_chromium(run_dir, tmp_path):
     page = write_report(run_dir, truth=run_dir.parent / "truth.parquet")
     profile = tmp_path / "profile"
-    cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+    cmd = [
+        _chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        page.as_uri(),
+    ]
     dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=True).stdout
     status = re.search(r'<p id="status"[^>]*>', dom)
     assert status, dom[:2000]

@@ -35,7 +35,8 @@ def test_round_accounts_for_every_sample_and_resumes(tmp_path, tiny_models, tiny
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "run").glob("*.done")} == mtimes
     assert again["this_invocation"]["shards"] == 0
     assert {k: again[k] for k in ("n_in", "kept", "dropped", "rejected")} == {
-        k: summary[k] for k in ("n_in", "kept", "dropped", "rejected")}
+        k: summary[k] for k in ("n_in", "kept", "dropped", "rejected")
+    }
 
     none = reselect(out, str(tmp_path / "strict"), threshold=1.01)  # no model is loaded
     assert (none["kept"], none["dropped"], none["rejected"]) == (0, 29, {"undecodable_image": 1})
@@ -61,8 +62,15 @@ class ConstantFilter:
 
 def test_a_failing_sample_costs_only_itself(tmp_path, tiny_shards):
     cfg = tiny_cfg()
-    stats = process_shard(tiny_shards[0], str(tmp_path), FlakyCaptioner(), ConstantFilter(),
-                          make_decoder(cfg.run), cfg, {"test": True})
+    stats = process_shard(
+        tiny_shards[0],
+        str(tmp_path),
+        FlakyCaptioner(),
+        ConstantFilter(),
+        make_decoder(cfg.run),
+        cfg,
+        {"test": True},
+    )
     assert stats.n_in == 10 and stats.kept == 8
     assert stats.rejected == {"undecodable_image": 1, "caption_failed": 1}
     assert [r["key"] for r in stats.rejects if r["reason"] == "caption_failed"] == ["s0-005"]
@@ -78,8 +86,12 @@ def s3(tiny_shards):
         port = s.getsockname()[1]
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
-    env = {"AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    env = {
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "x",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     import s3fs
@@ -101,8 +113,9 @@ def test_round_reads_and_writes_s3(s3, tiny_models, tmp_path):
 
     cap, flt = tiny_models
     cfg = tiny_cfg()
-    summary = run_round(cfg, [f"{s3}/in/web-{{000000..000001}}.tar"], f"{s3}/out", cap, flt, local=True,
-                        progress=False)
+    summary = run_round(
+        cfg, [f"{s3}/in/web-{{000000..000001}}.tar"], f"{s3}/out", cap, flt, local=True, progress=False
+    )
     assert summary["shards_done"] == 2 and summary["n_in"] == 20
     fs = s3fs.S3FileSystem()
     names = sorted(os.path.basename(p) for p in fs.ls("capfilt-test/out"))

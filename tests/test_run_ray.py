@@ -78,8 +78,9 @@ def test_actors_killed_mid_shard_give_identical_outputs(reference, tiny_models, 
 
 def test_a_shard_that_keeps_failing_is_reported_not_fatal(local_ray, tiny_models, shards, kill_dir, tmp_path):
     (kill_dir / "web-000002.kill").write_text("99")
-    summary = run_round(tiny_cfg("run.max_shard_retries=1"), shards, str(tmp_path / "run"), *tiny_models,
-                        progress=False)
+    summary = run_round(
+        tiny_cfg("run.max_shard_retries=1"), shards, str(tmp_path / "run"), *tiny_models, progress=False
+    )
     (kill_dir / "web-000002.kill").write_text("0")
     assert list(summary["failed_shards"]) == [shards[2]] and summary["shards_done"] == 3
     assert not (tmp_path / "run" / "web-000002.done").exists()
@@ -88,9 +89,26 @@ def test_a_shard_that_keeps_failing_is_reported_not_fatal(local_ray, tiny_models
 def test_driver_killed_mid_run_resumes_without_recomputing(reference, tiny_models, shards, tmp_path):
     out = tmp_path / "run"
     cap, flt = tiny_models
-    cmd = [sys.executable, "-m", "capfilt.cli", "run", *shards, "--out", str(out), "--captioner", cap,
-           "--filter", flt, "--config", "tiny", "--set", "run.actors=2", "--set", "caption.num_captions=2",
-           "--local"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "capfilt.cli",
+        "run",
+        *shards,
+        "--out",
+        str(out),
+        "--captioner",
+        cap,
+        "--filter",
+        flt,
+        "--config",
+        "tiny",
+        "--set",
+        "run.actors=2",
+        "--set",
+        "caption.num_captions=2",
+        "--local",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -132,9 +150,24 @@ def test_ray_job_submit_runs_the_pipeline(tiny_models, shards, tmp_path):
     ray_bin = str(Path(sys.executable).parent / "ray")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a throwaway loopback cluster; no token to share
     head = subprocess.Popen(
-        [ray_bin, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
-         "--include-dashboard=true", f"--dashboard-port={dash}", "--disable-usage-stats", f"--temp-dir={temp}"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            ray_bin,
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            f"--dashboard-port={dash}",
+            "--disable-usage-stats",
+            f"--temp-dir={temp}",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     out = tmp_path / "run"
     try:
         deadline = time.time() + 120
@@ -147,10 +180,29 @@ def test_ray_job_submit_runs_the_pipeline(tiny_models, shards, tmp_path):
             except OSError:
                 assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
                 time.sleep(0.5)
-        submit = [ray_bin, "job", "submit", "--address", f"http://127.0.0.1:{dash}", "--working-dir", ".",
-                  "--", "python", "pipelines/run_round.py", *shards, "--out", str(out),
-                  "--captioner", tiny_models[0], "--filter", tiny_models[1], "--config", "tiny",
-                  "--set", "run.actors=1"]
+        submit = [
+            ray_bin,
+            "job",
+            "submit",
+            "--address",
+            f"http://127.0.0.1:{dash}",
+            "--working-dir",
+            ".",
+            "--",
+            "python",
+            "pipelines/run_round.py",
+            *shards,
+            "--out",
+            str(out),
+            "--captioner",
+            tiny_models[0],
+            "--filter",
+            tiny_models[1],
+            "--config",
+            "tiny",
+            "--set",
+            "run.actors=1",
+        ]
         done = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     finally:

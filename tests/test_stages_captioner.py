@@ -25,7 +25,7 @@ def test_captions_do_not_depend_on_batch_size_or_order(captioner, pixels):
     for size in (1, 3):
         parts = []
         for i in range(0, 8, size):
-            parts += captioner.caption(pixels[i:i + size], KEYS[i:i + size])
+            parts += captioner.caption(pixels[i : i + size], KEYS[i : i + size])
         assert parts == whole
     perm = [5, 2, 7, 0, 3, 1, 6, 4]
     shuffled = captioner.caption(pixels[perm], [KEYS[i] for i in perm])
@@ -47,10 +47,15 @@ def test_sampler_matches_hf_generate_for_one_image(captioner, pixels):
         torch.manual_seed(row_seed(captioner.seed, KEYS[i], 0))
         prompt = torch.tensor([[*captioner.prompt_ids, captioner.eos]])
         ref = captioner.model.generate(
-            pixel_values=pixels[i:i + 1], input_ids=prompt, do_sample=True, top_p=cfg.top_p,
-            repetition_penalty=cfg.repetition_penalty, min_length=cfg.min_length, max_length=cfg.max_length,
+            pixel_values=pixels[i : i + 1],
+            input_ids=prompt,
+            do_sample=True,
+            top_p=cfg.top_p,
+            repetition_penalty=cfg.repetition_penalty,
+            min_length=cfg.min_length,
+            max_length=cfg.max_length,
         )[0].tolist()
-        embeds = captioner.model.vision_model(pixel_values=pixels[i:i + 1]).last_hidden_state
+        embeds = captioner.model.vision_model(pixel_values=pixels[i : i + 1]).last_hidden_state
         assert captioner._sample(embeds, [captioner._generator(KEYS[i], 0)])[0] == ref
 
 
@@ -58,9 +63,9 @@ def test_lengths_count_the_prompt(captioner, pixels):
     embeds = captioner.model.vision_model(pixel_values=pixels).last_hidden_state
     rows = captioner._sample(embeds, [captioner._generator(k, 0) for k in KEYS])
     for row in rows:
-        assert row[:len(captioner.prompt_ids)] == captioner.prompt_ids
+        assert row[: len(captioner.prompt_ids)] == captioner.prompt_ids
         assert len(row) <= captioner.cfg.max_length
-        assert captioner.eos not in row[:captioner.cfg.min_length]
+        assert captioner.eos not in row[: captioner.cfg.min_length]
 
 
 def test_beam_is_deterministic(tiny_models, pixels):

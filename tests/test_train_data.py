@@ -99,10 +99,14 @@ def test_a_cleaned_shard_trains_on_every_kept_caption():
     """Round output: json["candidates"] with kept flags; BLIP pretrains on every kept caption."""
     from capfilt.train.data import references
 
-    meta = {"caption": "a red square", "candidates": [
-        {"text": "a red square", "source": "web", "kept": True},
-        {"text": "a picture of a red square", "source": "synthetic", "kept": True},
-        {"text": "click to enlarge", "source": "synthetic", "kept": False}]}
+    meta = {
+        "caption": "a red square",
+        "candidates": [
+            {"text": "a red square", "source": "web", "kept": True},
+            {"text": "a picture of a red square", "source": "synthetic", "kept": True},
+            {"text": "click to enlarge", "source": "synthetic", "kept": False},
+        ],
+    }
     assert references(meta, "a red square") == ["a red square", "a picture of a red square"]
     assert references({"captions": ["x", "y"]}, "x") == ["x", "y"]
     assert references({}, "txt only") == ["txt only"]

@@ -38,21 +38,38 @@ def naive_images_per_s(cfg: Config, shards: list[str], captioner: str, filter_: 
         if not torch.is_tensor(pixels):
             continue
         pixels = pixels[None]
-        ids = cap.generate(pixel_values=pixels, input_ids=prompt.clone(), do_sample=True, top_p=cfg.caption.top_p,
-                           repetition_penalty=cfg.caption.repetition_penalty, min_length=cfg.caption.min_length,
-                           max_length=cfg.caption.max_length)
-        synthetic = cap_tok.decode(ids[0], skip_special_tokens=True)[len(cfg.caption.prompt):]
+        ids = cap.generate(
+            pixel_values=pixels,
+            input_ids=prompt.clone(),
+            do_sample=True,
+            top_p=cfg.caption.top_p,
+            repetition_penalty=cfg.caption.repetition_penalty,
+            min_length=cfg.caption.min_length,
+            max_length=cfg.caption.max_length,
+        )
+        synthetic = cap_tok.decode(ids[0], skip_special_tokens=True)[len(cfg.caption.prompt) :]
         for text in (s.caption, synthetic):
             tok = flt_tok([normalize_caption(text)], return_tensors="pt", truncation=True, max_length=35)
             tok.input_ids[:, 0] = flt_info["itm_first_token_id"]
-            flt(input_ids=tok.input_ids, attention_mask=tok.attention_mask, pixel_values=pixels,
-                use_itm_head=True).itm_score.softmax(-1)
+            flt(
+                input_ids=tok.input_ids,
+                attention_mask=tok.attention_mask,
+                pixel_values=pixels,
+                use_itm_head=True,
+            ).itm_score.softmax(-1)
         n += 1
     return n / (time.perf_counter() - start)
 
 
-def bench_round(cfg: Config, shards: list[str], captioner: str, filter_: str, truth: str | None = None,
-                naive_limit: int = 200, local: bool = False) -> dict[str, Any]:
+def bench_round(
+    cfg: Config,
+    shards: list[str],
+    captioner: str,
+    filter_: str,
+    truth: str | None = None,
+    naive_limit: int = 200,
+    local: bool = False,
+) -> dict[str, Any]:
     """Round throughput (fresh run folder, model loading included and excluded), naive throughput, ratio,
     and the filter's precision/recall of dropping noisy web captions when ``truth`` is given."""
     out = tempfile.mkdtemp(prefix="capfilt-bench-")
@@ -60,8 +77,11 @@ def bench_round(cfg: Config, shards: list[str], captioner: str, filter_: str, tr
         summary = run_round(cfg, shards, out, captioner, filter_, local=local, progress=False)
         run = summary["this_invocation"]
         stage = run["stage_seconds"]
-        per_actor_busy = stage.get("total", 0.0) / max(1, min(cfg.run.actors, run["shards"])) if not local \
+        per_actor_busy = (
+            stage.get("total", 0.0) / max(1, min(cfg.run.actors, run["shards"]))
+            if not local
             else stage.get("total", 0.0)
+        )
         result: dict[str, Any] = {
             "images": run["n_in"],
             "round_images_per_s": run["images_per_s"],

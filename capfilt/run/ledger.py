@@ -61,10 +61,12 @@ def read_manifest(out: str) -> dict[str, Any]:
 
 def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Dotted paths where two manifests' identities differ, e.g. ``config.caption.top_p``."""
+
     def walk(a: Any, b: Any, where: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             return [d for k in sorted(set(a) | set(b)) for d in walk(a.get(k), b.get(k), f"{where}.{k}")]
         return [] if a == b else [f"{where.lstrip('.')}: {a!r} → {b!r}"]
+
     return walk({k: old.get(k) for k in IDENTITY}, {k: new.get(k) for k in IDENTITY}, "")
 
 
@@ -88,7 +90,8 @@ def open_run(out: str, manifest: dict[str, Any], new_run: bool = False) -> None:
         diff = differences(old, manifest)
         if diff and not new_run:
             raise RunMismatchError(
-                f"{out} holds a run made with another config or models:\n  " + "\n  ".join(diff[:20])
+                f"{out} holds a run made with another config or models:\n  "
+                + "\n  ".join(diff[:20])
                 + "\nUse another --out, or pass --new-run to clear that run and start over."
             )
         if diff:

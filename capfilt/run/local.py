@@ -14,9 +14,16 @@ from capfilt.data.sample import ShardStats
 from capfilt.run.worker import ShardWorker
 
 
-def run_local(cfg: Config, jobs: list[tuple[str, str]], out: str, captioner: str, filter_: str,
-              provenance: dict[str, Any], on_done: Callable[[str, ShardStats], None],
-              on_failed: Callable[[str, str], None]) -> None:
+def run_local(
+    cfg: Config,
+    jobs: list[tuple[str, str]],
+    out: str,
+    captioner: str,
+    filter_: str,
+    provenance: dict[str, Any],
+    on_done: Callable[[str, ShardStats], None],
+    on_failed: Callable[[str, str], None],
+) -> None:
     worker = ShardWorker(cfg, captioner, filter_, provenance)
     for url, name in jobs:
         error = ""

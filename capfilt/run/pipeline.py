@@ -68,8 +68,13 @@ def decoded_batches(shard: reader.ShardReader, decoder: Any, batch_size: int) ->
         yield flush()
 
 
-def guarded(fn: Callable[[torch.Tensor, list], list], pixels: torch.Tensor, args: list, samples: list[Sample],
-            reason: str) -> tuple[list[int], list, list[Reject]]:
+def guarded(
+    fn: Callable[[torch.Tensor, list], list],
+    pixels: torch.Tensor,
+    args: list,
+    samples: list[Sample],
+    reason: str,
+) -> tuple[list[int], list, list[Reject]]:
     """``fn(pixels, args)`` on the batch; if it raises, once per sample, rejecting only those that raise.
 
     Returns the indices that succeeded, their outputs, and the rejects.
@@ -80,26 +85,31 @@ def guarded(fn: Callable[[torch.Tensor, list], list], pixels: torch.Tensor, args
         ok, outs, rejects = [], [], []
         for i, s in enumerate(samples):
             try:
-                outs += fn(pixels[i:i + 1], args[i:i + 1])
+                outs += fn(pixels[i : i + 1], args[i : i + 1])
                 ok.append(i)
             except Exception as err:
                 rejects.append(Reject(s.key, s.shard, reason, f"{type(err).__name__}: {err}"))
         return ok, outs, rejects
 
 
-def score_batch(batch: Batch, captioner: Any, filter_: Any, threshold: float,
-                timings: dict[str, float]) -> tuple[list[ScoredSample], list[Reject]]:
+def score_batch(
+    batch: Batch, captioner: Any, filter_: Any, threshold: float, timings: dict[str, float]
+) -> tuple[list[ScoredSample], list[Reject]]:
     """Caption, score and select one decoded batch."""
     samples, pixels = batch.samples, batch.pixels
     t0 = time.perf_counter()
-    ok, captions, rejects = guarded(captioner.caption, pixels, [s.key for s in samples], samples,
-                                    "caption_failed")
+    ok, captions, rejects = guarded(
+        captioner.caption, pixels, [s.key for s in samples], samples, "caption_failed"
+    )
     samples, pixels = [samples[i] for i in ok], pixels[ok] if ok else pixels[:0]
-    candidates = [[Candidate(s.caption, "web")] + [Candidate(t, "synthetic") for t in caps]
-                  for s, caps in zip(samples, captions)]
+    candidates = [
+        [Candidate(s.caption, "web")] + [Candidate(t, "synthetic") for t in caps]
+        for s, caps in zip(samples, captions)
+    ]
     t1 = time.perf_counter()
-    ok, scores, failed = guarded(filter_.score, pixels, [[c.text for c in cs] for cs in candidates], samples,
-                                 "score_failed")
+    ok, scores, failed = guarded(
+        filter_.score, pixels, [[c.text for c in cs] for cs in candidates], samples, "score_failed"
+    )
     rejects += failed
     t2 = time.perf_counter()
     results = []
@@ -113,8 +123,9 @@ def score_batch(batch: Batch, captioner: Any, filter_: Any, threshold: float,
     return results, rejects
 
 
-def shard_stats(url: str, results: list[ScoredSample], rejects: list[Reject], n_in: int,
-                truncated: bool) -> ShardStats:
+def shard_stats(
+    url: str, results: list[ScoredSample], rejects: list[Reject], n_in: int, truncated: bool
+) -> ShardStats:
     """Count what happened to every record of the shard."""
     stats = ShardStats(shard=url, n_in=n_in, truncated=truncated)
     for r in rejects:
@@ -131,8 +142,16 @@ def shard_stats(url: str, results: list[ScoredSample], rejects: list[Reject], n_
     return stats
 
 
-def process_shard(url: str, out_dir: str, captioner: Any, filter_: Any, decoder: Any, cfg: Config,
-                  provenance: dict[str, Any], name: str | None = None) -> ShardStats:
+def process_shard(
+    url: str,
+    out_dir: str,
+    captioner: Any,
+    filter_: Any,
+    decoder: Any,
+    cfg: Config,
+    provenance: dict[str, Any],
+    name: str | None = None,
+) -> ShardStats:
     """Clean one shard into ``out_dir/NAME.*`` and return its stats (also written, with the done marker).
 
     ``name`` defaults to ``writer.output_name(url)``; the round passes the name it got from the whole
@@ -164,8 +183,9 @@ def process_shard(url: str, out_dir: str, captioner: Any, filter_: Any, decoder:
     stats.check()
     stats.timings = timings  # stats.json gets the timings up to here; the caller's copy also gets write
     t0 = time.perf_counter()
-    writer.write_round_shard(out_dir, name, results, stats, provenance,
-                             parquet_image_bytes=cfg.run.parquet_image_bytes)
+    writer.write_round_shard(
+        out_dir, name, results, stats, provenance, parquet_image_bytes=cfg.run.parquet_image_bytes
+    )
     timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     return stats

@@ -16,8 +16,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from capfilt.data.sample import ShardStats
 
 
-def summarize(stats: list[ShardStats], failed: dict[str, str], processed: list[ShardStats],
-              seconds: float) -> dict[str, Any]:
+def summarize(
+    stats: list[ShardStats], failed: dict[str, str], processed: list[ShardStats], seconds: float
+) -> dict[str, Any]:
     """Run totals from per-shard stats; raises if in != kept + dropped + rejected for the run."""
     rejected: Counter = Counter()
     kept_src: Counter = Counter()
@@ -28,7 +29,9 @@ def summarize(stats: list[ShardStats], failed: dict[str, str], processed: list[S
         cand_src.update(s.candidates_by_source)
     n_in, kept, dropped = (sum(getattr(s, f) for s in stats) for f in ("n_in", "kept", "dropped"))
     if n_in != kept + dropped + sum(rejected.values()):
-        raise AssertionError(f"run: in={n_in} but kept+dropped+rejected={kept + dropped + sum(rejected.values())}")
+        raise AssertionError(
+            f"run: in={n_in} but kept+dropped+rejected={kept + dropped + sum(rejected.values())}"
+        )
     n_new = sum(s.n_in for s in processed)
     timings: Counter = Counter()
     for s in processed:
@@ -62,8 +65,12 @@ class RoundProgress:
         self.start = time.perf_counter()
         self.n_in = self.kept = 0
         self.progress = Progress(
-            TextColumn("[bold]capfilt run"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TextColumn("{task.fields[rate]}"), disable=not enabled,
+            TextColumn("[bold]capfilt run"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[rate]}"),
+            disable=not enabled,
         )
         self.task = self.progress.add_task("shards", total=total, completed=already_done, rate="")
 
@@ -82,5 +89,7 @@ class RoundProgress:
         self.progress.update(self.task, advance=1, rate=rate)
 
     def shard_failed(self, url: str, error: str) -> None:
-        self.progress.console.print(f"[red]shard failed[/red] {url}: {error.splitlines()[-1] if error else ''}")
+        self.progress.console.print(
+            f"[red]shard failed[/red] {url}: {error.splitlines()[-1] if error else ''}"
+        )
         self.progress.update(self.task, advance=1)

@@ -53,9 +53,16 @@ def make_actors(cfg: Config, n: int, captioner: str, filter_: str, provenance: d
     return [actor_cls.remote(cfg, captioner, filter_, provenance) for _ in range(n)]
 
 
-def run_ray(cfg: Config, jobs: list[tuple[str, str]], out: str, captioner: str, filter_: str,
-            provenance: dict[str, Any], on_done: Callable[[str, ShardStats], None],
-            on_failed: Callable[[str, str], None]) -> None:
+def run_ray(
+    cfg: Config,
+    jobs: list[tuple[str, str]],
+    out: str,
+    captioner: str,
+    filter_: str,
+    provenance: dict[str, Any],
+    on_done: Callable[[str, ShardStats], None],
+    on_failed: Callable[[str, str], None],
+) -> None:
     """Feed ``jobs`` (url, name) to a pool of actors; report each shard through on_done or on_failed.
 
     After a failed shard its actor gets a readiness probe instead of work: a restarting actor rejects

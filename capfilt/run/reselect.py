@@ -23,8 +23,15 @@ NAN = float("nan")
 
 
 def _candidates(row: dict[str, Any]) -> list[Candidate]:
-    return [Candidate(c["text"], c["source"], NAN if c["itm"] is None else c["itm"],
-                      NAN if c["itc"] is None else c["itc"]) for c in row["candidates"]]
+    return [
+        Candidate(
+            c["text"],
+            c["source"],
+            NAN if c["itm"] is None else c["itm"],
+            NAN if c["itc"] is None else c["itc"],
+        )
+        for c in row["candidates"]
+    ]
 
 
 def reselect_shard(run_dir: str, out: str, url: str, name: str, threshold: float) -> ShardStats:

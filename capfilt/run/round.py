@@ -20,8 +20,13 @@ from capfilt.run.progress import RoundProgress, summarize
 
 def provenance_of(cfg: Config, models: dict[str, str]) -> dict[str, Any]:
     """What every output sample records about how it was made (no timestamps: reruns give equal bytes)."""
-    return {"models": models, "seed": cfg.run.seed, "threshold": cfg.filter.threshold,
-            "caption": cfg.to_dict()["caption"], "config": cfg.name}
+    return {
+        "models": models,
+        "seed": cfg.run.seed,
+        "threshold": cfg.filter.threshold,
+        "caption": cfg.to_dict()["caption"],
+        "config": cfg.name,
+    }
 
 
 def connect_ray(address: str | None) -> bool:
@@ -37,8 +42,17 @@ def connect_ray(address: str | None) -> bool:
     return True
 
 
-def run_round(cfg: Config, shards: list[str], out: str, captioner: str, filter_: str, local: bool = False,
-              address: str | None = None, new_run: bool = False, progress: bool = True) -> dict[str, Any]:
+def run_round(
+    cfg: Config,
+    shards: list[str],
+    out: str,
+    captioner: str,
+    filter_: str,
+    local: bool = False,
+    address: str | None = None,
+    new_run: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Clean ``shards`` into ``out`` with the given captioner and filter; returns the summary."""
     start = time.perf_counter()
     urls = expand_shards(shards)
@@ -49,6 +63,7 @@ def run_round(cfg: Config, shards: list[str], out: str, captioner: str, filter_:
     done: dict[str, ShardStats] = {}
     failed: dict[str, str] = {}
     with RoundProgress(len(urls), len(urls) - len(jobs), enabled=progress) as bar:
+
         def on_done(url: str, stats: ShardStats) -> None:
             done[url] = stats
             bar.shard_done(stats)

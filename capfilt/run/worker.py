@@ -24,8 +24,9 @@ def default_device() -> str:
 
 
 class ShardWorker:
-    def __init__(self, cfg: Config, captioner: str, filter_: str, provenance: dict[str, Any],
-                 device: str | None = None):
+    def __init__(
+        self, cfg: Config, captioner: str, filter_: str, provenance: dict[str, Any], device: str | None = None
+    ):
         device = device or default_device()
         self.cfg, self.provenance = cfg, provenance
         self.captioner = Captioner(captioner, cfg.caption, device, seed=cfg.run.seed)
@@ -33,5 +34,6 @@ class ShardWorker:
         self.decoder = make_decoder(cfg.run)
 
     def run(self, url: str, name: str, out_dir: str) -> ShardStats:
-        return process_shard(url, out_dir, self.captioner, self.filter, self.decoder, self.cfg, self.provenance,
-                             name=name)
+        return process_shard(
+            url, out_dir, self.captioner, self.filter, self.decoder, self.cfg, self.provenance, name=name
+        )

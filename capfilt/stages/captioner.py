@@ -73,7 +73,7 @@ class Captioner:
             gens = [self._generator(key, i) for key in keys for i in range(n)]
             ids = self._sample(image_embeds.repeat_interleave(n, dim=0), gens)
         texts = [self._text(row) for row in ids]
-        return [texts[b * n:(b + 1) * n] for b in range(len(keys))]
+        return [texts[b * n : (b + 1) * n] for b in range(len(keys))]
 
     def _generator(self, key: str, index: int) -> torch.Generator:
         return torch.Generator(device=self.device).manual_seed(row_seed(self.seed, key, index))
@@ -81,7 +81,7 @@ class Captioner:
     def _text(self, ids: list[int]) -> str:
         """Decode, then cut the prompt as the reference does (``caption[len(prompt):]``)."""
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return text[len(self.cfg.prompt):].strip()
+        return text[len(self.cfg.prompt) :].strip()
 
     def _sample(self, image_embeds: torch.Tensor, gens: list[torch.Generator]) -> list[list[int]]:
         """Nucleus sampling with the KV cache; finished rows leave the batch (and the cache)."""
@@ -92,12 +92,16 @@ class Captioner:
         step_ids, cache = seqs, None
         while True:
             out = self.model.text_decoder(
-                input_ids=step_ids, encoder_hidden_states=image_embeds[active],
-                past_key_values=cache, use_cache=True,
+                input_ids=step_ids,
+                encoder_hidden_states=image_embeds[active],
+                past_key_values=cache,
+                use_cache=True,
             )
             cache = out.past_key_values
             probs = process_logits(out.logits[:, -1, :].float(), seqs, self.cfg, self.eos).softmax(-1)
-            nxt = torch.cat([torch.multinomial(probs[j], 1, generator=gens[r]) for j, r in enumerate(active.tolist())])
+            nxt = torch.cat(
+                [torch.multinomial(probs[j], 1, generator=gens[r]) for j, r in enumerate(active.tolist())]
+            )
             seqs = torch.cat([seqs, nxt[:, None]], dim=1)
             finished = (nxt == self.eos) | (seqs.shape[1] >= self.cfg.max_length)
             for j in finished.nonzero().flatten().tolist():
@@ -114,8 +118,13 @@ class Captioner:
         """Beam search through HF ``generate`` (which drops the trailing token it is given, hence [SEP])."""
         prompt = torch.tensor([[*self.prompt_ids, self.eos]] * pixels.shape[0], device=self.device)
         out = self.model.generate(
-            pixel_values=pixels, input_ids=prompt, num_beams=self.cfg.num_beams,
-            num_return_sequences=self.cfg.num_captions, max_length=self.cfg.max_length,
-            min_length=self.cfg.min_length, repetition_penalty=1.0, do_sample=False,
+            pixel_values=pixels,
+            input_ids=prompt,
+            num_beams=self.cfg.num_beams,
+            num_return_sequences=self.cfg.num_captions,
+            max_length=self.cfg.max_length,
+            min_length=self.cfg.min_length,
+            repetition_penalty=1.0,
+            do_sample=False,
         )
         return out.tolist()

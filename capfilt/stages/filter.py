@@ -38,12 +38,12 @@ class Filter:
         pairs = [(b, text) for b, texts in enumerate(captions) for text in texts]
         scores: list[tuple[float, float]] = []
         for start in range(0, len(pairs), self.cfg.batch_size):
-            chunk = pairs[start:start + self.cfg.batch_size]
+            chunk = pairs[start : start + self.cfg.batch_size]
             idx = torch.tensor([b for b, _ in chunk], device=self.device)
             scores += self._score_pairs(image_embeds[idx], image_feat[idx], [t for _, t in chunk])
         out, i = [], 0
         for texts in captions:
-            out.append(scores[i:i + len(texts)])
+            out.append(scores[i : i + len(texts)])
             i += len(texts)
         return out
 
