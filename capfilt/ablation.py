@@ -164,14 +164,19 @@ def results_markdown(evals: dict[int, dict[str, dict]], command: str) -> str:
     gaps = []
     for s in seeds:
         base, capf, oracle = (r1(evals[s][v]) for v in ("noisy", "capfilt", "oracle"))
-        gaps.append((capf - base) / (oracle - base) if oracle != base else float("nan"))
-    gap_text = ", ".join(f"seed {s}: {g:.2f}" for s, g in zip(seeds, gaps))
+        # Only defined when the oracle beats the noisy baseline: otherwise there is no gap to close.
+        gaps.append((capf - base) / (oracle - base) if oracle > base else None)
+    defined = [g for g in gaps if g is not None]
+    gap_text = ", ".join(
+        f"seed {s}: " + (f"{g:.2f}" if g is not None else "undefined (oracle ≤ noisy)")
+        for s, g in zip(seeds, gaps)
+    )
+    mean_text = f"mean {statistics.mean(defined):.2f}" if defined else "defined for no seed"
     return "\n".join(
         [
             *lines,
             "",
-            f"Share of the R@1 gap (noisy → oracle) that CapFilt closes: {gap_text} "
-            f"(mean {statistics.mean(gaps):.2f}).",
+            f"Share of the R@1 gap (noisy → oracle) that CapFilt closes: {gap_text} ({mean_text}).",
             "",
             f"Command: `{command}`",
         ]

@@ -232,10 +232,12 @@ def demo(
 
 @app.command()
 def ablation(
-    config: ConfigOpt = "demo",
+    config: ConfigOpt = "ablation",
     set_: SetOpt = None,
     seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1",
-    world: Annotated[Path, typer.Option(help="the demo world (written if absent)")] = Path("shards"),
+    world: Annotated[Path, typer.Option(help="its world (written with the config's synth if absent)")] = Path(
+        "runs/ablation/world"
+    ),
     out: Annotated[Path, typer.Option(help="folder for every variant's models and evaluations")] = Path(
         "runs/ablation"
     ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from capfilt.ablation import ORDER, keep_all, keep_matched, keep_web_matched, results_markdown, update_results
@@ -47,3 +49,30 @@ def test_update_results_keeps_the_prose(tmp_path):
 @pytest.mark.parametrize("threshold", [0.0, 1.01])
 def test_threshold_edges(threshold):
     assert len(keep_matched(CANDS, threshold)) == (3 if threshold == 0.0 else 0)
+
+
+def test_gap_is_undefined_when_the_oracle_does_not_beat_noisy():
+    per_variant = {v: _ev(0.3) for v in ORDER}
+    per_variant.update(noisy=_ev(0.4), capfilt=_ev(0.2), oracle=_ev(0.2))
+    text = results_markdown({0: per_variant}, "c")
+    assert "seed 0: undefined (oracle ≤ noisy) (defined for no seed)" in text
+
+
+@pytest.mark.slow
+def test_ablation_end_to_end_at_the_tiny_size(tmp_path):
+    """Every variant trains and evaluates, and RESULTS.md gets a row per variant."""
+    from capfilt.ablation import run_ablation
+    from capfilt.config import load_config
+
+    table = run_ablation(
+        load_config("tiny", ["run.actors=1"]), tmp_path / "world", tmp_path / "out", [0], log=lambda _: None
+    )
+    assert all(f"| {v} |" in table for v in ORDER)
+    variant_pairs = {
+        d.name: json.loads((d / "data.done").read_text())["pairs"]
+        for d in (tmp_path / "out" / "seed-0").iterdir()
+        if (d / "data.done").exists()
+    }
+    # +captioner keeps every web caption and every synthetic one: one of each per web image.
+    assert variant_pairs["+captioner"] == 2 * 64 and variant_pairs["oracle"] == 64
+    assert variant_pairs["+filter"] <= 64
