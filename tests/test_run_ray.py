@@ -189,7 +189,7 @@ def test_ray_job_submit_runs_the_pipeline(tiny_models, shards, tmp_path):
             "--working-dir",
             ".",
             "--",
-            "python",
+            sys.executable,  # the project's interpreter: `python` on PATH may be one without capfilt's deps
             "pipelines/run_round.py",
             *shards,
             "--out",
