@@ -40,16 +40,18 @@ class Filter:
         for start in range(0, len(pairs), self.cfg.batch_size):
             chunk = pairs[start : start + self.cfg.batch_size]
             idx = torch.tensor([b for b, _ in chunk], device=self.device)
-            scores += self._score_pairs(image_embeds[idx], image_feat[idx], [t for _, t in chunk])
+            scores += self.score_pairs(image_embeds[idx], image_feat[idx], [t for _, t in chunk])
         out, i = [], 0
         for texts in captions:
             out.append(scores[i : i + len(texts)])
             i += len(texts)
         return out
 
-    def _score_pairs(
+    def score_pairs(
         self, image_embeds: torch.Tensor, image_feat: torch.Tensor, texts: list[str]
     ) -> list[tuple[float, float]]:
+        """(ITM match probability, ITC similarity) of each text against the image on its row; also what
+        retrieval evaluation reranks with, given image embeddings it computed once."""
         ids, mask = tokenize(self.tokenizer, [normalize_caption(t) for t in texts], MAX_TEXT_TOKENS)
         ids, mask = ids.to(self.device), mask.to(self.device)
         text_cls = self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
