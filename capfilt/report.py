@@ -99,8 +99,8 @@ def _scores(run_dir: Path) -> list[dict]:
 
 def _truth(root: Path, truth: Path | None) -> dict[str, dict]:
     """key → truth row, from --truth or a truth.parquet recorded in the bootstrap manifest."""
-    path = truth or next((Path(p) for p in [_load_json(root / "manifest.json").get("truth")] if p), None)
-    if path is None or not Path(path).is_file():
+    path = truth or _load_json(root / "manifest.json").get("truth")
+    if not path or not Path(path).is_file():
         return {}
     return {r["key"]: r for r in pq.read_table(path, columns=["key", "noisy", "noise_type"]).to_pylist()}
 

@@ -6,6 +6,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from capfilt.data.writer import SCORES_SCHEMA
 from capfilt.eval.filtering import drop_metrics, roc_auc, round_metrics
 
 
@@ -30,31 +31,24 @@ def test_drop_metrics_by_hand():
 
 
 def test_round_metrics_from_parquet(tmp_path):
-    cand = pa.struct(
-        [
-            ("text", pa.string()),
-            ("source", pa.string()),
-            ("itm", pa.float64()),
-            ("itc", pa.float64()),
-            ("kept", pa.bool_()),
-        ]
-    )
     rows = [("a", 0.1), ("b", 0.9), ("c", 0.3), ("d", 0.8)]
-    table = pa.table(
-        {
-            "key": [k for k, _ in rows],
-            "kept": [s >= 0.5 for _, s in rows],
-            "candidates": pa.array(
-                [
-                    [
-                        {"text": "w", "source": "web", "itm": s, "itc": 0.0, "kept": s >= 0.5},
-                        {"text": "s", "source": "synthetic", "itm": 0.99, "itc": 0.0, "kept": True},
-                    ]
-                    for _, s in rows
+    table = pa.Table.from_pylist(
+        [
+            {
+                "key": k,
+                "shard": "web-000000.tar",
+                "caption": "w" if s >= 0.5 else "s",
+                "candidates": [
+                    {"text": "w", "source": "web", "itm": s, "itc": 0.0, "kept": s >= 0.5},
+                    {"text": "s", "source": "synthetic", "itm": 0.99, "itc": 0.0, "kept": True},
                 ],
-                type=pa.list_(cand),
-            ),
-        }
+                "image_ext": "jpg",
+                "meta_json": "{}",
+                "kept": True,
+            }
+            for k, s in rows
+        ],
+        schema=SCORES_SCHEMA,  # the writer's own contract, so a schema change breaks this test
     )
     (tmp_path / "run").mkdir()
     pq.write_table(table, tmp_path / "run" / "web-000000.scores.parquet")

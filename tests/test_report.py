@@ -15,17 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from capfilt.data.writer import SCORES_SCHEMA
 from capfilt.report import format_table, histogram_svg, write_report
-
-CANDIDATE = pa.struct(
-    [
-        ("text", pa.string()),
-        ("source", pa.string()),
-        ("itm", pa.float64()),
-        ("itc", pa.float64()),
-        ("kept", pa.bool_()),
-    ]
-)
 
 
 def _jpg(colour) -> bytes:
@@ -76,18 +67,7 @@ def run_dir(tmp_path):
             truth.append({"key": key, "noisy": i % 2 == 1, "noise_type": "swap" if i % 2 else "none"})
     out = tmp_path / "run"
     out.mkdir()
-    schema = pa.schema(
-        [
-            ("key", pa.string()),
-            ("shard", pa.string()),
-            ("caption", pa.string()),
-            ("candidates", pa.list_(CANDIDATE)),
-            ("image_ext", pa.string()),
-            ("meta_json", pa.string()),
-            ("kept", pa.bool_()),
-        ]
-    )
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), out / "web-000000.scores.parquet")
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCORES_SCHEMA), out / "web-000000.scores.parquet")
     (out / "summary.json").write_text(json.dumps({"kept_rate_by_source": {"web": 0.5, "synthetic": 0.5}}))
     pq.write_table(pa.Table.from_pylist(truth), tmp_path / "truth.parquet")
     return out
