@@ -77,9 +77,7 @@ def evaluate_retrieval(filter_path: str, data: HeldOut, cfg: FilterConfig, k: in
     sims = (image_feat @ torch.cat(text_feat).t()).float().cpu()
 
     def itm(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
-        pairs = filt.score_pairs(
-            image_embeds[image_idx], image_feat[image_idx], [texts[t] for t in text_idx]
-        )
+        pairs = filt.score_pairs(image_embeds[image_idx], image_feat[image_idx], [texts[t] for t in text_idx])
         return torch.tensor([p[0] for p in pairs])
 
     i2t = rerank(sims, k, lambda i, top: itm(torch.full_like(top, i), top))
