@@ -32,6 +32,7 @@ from capfilt.data.sample import Sample
 from capfilt.data.specs import expand_shards
 from capfilt.data.writer import output_name, write_samples_shard
 from capfilt.demo import world_plan
+from capfilt.run.calibration import threshold_used
 
 Policy = Callable[[list[dict], float], list[str]]
 
@@ -107,11 +108,11 @@ def run_seed(cfg: Config, world: Path, out: Path, log: Callable[[str], None] = p
     beam_cfg.caption.method = "beam"
     beam_run = clean(beam_cfg, plan, rounds[0] / "finetune", out / "beam", log=log)
     web = expand_shards(plan.web)
-    threshold = cfg.filter.threshold
+    threshold = threshold_used(str(rounds[1] / "run"))[0]  # the round's, calibrated or not
     variants = {
         "+captioner": policy_captions(rounds[1] / "run", keep_all, threshold),
         "+filter": policy_captions(rounds[1] / "run", keep_web_matched, threshold),
-        "capfilt-beam": policy_captions(beam_run, keep_matched, threshold),
+        "capfilt-beam": policy_captions(beam_run, keep_matched, threshold_used(str(beam_run))[0]),
         "oracle": oracle_captions(plan.truth),
     }
     folders = {"noisy": rounds[0], "capfilt": rounds[1], "capfilt-2rounds": rounds[2]}

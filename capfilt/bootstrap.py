@@ -126,6 +126,7 @@ def clean(
             local=plan.local,
             address=plan.address,
             new_run=False,
+            human=plan.human,
         ),
         log,
     )

@@ -142,6 +142,9 @@ def run(
     new_run: Annotated[
         bool, typer.Option(help="allow a different config/model in an existing run folder")
     ] = False,
+    human: Annotated[
+        list[str] | None, typer.Option(help="human shards to calibrate the threshold (filter.calibration)")
+    ] = None,
 ):
     """One CapFilt round: read → decode → caption → score → select → write, resumable."""
     from capfilt.run.round import run_round
@@ -155,6 +158,7 @@ def run(
         local=local,
         address=address,
         new_run=new_run,
+        human=human,
     )
     typer.echo(summary)
 
@@ -164,11 +168,15 @@ def select(
     run_dir: Annotated[str, typer.Argument(help="a finished round's output folder")],
     out: Annotated[str, typer.Option("--out", "-o", help="where to write the re-selected shards")],
     threshold: Annotated[float, typer.Option(help="ITM match probability to keep a caption")] = 0.5,
+    calibration: Annotated[
+        str, typer.Option(help="none, or keep / f1: derive the threshold from the run's calibration scores")
+    ] = "none",
+    keep_share: Annotated[float, typer.Option(help="share of human pairs kept (calibration keep)")] = 0.95,
 ):
     """Re-apply the selection policy to a finished round's stored scores; no model is loaded."""
     from capfilt.run.reselect import reselect
 
-    typer.echo(reselect(run_dir, out, threshold=threshold))
+    typer.echo(reselect(run_dir, out, threshold=threshold, calibration=calibration, keep_share=keep_share))
 
 
 @app.command()

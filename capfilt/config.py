@@ -47,6 +47,9 @@ class ModelConfig:
     alpha: float = 0.4
     temp: float = 0.07
     label_smoothing: float = 0.1
+    # Pretraining only: pairs with identical caption text are positives of each other in ITC and never
+    # ITM negatives (web corpora repeat "image", "click to enlarge"). False is BLIP's reference.
+    same_text_positives: bool = False
 
 
 @dataclass
@@ -91,8 +94,19 @@ class CaptionConfig:
 class FilterConfig:
     """The ITM filter and the selection policy."""
 
-    threshold: float = 0.5  # the value BLIP's authors used
+    threshold: float = 0.5  # the value BLIP's authors used; with calibration it is set from the human split
     batch_size: int = 64
+    # "keep": the ITM score that keeps keep_share of the human pairs; "f1": the best F1 of human pairs
+    # against mismatched human pairs (stages/calibrate.py). "none" uses ``threshold`` as it is.
+    calibration: Literal["none", "keep", "f1"] = "none"
+    keep_share: float = 0.95
+    calibration_samples: int = 1000  # human pairs scored to calibrate
+
+    def __post_init__(self):
+        if not 0.0 < self.keep_share <= 1.0:
+            raise ConfigError(f"filter.keep_share must be in (0, 1], got {self.keep_share}")
+        if self.calibration_samples < 2:
+            raise ConfigError(f"filter.calibration_samples must be >= 2, got {self.calibration_samples}")
 
 
 @dataclass

@@ -56,7 +56,11 @@ def round_row(round_dir: Path) -> dict:
     ret = ev.get("retrieval", {})
     cap = ev.get("captioning", {})
     kept = summary.get("kept_rate_by_source", {})
+    threshold = summary.get("threshold")
     return {
+        "threshold": None
+        if threshold is None
+        else f"{threshold:.3f} {summary.get('threshold_mode', 'fixed')}",
         "filter P": flt.get("precision"),
         "filter R": flt.get("recall"),
         "filter F1": flt.get("f1"),

@@ -100,3 +100,14 @@ def test_lm_loss_matches_manual_label_smoothing():
     expected = torch.stack(terms).mean()
     assert torch.allclose(L.lm_loss(logits, labels, eps), expected, atol=1e-6)
     assert len(terms) == 5  # 2 + 3 non-ignored targets
+
+
+def test_text_ids_equal_for_equal_captions_whatever_the_padding():
+    ids = torch.tensor([[1, 7, 8, 2, 0], [1, 7, 8, 2, 0], [1, 7, 9, 2, 0], [1, 8, 7, 2, 0]])
+    mask = (ids != 0).long()
+    t = L.text_ids(ids, mask).tolist()
+    assert t[0] == t[1] and len({t[0], t[2], t[3]}) == 3  # order of tokens matters
+    assert L.text_ids(ids[:1, :4], mask[:1, :4]).tolist() == t[:1]  # less padding, same id
+    # as ids: identical captions are never ITM negatives of each other
+    neg = L.sample_negatives(torch.zeros(4, 4), L.negative_mask(4, L.text_ids(ids, mask)))
+    assert int(neg[0]) != 1 and int(neg[1]) != 0

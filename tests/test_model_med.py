@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from capfilt.model import losses as L
 from capfilt.model.info import count, unique_params
 from capfilt.model.losses import lm_targets
 from capfilt.model.testing import tiny_batch, tiny_med, torch_threads
@@ -167,3 +168,13 @@ def test_resize_image_interpolates_position_embeddings():
     assert med.cfg.image_size == 48 and med.vision.config.image_size == 48
     pixels = torch.randn(2, 3, 48, 48)
     assert med.image_embeds(pixels).shape == (2, 37, med.cfg.vision_width)
+
+
+def test_same_text_positives_use_caption_ids_in_pretraining():
+    med, tok = tiny_med(seed=4, same_text_positives=True)
+    pixels, ids, mask = tiny_batch(tok, med.cfg, 8)
+    ids[1], mask[1] = ids[0], mask[0]  # two images with one caption, as web corpora have
+    med.train()
+    med(pixels, ids, mask, alpha=0.4, losses=("itc", "itm"))
+    queued = med.idx_queue[0, :8].tolist()
+    assert queued == L.text_ids(ids, mask).tolist() and queued[0] == queued[1] and len(set(queued)) == 7

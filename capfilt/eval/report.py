@@ -16,6 +16,7 @@ from capfilt.eval.captioning import evaluate_captioning
 from capfilt.eval.filtering import round_metrics
 from capfilt.eval.heldout import load_heldout
 from capfilt.eval.retrieval import evaluate_retrieval
+from capfilt.run.calibration import threshold_used
 
 
 def evaluate_all(
@@ -33,7 +34,7 @@ def evaluate_all(
     if run_dir is not None:
         if truth is None:
             raise ValueError("scoring a round's filter needs the demo world's truth.parquet (--truth)")
-        metrics["filtering"] = round_metrics(run_dir, truth, cfg.filter.threshold)
+        metrics["filtering"] = round_metrics(run_dir, truth, threshold_used(str(run_dir))[0])
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(metrics, indent=1))

@@ -275,7 +275,8 @@ class MED(nn.Module):
         """The requested losses ("itc", "itm", "lm") for one batch, and "loss" = their sum.
 
         ``input_ids`` are ``[CLS] caption [SEP]`` (tokenizer.tokenize). ``idx`` (image ids, (B,)) selects
-        the finetuning variant: same-id positives in ITC, same-id pairs never ITM negatives.
+        the finetuning variant: same-id positives in ITC, same-id pairs never ITM negatives; without it,
+        ``same_text_positives`` uses caption ids (:func:`losses.text_ids`) the same way.
         ``prompt_len`` masks that many tokens after [DEC] out of the LM loss (tokenizer.prompt_length).
         In training mode this also updates the momentum encoders (before their forward) and the queues.
         """
@@ -285,6 +286,8 @@ class MED(nn.Module):
             raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {losses}")
         out: dict[str, torch.Tensor] = {}
         b = pixels.size(0)
+        if idx is None and self.cfg.same_text_positives:
+            idx = L.text_ids(input_ids, attention_mask)  # same-text pairs: ITC positives, no ITM negatives
         image_embeds = self.image_embeds(pixels)
 
         if "itc" in losses or "itm" in losses:

@@ -1,5 +1,8 @@
 """``capfilt select``: apply another threshold to a finished round without loading any model.
 
+The threshold is given, or derived again from the run's stored calibration scores (``calibration.json``:
+the human pairs' ITM, scored when the run was calibrated), e.g. with another ``keep_share``.
+
 Scores come from each committed shard's ``NAME.scores.parquet``; image bytes, json and extra members
 come from re-reading the input shards the manifest lists (the scores file does not hold images).
 Rejects are carried over from the old stats, so in = kept + dropped + rejected still holds.
@@ -15,8 +18,10 @@ from fsspec.core import url_to_fs
 from capfilt.data import reader, writer
 from capfilt.data.sample import Candidate, Sample, ShardStats
 from capfilt.run import ledger
+from capfilt.run.calibration import calibration_of
 from capfilt.run.pipeline import shard_stats
 from capfilt.run.progress import summarize
+from capfilt.stages.calibrate import CALIBRATION, threshold_of
 from capfilt.stages.select import decide
 
 NAN = float("nan")
@@ -34,7 +39,9 @@ def _candidates(row: dict[str, Any]) -> list[Candidate]:
     ]
 
 
-def reselect_shard(run_dir: str, out: str, url: str, name: str, threshold: float) -> ShardStats:
+def reselect_shard(
+    run_dir: str, out: str, url: str, name: str, threshold: float, mode: str = "fixed"
+) -> ShardStats:
     old = ledger.read_stats(run_dir, name)
     fs, _ = url_to_fs(run_dir)
     with fs.open(f"{run_dir.rstrip('/')}/{name}.scores.parquet", "rb") as f:
@@ -44,7 +51,12 @@ def reselect_shard(run_dir: str, out: str, url: str, name: str, threshold: float
     stats = shard_stats(url, results, [], old.n_in, old.truncated)
     stats.rejected, stats.rejects = dict(old.rejected), list(old.rejects)
     stats.check()
-    provenance = {**_provenance(run_dir, name), "threshold": threshold, "reselected_from": run_dir}
+    provenance = {
+        **_provenance(run_dir, name),
+        "threshold": threshold,
+        "threshold_mode": mode,
+        "reselected_from": run_dir,
+    }
     writer.write_round_shard(out, name, results, stats, provenance)
     return stats
 
@@ -54,14 +66,27 @@ def _provenance(run_dir: str, name: str) -> dict[str, Any]:
     return dict(data.get("provenance", {}))
 
 
-def reselect(run_dir: str, out: str, threshold: float = 0.5) -> dict[str, Any]:
-    """Re-select every committed shard of ``run_dir`` into ``out``; returns the new summary."""
+def reselect(
+    run_dir: str, out: str, threshold: float = 0.5, calibration: str = "none", keep_share: float = 0.95
+) -> dict[str, Any]:
+    """Re-select every committed shard of ``run_dir`` into ``out``; returns the new summary.
+
+    With ``calibration`` "keep" or "f1" the threshold comes from the run's calibration scores instead.
+    """
+    mode = "fixed"
+    if calibration != "none":
+        cal = calibration_of(run_dir)
+        threshold, mode = threshold_of(cal, calibration, keep_share), calibration
+        ledger.write_json(f"{out.rstrip('/')}/{CALIBRATION}", cal)
     manifest = ledger.read_manifest(run_dir)
     names = ledger.shard_names(manifest["shards"])
     committed = [u for u in manifest["shards"] if writer.is_done(run_dir, names[u])]
-    cfg = {**manifest["config"], "filter": {**manifest["config"]["filter"], "threshold": threshold}}
+    filter_cfg = {**manifest["config"]["filter"], "threshold": threshold}
+    if calibration != "none":
+        filter_cfg |= {"calibration": calibration, "keep_share": keep_share}
+    cfg = {**manifest["config"], "filter": filter_cfg}
     ledger.open_run(out, {**manifest, "config": cfg, "reselected_from": run_dir})
-    stats = [reselect_shard(run_dir, out, u, names[u], threshold) for u in committed]
-    summary = summarize(stats, {}, stats, 0.0)
+    stats = [reselect_shard(run_dir, out, u, names[u], threshold, mode) for u in committed]
+    summary = summarize(stats, {}, stats, 0.0) | {"threshold": threshold, "threshold_mode": mode}
     ledger.write_json(f"{out.rstrip('/')}/{ledger.SUMMARY}", summary)
     return summary

@@ -7,6 +7,7 @@ skips committed shards, runs the rest locally or on Ray, and writes ``OUT/summar
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any
 
@@ -15,15 +16,20 @@ from capfilt.data.sample import ShardStats
 from capfilt.data.specs import expand_shards
 from capfilt.model.hf import model_hash
 from capfilt.run import ledger
+from capfilt.run.calibration import resolve_threshold
 from capfilt.run.progress import RoundProgress, summarize
 
 
-def provenance_of(cfg: Config, models: dict[str, str]) -> dict[str, Any]:
-    """What every output sample records about how it was made (no timestamps: reruns give equal bytes)."""
+def provenance_of(cfg: Config, models: dict[str, str], threshold_mode: str = "fixed") -> dict[str, Any]:
+    """What every output sample records about how it was made (no timestamps: reruns give equal bytes).
+
+    ``threshold_mode`` says where ``threshold`` came from: "fixed" (the config) or a calibration mode.
+    """
     return {
         "models": models,
         "seed": cfg.run.seed,
         "threshold": cfg.filter.threshold,
+        "threshold_mode": threshold_mode,
         "caption": cfg.to_dict()["caption"],
         "config": cfg.name,
     }
@@ -52,11 +58,17 @@ def run_round(
     address: str | None = None,
     new_run: bool = False,
     progress: bool = True,
+    human: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Clean ``shards`` into ``out`` with the given captioner and filter; returns the summary."""
+    """Clean ``shards`` into ``out`` with the given captioner and filter; returns the summary.
+
+    ``human`` (clean pairs) is needed only when ``filter.calibration`` sets the threshold from them.
+    """
     start = time.perf_counter()
     urls = expand_shards(shards)
     models = {"captioner": model_hash(captioner), "filter": model_hash(filter_)}
+    threshold, mode = resolve_threshold(cfg, out, filter_, models["filter"], human)
+    cfg = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, threshold=threshold))
     ledger.open_run(out, ledger.make_manifest(urls, cfg, models), new_run=new_run)
     names = ledger.shard_names(ledger.read_manifest(out)["shards"])
     jobs = ledger.pending_shards(out, names, urls)
@@ -72,7 +84,7 @@ def run_round(
             failed[url] = error
             bar.shard_failed(url, error)
 
-        args = (cfg, jobs, out, captioner, filter_, provenance_of(cfg, models), on_done, on_failed)
+        args = (cfg, jobs, out, captioner, filter_, provenance_of(cfg, models, mode), on_done, on_failed)
         if local:
             from capfilt.run.local import run_local
 
@@ -90,5 +102,6 @@ def run_round(
                     ray.shutdown()
     committed = [done[u] if u in done else ledger.read_stats(out, names[u]) for u in urls if u not in failed]
     summary = summarize(committed, failed, list(done.values()), time.perf_counter() - start)
+    summary |= {"threshold": threshold, "threshold_mode": mode}
     ledger.write_json(out.rstrip("/") + "/" + ledger.SUMMARY, summary)
     return summary

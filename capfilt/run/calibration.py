@@ -1,0 +1,81 @@
+"""The threshold a round uses: ``filter.threshold``, or one calibrated on the human split.
+
+The calibration scores are stored in the run folder (``calibration.json``), so a resumed run reuses
+them instead of scoring again, and ``capfilt select`` can re-derive a threshold without any model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from capfilt.config import Config
+from capfilt.data.decode import pillow_decode
+from capfilt.data.reader import iter_shard
+from capfilt.data.sample import Reject
+from capfilt.data.specs import expand_shards
+from capfilt.run import ledger
+from capfilt.stages.calibrate import CALIBRATION, calibrate, threshold_of
+
+
+def human_pairs(human: list[str], cfg: Config) -> tuple[torch.Tensor, list[str]]:
+    """The first ``filter.calibration_samples`` decodable human (image, caption) pairs, as a round decodes."""
+    pixels, captions = [], []
+    for url in expand_shards(human):
+        for item in iter_shard(url):
+            if len(captions) == cfg.filter.calibration_samples:
+                break
+            image = (
+                item
+                if isinstance(item, Reject)
+                else pillow_decode(item, cfg.run.image_size, cfg.run.max_pixels)
+            )
+            if isinstance(image, Reject) or not (item.caption or "").strip():
+                continue
+            pixels.append(image)
+            captions.append(item.caption)
+    if len(captions) < 2:
+        raise ValueError(
+            f"calibrating the threshold needs at least 2 human pairs; {human} gave {len(captions)}"
+        )
+    return torch.stack(pixels), captions
+
+
+def resolve_threshold(
+    cfg: Config, out: str, filter_: str, filter_hash: str, human: list[str] | None
+) -> tuple[float, str]:
+    """(threshold, mode) for a round writing into ``out``: the config's, or calibrated and stored there."""
+    mode = cfg.filter.calibration
+    if mode == "none":
+        return cfg.filter.threshold, "fixed"
+    if not human:
+        raise ValueError(f"filter.calibration={mode} needs the human shards (--human)")
+    url = out.rstrip("/") + "/" + CALIBRATION
+    cal = ledger.read_json(url)
+    want = {"filter": filter_hash, "human": list(human), "samples": cfg.filter.calibration_samples}
+    if cal is None or {k: cal.get(k) for k in want} != want:
+        from capfilt.stages.filter import Filter
+
+        pixels, captions = human_pairs(human, cfg)
+        cal = want | calibrate(Filter(filter_, cfg.filter), pixels, captions, cfg.run.seed)
+        ledger.write_json(url, cal)
+    return threshold_of(cal, mode, cfg.filter.keep_share), mode
+
+
+def calibration_of(run_dir: str) -> dict[str, Any]:
+    """A finished run's stored calibration scores; a clear error if it was not calibrated."""
+    cal = ledger.read_json(run_dir.rstrip("/") + "/" + CALIBRATION)
+    if cal is None:
+        raise FileNotFoundError(
+            f"{run_dir} has no {CALIBRATION}: it ran with a fixed threshold; pass --threshold instead"
+        )
+    return cal
+
+
+def threshold_used(run_dir: str) -> tuple[float, str]:
+    """(threshold, mode) a finished run selected with, from its summary (older runs: the manifest's config)."""
+    summary = ledger.read_json(run_dir.rstrip("/") + "/" + ledger.SUMMARY) or {}
+    if "threshold" in summary:
+        return float(summary["threshold"]), summary.get("threshold_mode", "fixed")
+    return float(ledger.read_manifest(run_dir)["config"]["filter"]["threshold"]), "fixed"
