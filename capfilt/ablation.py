@@ -143,25 +143,47 @@ def r1(ev: dict) -> float:
     return (ev["retrieval"]["tr@1"] + ev["retrieval"]["ir@1"]) / 2
 
 
+# Student's t quantile t(0.975, df) for a 95 % interval of a mean over a few seeds.
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def mean_ci(vals: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95 % t-interval (0 for one value: no spread to estimate)."""
+    m = statistics.mean(vals)
+    if len(vals) < 2:
+        return m, 0.0
+    return m, T975.get(len(vals) - 1, 1.96) * statistics.stdev(vals) / len(vals) ** 0.5
+
+
+def _pm(vals: list[float], digits: int = 3) -> str:
+    m, h = mean_ci(vals)
+    return f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
 def results_markdown(evals: dict[int, dict[str, dict]], command: str) -> str:
-    """The RESULTS.md table: mean ± sd over seeds per variant, the per-seed R@1, and the gap closed."""
+    """The RESULTS.md table (mean ± 95 % interval over seeds), paired R@1 differences, and the gap closed.
+
+    Differences are paired by seed (same world, same seed, different captions), which removes the
+    seed-to-seed spread that both variants share.
+    """
     seeds = sorted(evals)
     lines = [
         "| variant | " + " | ".join(m for m, _, _ in METRICS) + " | R@1 mean | R@1 per seed |",
         "|---" * (len(METRICS) + 3) + "|",
     ]
     for v in ORDER:
-        cells = []
-        for _, section, key in METRICS:
-            vals = [evals[s][v][section][key] for s in seeds]
-            sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cells.append(f"{statistics.mean(vals):.3f} ± {sd:.3f}")
+        cells = [_pm([evals[s][v][section][key] for s in seeds]) for _, section, key in METRICS]
         per_seed = [r1(evals[s][v]) for s in seeds]
         lines.append(
             f"| {v} | "
             + " | ".join(cells)
-            + f" | {statistics.mean(per_seed):.3f} | {', '.join(f'{x:.3f}' for x in per_seed)} |"
+            + f" | {_pm(per_seed)} | {', '.join(f'{x:.3f}' for x in per_seed)} |"
         )
+    diffs = ["", "| R@1 difference (paired by seed) | mean ± 95 % | outside the interval |", "|---|---|---|"]
+    for a, b in [(v, "noisy") for v in ORDER if v != "noisy"] + [("capfilt", "capfilt-beam")]:
+        d = [r1(evals[s][a]) - r1(evals[s][b]) for s in seeds]
+        m, h = mean_ci(d)
+        diffs.append(f"| {a} − {b} | {m:+.3f} ± {h:.3f} | {'yes' if abs(m) > h else 'no'} |")
     gaps = []
     for s in seeds:
         base, capf, oracle = (r1(evals[s][v]) for v in ("noisy", "capfilt", "oracle"))
@@ -172,10 +194,11 @@ def results_markdown(evals: dict[int, dict[str, dict]], command: str) -> str:
         f"seed {s}: " + (f"{g:.2f}" if g is not None else "undefined (oracle ≤ noisy)")
         for s, g in zip(seeds, gaps)
     )
-    mean_text = f"mean {statistics.mean(defined):.2f}" if defined else "defined for no seed"
+    mean_text = f"mean {_pm(defined, 2)} over {len(defined)} seed(s)" if defined else "defined for no seed"
     return "\n".join(
         [
             *lines,
+            *diffs,
             "",
             f"Share of the R@1 gap (noisy → oracle) that CapFilt closes: {gap_text} ({mean_text}).",
             "",

@@ -242,7 +242,7 @@ def demo(
 def ablation(
     config: ConfigOpt = "ablation",
     set_: SetOpt = None,
-    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1",
+    seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
     world: Annotated[Path, typer.Option(help="its world (written with the config's synth if absent)")] = Path(
         "runs/ablation/world"
     ),

@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from capfilt.ablation import ORDER, keep_all, keep_matched, keep_web_matched, results_markdown, update_results
+from capfilt.ablation import (
+    ORDER,
+    keep_all,
+    keep_matched,
+    keep_web_matched,
+    mean_ci,
+    results_markdown,
+    update_results,
+)
 
 CANDS = [
     {"text": "web ok", "source": "web", "itm": 0.7},
@@ -33,8 +41,25 @@ def test_gap_closed_is_measured_on_mean_r1():
     per_variant = {v: _ev(0.3) for v in ORDER}
     per_variant.update(noisy=_ev(0.2), capfilt=_ev(0.35), oracle=_ev(0.4))
     text = results_markdown({0: per_variant, 1: per_variant}, "capfilt ablation")
-    assert "seed 0: 0.75, seed 1: 0.75 (mean 0.75)" in text
+    assert "seed 0: 0.75, seed 1: 0.75 (mean 0.75 ± 0.00 over 2 seed(s))" in text
     assert "| noisy | 0.200 ± 0.000" in text
+    assert "| oracle − noisy | +0.200 ± 0.000 | yes |" in text
+
+
+def test_intervals_are_95_percent_t_intervals_over_seeds():
+    assert mean_ci([1.0]) == (1.0, 0.0)
+    m, h = mean_ci([1.0, 2.0, 3.0])  # sd 1, n 3, t(0.975, 2) = 4.303
+    assert m == 2.0 and h == pytest.approx(4.303 / 3**0.5)
+    evals = {}
+    for seed, (noisy, capfilt) in enumerate([(0.2, 0.3), (0.4, 0.45), (0.3, 0.2)]):
+        evals[seed] = {v: _ev(0.3) for v in ORDER} | {
+            "noisy": _ev(noisy),
+            "capfilt": _ev(capfilt),
+            "oracle": _ev(0.5),
+        }
+    text = results_markdown(evals, "c")
+    d, hd = mean_ci([0.1, 0.05, -0.1])
+    assert f"| capfilt − noisy | {d:+.3f} ± {hd:.3f} | no |" in text
 
 
 def test_update_results_keeps_the_prose(tmp_path):
