@@ -14,12 +14,16 @@ from capfilt.config import Config
 from capfilt.data.sample import ShardStats
 from capfilt.data.specs import expand_shards
 from capfilt.model.hf import model_hash
+from capfilt.model.hub import resolve_model
 from capfilt.run import ledger
 from capfilt.run.progress import RoundProgress, summarize
 
 
-def provenance_of(cfg: Config, models: dict[str, str]) -> dict[str, Any]:
-    """What every output sample records about how it was made (no timestamps: reruns give equal bytes)."""
+def provenance_of(cfg: Config, models: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What every output sample records about how it was made (no timestamps: reruns give equal bytes).
+
+    ``models``: per role, the reference's ``id`` (folder or hub id), hub ``revision`` and weight ``hash``.
+    """
     return {
         "models": models,
         "seed": cfg.run.seed,
@@ -53,11 +57,17 @@ def run_round(
     new_run: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Clean ``shards`` into ``out`` with the given captioner and filter; returns the summary."""
+    """Clean ``shards`` into ``out`` with the given captioner and filter (folders or HF hub ids); returns
+    the summary. A run's identity is the models' weight hashes, however they were referenced."""
     start = time.perf_counter()
     urls = expand_shards(shards)
-    models = {"captioner": model_hash(captioner), "filter": model_hash(filter_)}
-    ledger.open_run(out, ledger.make_manifest(urls, cfg, models), new_run=new_run)
+    refs = {"captioner": resolve_model(captioner), "filter": resolve_model(filter_)}
+    models = {
+        role: {"id": r.id, "revision": r.revision, "hash": model_hash(r.path)} for role, r in refs.items()
+    }
+    captioner, filter_ = str(refs["captioner"].path), str(refs["filter"].path)
+    hashes = {role: m["hash"] for role, m in models.items()}
+    ledger.open_run(out, ledger.make_manifest(urls, cfg, hashes), new_run=new_run)
     names = ledger.shard_names(ledger.read_manifest(out)["shards"])
     jobs = ledger.pending_shards(out, names, urls)
     done: dict[str, ShardStats] = {}
