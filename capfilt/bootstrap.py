@@ -32,6 +32,9 @@ class BootstrapPlan:
     rounds: int = 2  # cleaning rounds after round 0
     truth: str | None = None  # truth.parquet or a labels file, for evaluation only (optional)
     warm_start: bool = False  # round r's MED starts from round r-1's (the paper starts from scratch)
+    init: str | None = (
+        None  # round 0's MED starts from this MED folder (e.g. a released BLIP, `capfilt convert`)
+    )
     local: bool = False  # run the cleaning in-process instead of on Ray
     address: str | None = None
 
@@ -52,6 +55,7 @@ def _check_manifest(out: Path, cfg: Config, plan: BootstrapPlan) -> None:
         "human": plan.human,
         "test": plan.test,
         "warm_start": plan.warm_start,
+        "init": plan.init,
     }
     if manifest.is_file():
         have = json.loads(manifest.read_text())
@@ -154,7 +158,10 @@ def bootstrap(cfg: Config, plan: BootstrapPlan, out: Path, log: Callable[[str], 
         rd, prev = out / f"round-{r}", out / f"round-{r - 1}"
         run_dir = clean(cfg, plan, prev / "finetune", rd, log) if r > 0 else None
         train_shards = [str(run_dir / "*.tar"), *plan.human] if run_dir else plan.web + plan.human
-        init = prev / "pretrain" / "med" if (r > 0 and plan.warm_start) else None
+        if r == 0:
+            init = plan.init
+        else:
+            init = prev / "pretrain" / "med" if plan.warm_start else None
         train_and_evaluate(cfg, train_shards, plan, rd, init=init, run_dir=run_dir, log=log)
         round_dirs.append(rd)
     return round_dirs

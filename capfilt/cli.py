@@ -189,6 +189,23 @@ def select(
 
 
 @app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Salesforce BLIP checkpoint, e.g. model_base.pth")],
+    out: Annotated[Path, typer.Argument(help="MED folder to write")],
+    tokenizer: Annotated[
+        str,
+        typer.Option(help="folder or HF hub id with BLIP's tokenizer, e.g. Salesforce/blip-itm-base-coco"),
+    ],
+    config: ConfigOpt = "blip-base",
+    set_: SetOpt = None,
+):
+    """Convert an original BLIP .pth (weights only, never a full unpickle) into a MED folder."""
+    from capfilt.model.convert import convert as run_convert
+
+    typer.echo(run_convert(src, out, _config(config, set_).model, tokenizer))
+
+
+@app.command()
 def bootstrap(
     web: Annotated[list[str], typer.Option(help="web shards (repeatable)")],
     human: Annotated[list[str], typer.Option(help="human-annotated shards (repeatable)")],
@@ -197,6 +214,9 @@ def bootstrap(
     rounds: Annotated[int, typer.Option(help="cleaning rounds after round 0")] = 2,
     truth: Annotated[str | None, typer.Option("--truth", "--labels", help=LABELS_HELP)] = None,
     warm_start: Annotated[bool, typer.Option(help="start each MED from the previous round's")] = False,
+    init: Annotated[
+        str | None, typer.Option(help="round 0's MED starts from this MED folder (see `capfilt convert`)")
+    ] = None,
     local: Annotated[bool, typer.Option(help="clean in-process instead of on Ray")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
     config: ConfigOpt = "demo",
@@ -214,6 +234,7 @@ def bootstrap(
         rounds=rounds,
         truth=truth,
         warm_start=warm_start,
+        init=init,
         local=local,
         address=address,
     )
