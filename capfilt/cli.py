@@ -117,7 +117,10 @@ def finetune(
 
 @app.command("eval")
 def evaluate(
-    test: Annotated[list[str], typer.Argument(help="held-out shards with reference captions")],
+    test: Annotated[
+        list[str] | None,
+        typer.Argument(help="held-out shards with reference captions (for --captioner/--filter)"),
+    ] = None,
     captioner: Annotated[Path | None, typer.Option(help="captioner folder")] = None,
     filter_: Annotated[Path | None, typer.Option("--filter", help="filter folder")] = None,
     run_dir: Annotated[
@@ -134,7 +137,7 @@ def evaluate(
 
     metrics = evaluate_all(
         _config(config, set_),
-        test,
+        test or [],
         captioner=captioner,
         filter_=filter_,
         run_dir=run_dir,

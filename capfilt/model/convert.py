@@ -97,7 +97,13 @@ def load_reference(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer) 
     """
     if "image_queue" in state:
         cfg = dataclasses.replace(cfg, queue_size=state["image_queue"].shape[1])
-    med = MED(cfg, len(tokenizer), special_ids(tokenizer))
+    try:
+        ids = special_ids(tokenizer)
+    except KeyError as err:
+        raise ConvertError(
+            f"{err.args[0]}; pass BLIP's tokenizer (BERT WordPiece plus [DEC] and [ENC])"
+        ) from err
+    med = MED(cfg, len(tokenizer), ids)
     ours = med.state_dict(keep_vars=True)
     unmapped, misshapen, loaded = [], [], set()
     for key, value in state.items():
