@@ -110,3 +110,20 @@ def test_run_with_models_from_the_hf_hub_cache_offline(tmp_path, tiny_models):
     assert provenance["captioner"]["revision"] == cap_sha and provenance["filter"]["revision"] == flt_sha
     assert len(provenance["filter"]["hash"]) == 64
     assert json.loads((out / "summary.json").read_text())["n_in"] == 2
+
+
+def test_a_bug_keeps_its_traceback_without_local_variables():
+    """Not a user's mistake: the traceback stays (exit 1), but no locals (they can be whole tensors)."""
+    code = (
+        "import capfilt.model.info as info\n"
+        "def describe(cfg):\n"
+        "    secret_tensor_name = 1\n"
+        "    return secret_tensor_name / 0\n"
+        "info.describe = describe\n"
+        "from capfilt.cli import app\n"
+        "app(['model-info', '-c', 'tiny'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "ZeroDivisionError" in proc.stderr, proc.stderr
+    assert "Traceback" in proc.stderr and "secret_tensor_name = 1" not in proc.stderr, proc.stderr

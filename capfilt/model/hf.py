@@ -30,10 +30,15 @@ from transformers import (
     BlipForImageTextRetrieval,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from capfilt.config import ModelConfig, from_dict, to_dict
 from capfilt.model.hub import NotAModel, resolve_model
 from capfilt.model.med import MED
+
+# One log line per model load and progress only from the driver: no "Loading weights"/"Writing model
+# shards" bars from transformers in every actor and training worker.
+hf_logging.disable_progress_bar()
 
 MED_FORMAT = "capfilt-med/1"
 WEIGHTS = "model.safetensors"
@@ -197,11 +202,8 @@ def _load(
     cls: type, ref: str | Path, device: str | torch.device
 ) -> tuple[Any, PreTrainedTokenizerBase, Path]:
     """Resolve ``ref``, load the model in eval mode and its tokenizer, and log one line about it."""
-    from transformers.utils import logging as hf_logging
-
     path = resolve_model(ref).path
     _weight_files(path)
-    hf_logging.disable_progress_bar()  # one line per load, not a "Loading weights" bar in every actor
     model = cls.from_pretrained(str(path), use_safetensors=True).to(device).eval()
     print(f"[model] loaded {cls.__name__} from {ref} on {device}", file=sys.stderr, flush=True)
     return model, AutoTokenizer.from_pretrained(str(path)), path
