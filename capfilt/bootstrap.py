@@ -5,6 +5,9 @@ Round r >= 1 cleans the web shards with round r-1's captioner and filter (`capfi
 MED on the cleaned + human shards (from scratch, as the paper does, or warm-started), finetunes and
 evaluates. A step is done when its marker ``round-R/STEP.done`` exists, so a rerun resumes at the first
 unfinished step, and the steps themselves resume inside (training checkpoints, the run's shard ledger).
+
+Truth and labels are evaluation-only: they are not part of the folder's identity, and the eval markers
+record the labels they used, so adding or changing ``--truth`` later re-runs only the evaluations.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capfilt.config import Config, config_from_dict
+from capfilt.errors import UserError
 
 
 @dataclass
@@ -26,8 +30,11 @@ class BootstrapPlan:
     human: list[str]
     test: list[str]
     rounds: int = 2  # cleaning rounds after round 0
-    truth: str | None = None  # the demo world's truth.parquet, for evaluation only
+    truth: str | None = None  # truth.parquet or a labels file, for evaluation only (optional)
     warm_start: bool = False  # round r's MED starts from round r-1's (the paper starts from scratch)
+    init: str | None = (
+        None  # round 0's MED starts from this MED folder (e.g. a released BLIP, `capfilt convert`)
+    )
     local: bool = False  # run the cleaning in-process instead of on Ray
     address: str | None = None
 
@@ -37,38 +44,47 @@ def _marker(round_dir: Path, step: str) -> Path:
 
 
 def _check_manifest(out: Path, cfg: Config, plan: BootstrapPlan) -> None:
-    """Record the config and inputs; refuse to resume a folder made with different ones."""
+    """Record the config and inputs; refuse to resume a folder made with different ones.
+
+    ``truth`` is recorded (the report reads it) but is not compared: it changes only the evaluations.
+    """
     manifest = out / "manifest.json"
     want = {
         "config": cfg.to_dict(),
         "web": plan.web,
         "human": plan.human,
         "test": plan.test,
-        "truth": plan.truth,
         "warm_start": plan.warm_start,
+        "init": plan.init,
     }
     if manifest.is_file():
         have = json.loads(manifest.read_text())
-        have.pop("rounds", None)
         if config_from_dict(have["config"]).to_dict() != want["config"] or {
             k: have.get(k) for k in want if k != "config"
         } != {k: v for k, v in want.items() if k != "config"}:
-            raise SystemExit(f"{out} holds a bootstrap with another config or inputs; use a new folder")
+            raise UserError(f"{out} holds a bootstrap with another config or inputs; use a new --out folder")
     out.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({**want, "rounds": plan.rounds}, indent=2))
+    manifest.write_text(json.dumps({**want, "truth": plan.truth, "rounds": plan.rounds}, indent=2))
 
 
-def _step(round_dir: Path, step: str, fn: Callable[[], object], log: Callable[[str], None]) -> None:
-    """Run one step unless its marker exists; the marker records its time and any dict it returned."""
-    marker = _marker(round_dir, step)
-    if marker.exists():
+def _step(
+    round_dir: Path,
+    step: str,
+    fn: Callable[[], object],
+    log: Callable[[str], None],
+    inputs: dict | None = None,
+) -> None:
+    """Run one step unless its marker exists with the same ``inputs``; the marker records the inputs,
+    its time and any dict it returned."""
+    marker, inputs = _marker(round_dir, step), inputs or {}
+    if marker.exists() and all(json.loads(marker.read_text()).get(k) == v for k, v in inputs.items()):
         log(f"{round_dir.name}: {step} already done")
         return
     log(f"{round_dir.name}: {step} ...")
     t0 = time.time()
     info = fn()
     info = info if isinstance(info, dict) else {}
-    marker.write_text(json.dumps({"seconds": round(time.time() - t0, 1), **info}, default=str))
+    marker.write_text(json.dumps({"seconds": round(time.time() - t0, 1), **inputs, **info}, default=str))
 
 
 def train_and_evaluate(
@@ -104,6 +120,7 @@ def train_and_evaluate(
             )
         },
         log,
+        inputs={"truth": plan.truth},
     )
 
 
@@ -142,7 +159,10 @@ def bootstrap(cfg: Config, plan: BootstrapPlan, out: Path, log: Callable[[str], 
         rd, prev = out / f"round-{r}", out / f"round-{r - 1}"
         run_dir = clean(cfg, plan, prev / "finetune", rd, log) if r > 0 else None
         train_shards = [str(run_dir / "*.tar"), *plan.human] if run_dir else plan.web + plan.human
-        init = prev / "pretrain" / "med" if (r > 0 and plan.warm_start) else None
+        if r == 0:
+            init = plan.init
+        else:
+            init = prev / "pretrain" / "med" if plan.warm_start else None
         train_and_evaluate(cfg, train_shards, plan, rd, init=init, run_dir=run_dir, log=log)
         round_dirs.append(rd)
     return round_dirs

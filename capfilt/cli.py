@@ -1,7 +1,9 @@
 """The ``capfilt`` command line: thin wrappers over the library.
 
 Each command parses its options, loads the typed config and calls one library function. Imports are
-inside the commands so that ``capfilt --help`` does not pay for torch and ray.
+inside the commands so that ``capfilt --help`` does not pay for torch and ray. A ``UserError`` from any
+command is one line on stderr and exit code 2; anything else is a bug and keeps its traceback (without
+local variables, which can be whole tensors).
 """
 
 from __future__ import annotations
@@ -10,22 +12,39 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False)
+from capfilt.errors import UserError
+
+
+class _Commands(TyperGroup):
+    """Every command, with the user's mistakes turned into one line and exit code 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            typer.echo(f"capfilt: error: {err}", err=True)
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(
+    cls=_Commands, add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False
+)
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="config name in configs/ or a YAML path")]
+LABELS_HELP = (
+    "evaluation only: truth.parquet (demo world) or a labels Parquet with key, noisy [, split, noise_type]"
+)
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="override a config value: section.key=value (repeatable)")
 ]
 
 
 def _config(name: str, overrides: list[str] | None):
-    from capfilt.config import ConfigError, load_config
+    from capfilt.config import load_config
 
-    try:
-        return load_config(name, overrides or [])
-    except ConfigError as err:
-        raise typer.BadParameter(str(err)) from err
+    return load_config(name, overrides or [])
 
 
 @app.command()
@@ -49,10 +68,7 @@ def inspect(
     """Counts, reject reasons and a few samples of input or output shards."""
     from capfilt.data.inspect import inspect_shards
 
-    try:
-        typer.echo(inspect_shards(urls, samples=samples))
-    except FileNotFoundError as err:  # a spec that matches nothing: a usage error, not a crash
-        raise typer.BadParameter(str(err)) from err
+    typer.echo(inspect_shards(urls, samples=samples))
 
 
 @app.command("model-info")
@@ -101,23 +117,27 @@ def finetune(
 
 @app.command("eval")
 def evaluate(
-    test: Annotated[list[str], typer.Argument(help="held-out shards with reference captions")],
+    test: Annotated[
+        list[str] | None,
+        typer.Argument(help="held-out shards with reference captions (for --captioner/--filter)"),
+    ] = None,
     captioner: Annotated[Path | None, typer.Option(help="captioner folder")] = None,
     filter_: Annotated[Path | None, typer.Option("--filter", help="filter folder")] = None,
     run_dir: Annotated[
-        Path | None, typer.Option("--run", help="a finished round, scored against truth")
+        Path | None, typer.Option("--run", help="a finished round, scored against --labels")
     ] = None,
-    truth: Annotated[str | None, typer.Option(help="truth.parquet of the demo world")] = None,
+    truth: Annotated[str | None, typer.Option("--truth", "--labels", help=LABELS_HELP)] = None,
     config: ConfigOpt = "demo",
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option(help="write the metrics as JSON here")] = None,
 ):
-    """Retrieval R@k, captioning BLEU-4/CIDEr/attribute accuracy, filter precision/recall against truth."""
+    """Retrieval R@k, captioning BLEU-4/CIDEr (attribute accuracy on the demo world), filter precision/recall
+    against labels."""
     from capfilt.eval.report import evaluate_all
 
     metrics = evaluate_all(
         _config(config, set_),
-        test,
+        test or [],
         captioner=captioner,
         filter_=filter_,
         run_dir=run_dir,
@@ -180,14 +200,34 @@ def select(
 
 
 @app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="Salesforce BLIP checkpoint, e.g. model_base.pth")],
+    out: Annotated[Path, typer.Argument(help="MED folder to write")],
+    tokenizer: Annotated[
+        str,
+        typer.Option(help="folder or HF hub id with BLIP's tokenizer, e.g. Salesforce/blip-itm-base-coco"),
+    ],
+    config: ConfigOpt = "blip-base",
+    set_: SetOpt = None,
+):
+    """Convert an original BLIP .pth (weights only, never a full unpickle) into a MED folder."""
+    from capfilt.model.convert import convert as run_convert
+
+    typer.echo(run_convert(src, out, _config(config, set_).model, tokenizer))
+
+
+@app.command()
 def bootstrap(
     web: Annotated[list[str], typer.Option(help="web shards (repeatable)")],
     human: Annotated[list[str], typer.Option(help="human-annotated shards (repeatable)")],
     test: Annotated[list[str], typer.Option(help="held-out test shards (repeatable)")],
     out: Annotated[Path, typer.Option("--out", "-o", help="bootstrap folder, one round-R/ per round")],
     rounds: Annotated[int, typer.Option(help="cleaning rounds after round 0")] = 2,
-    truth: Annotated[str | None, typer.Option(help="truth.parquet (demo world), for evaluation only")] = None,
+    truth: Annotated[str | None, typer.Option("--truth", "--labels", help=LABELS_HELP)] = None,
     warm_start: Annotated[bool, typer.Option(help="start each MED from the previous round's")] = False,
+    init: Annotated[
+        str | None, typer.Option(help="round 0's MED starts from this MED folder (see `capfilt convert`)")
+    ] = None,
     local: Annotated[bool, typer.Option(help="clean in-process instead of on Ray")] = False,
     address: Annotated[str | None, typer.Option(help="Ray cluster address")] = None,
     config: ConfigOpt = "demo",
@@ -205,6 +245,7 @@ def bootstrap(
         rounds=rounds,
         truth=truth,
         warm_start=warm_start,
+        init=init,
         local=local,
         address=address,
     )
@@ -216,7 +257,7 @@ def bootstrap(
 def report(
     run_dir: Annotated[Path, typer.Argument(help="a bootstrap folder or a `capfilt run` folder")],
     out: Annotated[Path | None, typer.Option(help="HTML file (default RUN_DIR/report.html)")] = None,
-    truth: Annotated[Path | None, typer.Option(help="truth.parquet, for noisy-vs-clean histograms")] = None,
+    truth: Annotated[Path | None, typer.Option("--truth", "--labels", help=LABELS_HELP)] = None,
 ):
     """Write a static HTML report: round table, ITM histograms, example images with their decisions."""
     from capfilt.report import write_report

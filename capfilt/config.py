@@ -16,10 +16,12 @@ from typing import Any, Literal
 
 import yaml
 
+from capfilt.errors import UserError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(ValueError, UserError):
     """A config that does not match the schema."""
 
 

@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from capfilt.data.reader import iter_shard
 from capfilt.data.sample import Sample
+from capfilt.eval.filtering import read_labels
 
 HIST_BINS = 20
 EXAMPLES = 12
@@ -102,11 +103,11 @@ def _scores(run_dir: Path) -> list[dict]:
 
 
 def _truth(root: Path, truth: Path | None) -> dict[str, dict]:
-    """key → truth row, from --truth or a truth.parquet recorded in the bootstrap manifest."""
+    """key → web label row, from --truth (or any labels file) or the one recorded in the bootstrap manifest."""
     path = truth or _load_json(root / "manifest.json").get("truth")
     if not path or not Path(path).is_file():
         return {}
-    return {r["key"]: r for r in pq.read_table(path, columns=["key", "noisy", "noise_type"]).to_pylist()}
+    return {r["key"]: r for r in read_labels(path)}
 
 
 def histogram_svg(groups: dict[str, list[float]], title: str, bins: int = HIST_BINS) -> str:
@@ -207,11 +208,8 @@ def _example_card(row: dict, sample: Sample, truth: dict[str, dict]) -> str:
             f"<span>ITM {c['itm']:.2f} · ITC {c['itc']:.2f} · {mark}</span></li>"
         )
     t = truth.get(row["key"])
-    note = (
-        f'<div class="truth">truth: {"noisy (" + t["noise_type"] + ")" if t["noisy"] else "clean"}</div>'
-        if t
-        else ""
-    )
+    label = ("noisy" + (f" ({t['noise_type']})" if t["noise_type"] else "")) if t and t["noisy"] else "clean"
+    note = f'<div class="truth">truth: {label}</div>' if t else ""
     decision = "kept" if row["kept"] else "dropped"
     return (
         f'<figure class="example {decision}"><img src="{src}" alt="{html.escape(row["key"])}">'

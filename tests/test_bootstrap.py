@@ -1,24 +1,33 @@
-"""Bootstrap end to end at the tiny size: round 0 and two cleaning rounds, a crash, a resume, the report."""
+"""Bootstrap end to end at the tiny size: round 0 and two cleaning rounds, a crash, a resume, the report.
+
+It runs as on a team's own corpus, without truth; a labels file added afterwards (``key, split,
+noisy``: no demo-world ``scene``) re-runs only the evaluations.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
 import capfilt.train.finetune as finetune_module
 from capfilt.bootstrap import bootstrap
 from capfilt.config import load_config
 from capfilt.demo import world_plan
+from capfilt.errors import UserError
 from capfilt.report import format_table, round_row, write_report
 
 
 @pytest.mark.slow
-def test_two_rounds_resume_after_a_crash_and_report(tiny_world, tmp_path, monkeypatch):
+def test_two_rounds_without_truth_resume_after_a_crash_add_labels_and_report(
+    tiny_world, tmp_path, monkeypatch
+):
     cfg = load_config("tiny")
     plan = world_plan(Path(tiny_world), rounds=2)
     plan.local = True  # the Ray path of a round is tested in test_run_ray.py
+    plan.truth = None  # a corpus of one's own has no truth file
     out = tmp_path / "boot"
 
     real = finetune_module.finetune
@@ -57,11 +66,25 @@ def test_two_rounds_resume_after_a_crash_and_report(tiny_world, tmp_path, monkey
         assert (
             summary["n_in"] == 64 and not summary["failed_shards"]
         )  # every web sample of the tiny world accounted for
-        assert "filtering" in json.loads((r / "eval.json").read_text())
+        assert "filtering" not in json.loads((r / "eval.json").read_text())
+
+    labels = tmp_path / "labels.parquet"  # a team's hand labels: no scene, no noise_type
+    pq.write_table(
+        pq.read_table(Path(tiny_world) / "truth.parquet", columns=["key", "split", "noisy"]), labels
+    )
+    plan.truth = str(labels)
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("round-*/*.done")}
+    log.clear()
+    bootstrap(cfg, plan, out, log=log.append)
+    assert [line for line in log if "already done" not in line] == [f"round-{r}: eval ..." for r in range(3)]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p.name != "eval.done")
+    for r in rounds[1:]:
+        ev = json.loads((r / "eval.json").read_text())
+        assert ev["filtering"]["n"] > 0 and "attribute_accuracy" not in ev["captioning"]
 
     table = format_table([(r.name, round_row(r)) for r in rounds])
     assert "round-2" in table
     assert "round-2: cleaning run" in write_report(out).read_text()
 
-    with pytest.raises(SystemExit, match="another config"):
+    with pytest.raises(UserError, match="another config"):
         bootstrap(load_config("tiny", ["filter.threshold=0.9"]), plan, out, log=lambda _: None)

@@ -1,4 +1,5 @@
-"""Filter metrics on hand-checkable fixtures: raw scores, and a round's scores.parquet against truth."""
+"""Filter metrics on hand-checkable fixtures: raw scores, and a round's scores.parquet against truth or
+a team's own labels."""
 
 import math
 
@@ -6,8 +7,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from capfilt.config import load_config
 from capfilt.data.writer import SCORES_SCHEMA
 from capfilt.eval.filtering import drop_metrics, roc_auc, round_metrics
+from capfilt.eval.report import evaluate_all
 
 
 def test_roc_auc_by_hand():
@@ -30,7 +33,9 @@ def test_drop_metrics_by_hand():
     assert m["roc_auc"] == pytest.approx(6 / 9)
 
 
-def test_round_metrics_from_parquet(tmp_path):
+@pytest.fixture
+def round_scores(tmp_path):
+    """A round folder whose web captions a, b, c, d have ITM 0.1, 0.9, 0.3, 0.8."""
     rows = [("a", 0.1), ("b", 0.9), ("c", 0.3), ("d", 0.8)]
     table = pa.Table.from_pylist(
         [
@@ -52,6 +57,10 @@ def test_round_metrics_from_parquet(tmp_path):
     )
     (tmp_path / "run").mkdir()
     pq.write_table(table, tmp_path / "run" / "web-000000.scores.parquet")
+    return tmp_path / "run"
+
+
+def test_round_metrics_from_parquet(tmp_path, round_scores):
     pq.write_table(
         pa.table(
             {
@@ -64,7 +73,22 @@ def test_round_metrics_from_parquet(tmp_path):
         ),
         tmp_path / "truth.parquet",
     )
-    m = round_metrics(tmp_path / "run", tmp_path / "truth.parquet")
+    m = round_metrics(round_scores, tmp_path / "truth.parquet")
     assert m["n"] == 4 and m["missing"] == 1  # "e" was never scored; "h" is not web
     assert m["precision"] == 1.0 and m["recall"] == pytest.approx(2 / 3)
     assert m["recall_by_noise_type"] == {"shuffled": 0.5, "swapped_color": 1.0}
+
+
+def test_a_teams_own_labels_score_a_round_and_no_labels_skip_it(tmp_path, round_scores):
+    """Labels with only ``key`` and ``noisy`` (no split, noise_type or scene) are enough; none is fine."""
+    pq.write_table(
+        pa.table({"key": ["a", "b", "c"], "noisy": [True, False, False]}), tmp_path / "labels.parquet"
+    )
+    m = round_metrics(round_scores, tmp_path / "labels.parquet")
+    assert m["n"] == 3 and m["precision"] == 0.5 and m["recall"] == 1.0 and m["recall_by_noise_type"] == {}
+    cfg = load_config("tiny")
+    assert evaluate_all(cfg, [], run_dir=round_scores) == {}
+    assert evaluate_all(cfg, [], run_dir=round_scores, truth=tmp_path / "labels.parquet")["filtering"] == m
+    with pytest.raises(ValueError, match="lacks \\['noisy'\\]"):
+        pq.write_table(pa.table({"key": ["a"]}), tmp_path / "bad.parquet")
+        round_metrics(round_scores, tmp_path / "bad.parquet")

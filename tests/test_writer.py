@@ -154,7 +154,6 @@ def test_bad_shard_end_to_end_conservation(tmp_path):
     assert stats.n_in == written + sum(stats.rejected.values()) == len(expected)
     assert set(want) >= {
         "missing_image",
-        "missing_caption",
         "duplicate_key",
         "bad_text",
         "bad_json",

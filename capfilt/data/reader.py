@@ -118,16 +118,17 @@ def _no_constant(name: str):
 
 
 def _caption(key: str, url: str, members: dict[str, bytes], meta: dict) -> str | Reject:
+    """The web caption (txt, else json["caption"]); "" when there is none or it is blank: such an image
+    is still captioned. Only a caption that is there but unreadable is a Reject."""
     if "txt" in members:
         try:
-            text = members["txt"].decode("utf-8").strip()
+            return members["txt"].decode("utf-8").strip()
         except UnicodeDecodeError as err:
             return Reject(key, url, "bad_text", f"txt is not UTF-8: {err}")
-        return text or Reject(key, url, "bad_text", "txt is empty")
     text = meta.get("caption")
     if text is None:
-        return Reject(key, url, "missing_caption", f"members: {sorted(members)}")
-    if not isinstance(text, str) or not text.strip():
+        return ""
+    if not isinstance(text, str):
         return Reject(key, url, "bad_text", f"json caption is {text!r}")
     return text.strip()
 

@@ -14,9 +14,8 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 # Every reason a sample can be rejected for; stats count by these names.
 REJECT_REASONS = {
     "missing_image": "no jpg/jpeg/png/webp/gif/bmp member",
-    "missing_caption": "no txt member and no json caption",
     "duplicate_key": "a key seen earlier in the same shard",
-    "bad_text": "caption bytes are not UTF-8, or empty after normalisation",
+    "bad_text": "caption bytes are not UTF-8, or a json caption that is not a string",
     "bad_json": "json member does not parse to an object",
     "truncated": "the shard was cut inside this sample",
     "empty_image": "zero-byte image member",
@@ -37,7 +36,7 @@ class Sample:
     shard: str  # URL of the shard it came from
     image: bytes  # original image bytes, never re-encoded
     image_ext: str  # the member extension the image came from (lower case)
-    caption: str  # the web caption (txt, else json["caption"])
+    caption: str  # the web caption (txt, else json["caption"]); "" when none: only synthetic candidates
     meta: dict[str, Any] = field(default_factory=dict)  # parsed json member, {} when absent
     extra: dict[str, bytes] = field(default_factory=dict)  # every other member, carried through
 
@@ -88,6 +87,7 @@ class ShardStats:
     rejected: dict[str, int] = field(default_factory=dict)
     rejects: list[dict[str, Any]] = field(default_factory=list)  # {key, reason, detail}, for debugging
     truncated: bool = False
+    no_web_caption: int = 0  # scored samples that had no usable web caption (captioned all the same)
     kept_by_source: dict[str, int] = field(default_factory=dict)  # kept candidates: web / synthetic
     candidates_by_source: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage

@@ -21,13 +21,15 @@ from collections.abc import Iterable
 import fsspec
 from fsspec.core import url_to_fs
 
+from capfilt.errors import UserError
+
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 _GLOB_CHARS = set("*?[")
 LIST_SUFFIXES = (".txt", ".list")
 
 
-class ShardSpecError(FileNotFoundError):
+class ShardSpecError(FileNotFoundError, UserError):
     """A spec that matches no shard, or names shards that do not exist."""
 
 
@@ -72,7 +74,7 @@ def _glob(spec: str) -> list[str]:
     matches = fs.glob(path, detail=True)
     found = [_with_protocol(fs, spec, p) for p, info in matches.items() if info["type"] != "directory"]
     if not found:
-        raise ShardSpecError(f"shard spec {spec!r} matches no file")
+        raise ShardSpecError(f"shard spec {spec!r} matches no file; check the path and pattern")
     return found
 
 
@@ -99,7 +101,7 @@ def _check_exist(urls: Iterable[str]) -> None:
         )
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise ShardSpecError(f"{len(missing)} shard(s) do not exist: {shown}")
+        raise ShardSpecError(f"{len(missing)} shard(s) do not exist: {shown}; check the path")
 
 
 def expand_shards(specs: list[str] | str) -> list[str]:

@@ -48,8 +48,13 @@ def caption_scores(predictions: list[str], references: list[list[str]]) -> dict[
     return {"bleu4": float(bleu[3]), "cider": float(cider)}
 
 
-def attribute_accuracy(predictions: list[str], keys: list[str], truth: str) -> float:
-    """Demo world only: share of captions that name an object and state nothing false of the scene."""
+def attribute_accuracy(predictions: list[str], keys: list[str], truth: str) -> float | None:
+    """Demo world only: share of captions that name an object and state nothing false of the scene.
+
+    None when ``truth`` has no ``scene`` column (a team's own labels file).
+    """
+    if "scene" not in pq.read_schema(truth).names:
+        return None
     scenes = {
         r["key"]: json.loads(r["scene"]) for r in pq.read_table(truth, columns=["key", "scene"]).to_pylist()
     }
@@ -59,11 +64,12 @@ def attribute_accuracy(predictions: list[str], keys: list[str], truth: str) -> f
 def evaluate_captioning(
     captioner_path: str, data: HeldOut, cfg: CaptionConfig, truth: str | None = None, examples: int = 8
 ) -> dict:
-    """BLEU-4, CIDEr, attribute accuracy (with ``truth``) and a few example captions."""
+    """BLEU-4, CIDEr, attribute accuracy (with a ``truth`` that has scenes) and a few example captions."""
     predictions = generate(captioner_path, data, cfg)
     metrics = caption_scores(predictions, data.references)
-    if truth is not None:
-        metrics["attribute_accuracy"] = attribute_accuracy(predictions, data.keys, truth)
+    accuracy = attribute_accuracy(predictions, data.keys, truth) if truth is not None else None
+    if accuracy is not None:
+        metrics["attribute_accuracy"] = accuracy
     metrics["examples"] = [
         {"key": k, "caption": p, "reference": r[0]}
         for k, p, r in zip(data.keys[:examples], predictions, data.references)

@@ -1,7 +1,9 @@
-"""How well the filter finds noisy web captions, measured against the demo world's ground truth.
+"""How well the filter finds noisy web captions, measured against labels.
 
-The decision scored is "drop the web caption" (its ITM match probability < threshold) against truth's
-``noisy`` flag, over the web samples a round scored. ROC-AUC is the rank statistic (Mann-Whitney U, ties
+Labels are any Parquet file with ``key`` and ``noisy`` columns: the demo world's truth.parquet, or a
+sample of a team's own web pairs labelled by hand. ``split`` (only ``web`` rows count) and
+``noise_type`` (recall per type) are used when present. The decision scored is "drop the web caption"
+(its ITM match probability < threshold) against ``noisy``, over the labelled web samples a round scored. ROC-AUC is the rank statistic (Mann-Whitney U, ties
 counted half), written out so that no sklearn is needed.
 """
 
@@ -68,25 +70,36 @@ def web_itm_scores(run_dir: str | Path) -> dict[str, float]:
     return scores
 
 
-def round_metrics(run_dir: str | Path, truth: str | Path, threshold: float = 0.5) -> dict:
-    """``drop_metrics`` of a round's web captions against truth.parquet, plus recall per noise type.
+def read_labels(path: str | Path) -> list[dict]:
+    """The web rows of a labels file as ``{key, noisy, noise_type}`` (noise_type None when absent)."""
+    table = pq.read_table(path)
+    missing = {"key", "noisy"} - set(table.column_names)
+    if missing:
+        raise ValueError(f"{path}: a labels file needs the columns key and noisy; it lacks {sorted(missing)}")
+    cols = [c for c in ("key", "noisy", "split", "noise_type") if c in table.column_names]
+    rows = table.select(cols).to_pylist()
+    return [
+        {"key": r["key"], "noisy": bool(r["noisy"]), "noise_type": r.get("noise_type")}
+        for r in rows
+        if r.get("split", "web") == "web"
+    ]
 
-    Samples the round rejected (no scores) are left out and counted in ``missing``.
+
+def round_metrics(run_dir: str | Path, labels: str | Path, threshold: float = 0.5) -> dict:
+    """``drop_metrics`` of a round's web captions against a labels file, plus recall per noise type.
+
+    Labelled samples without a scored web caption (rejected, or no web caption) are counted in ``missing``.
     """
     scores = web_itm_scores(run_dir)
-    rows = [
-        r
-        for r in pq.read_table(truth, columns=["key", "split", "noisy", "noise_type"]).to_pylist()
-        if r["split"] == "web"
-    ]
+    rows = read_labels(labels)
     scored = [r for r in rows if r["key"] in scores]
     itm = np.array([scores[r["key"]] for r in scored])
-    noisy = np.array([bool(r["noisy"]) for r in scored])
+    noisy = np.array([r["noisy"] for r in scored])
     metrics = drop_metrics(itm, noisy, threshold)
     metrics["missing"] = len(rows) - len(scored)
     types = sorted({r["noise_type"] for r in scored if r["noisy"] and r["noise_type"]})
     metrics["recall_by_noise_type"] = {}
     for t in types:
-        of_type = np.array([bool(r["noisy"]) and r["noise_type"] == t for r in scored])
+        of_type = np.array([r["noisy"] and r["noise_type"] == t for r in scored])
         metrics["recall_by_noise_type"][t] = float((itm[of_type] < threshold).mean())
     return metrics

@@ -1,8 +1,9 @@
 """``capfilt eval``: every evaluation that applies to what it is given, in one JSON-able dict.
 
 A filter folder gives retrieval R@k on the test shards, a captioner folder captioning metrics (with
-attribute accuracy when the demo world's truth is given), a finished round plus truth the filter's
-precision/recall on web captions.
+attribute accuracy when the demo world's truth is given), a finished round plus a labels file (truth
+or any ``key, noisy`` Parquet) the filter's precision/recall on web captions. Without labels a round
+is simply not scored: labels are evaluation-only and optional.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from capfilt.run.calibration import threshold_used
 def evaluate_all(
     cfg: Config, test: list[str], captioner=None, filter_=None, run_dir=None, truth=None, out=None
 ) -> dict:
-    """Run the evaluations that apply; write them to ``out`` as JSON when given."""
+    """Run the evaluations that apply; write them to ``out`` as JSON when given.
+
+    ``truth``: the demo world's truth.parquet or any labels file (``key``, ``noisy``; see filtering.py).
+    """
     metrics: dict = {}
     if captioner is not None or filter_ is not None:
         data = load_heldout(expand_shards(test), cfg.run)
@@ -31,9 +35,7 @@ def evaluate_all(
             metrics["retrieval"] = evaluate_retrieval(str(filter_), data, cfg.filter)
         if captioner is not None:
             metrics["captioning"] = evaluate_captioning(str(captioner), data, cfg.caption, truth)
-    if run_dir is not None:
-        if truth is None:
-            raise ValueError("scoring a round's filter needs the demo world's truth.parquet (--truth)")
+    if run_dir is not None and truth is not None:
         metrics["filtering"] = round_metrics(run_dir, truth, threshold_used(str(run_dir))[0])
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ All safetensors, never pickle (DESIGN.md, 'Checkpoints'):
   ``BlipForImageTextRetrieval`` folder with ``config.capfilt = {"itm_first_token", "itc_temp"}``.
 - ``load_captioner``/``load_filter``: the one loader for our exports and Salesforce's published BLIP
   checkpoints (which lack ``config.capfilt``: their ITM scores with ``[CLS]`` first, BLIP_REFERENCE.md).
+  Both take a model reference (a folder or an HF hub id, ``hub.resolve_model``) and log one line.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +30,15 @@ from transformers import (
     BlipForImageTextRetrieval,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from capfilt.config import ModelConfig, from_dict, to_dict
+from capfilt.model.hub import NotAModel, resolve_model
 from capfilt.model.med import MED
+
+# One log line per model load and progress only from the driver: no "Loading weights"/"Writing model
+# shards" bars from transformers in every actor and training worker.
+hf_logging.disable_progress_bar()
 
 MED_FORMAT = "capfilt-med/1"
 WEIGHTS = "model.safetensors"
@@ -164,12 +172,12 @@ def _weight_files(path: Path) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         if any(path.glob("pytorch_model*.bin")):
-            raise ValueError(
+            raise NotAModel(
                 f"{path} holds only pytorch_model.bin (a pickle); capfilt loads safetensors only. Convert it "
                 'once, on purpose: `python -c "import transformers as t; '
                 f"t.AutoModel.from_pretrained('{path}').save_pretrained('{path}')\"` (writes model.safetensors)"
             )
-        raise FileNotFoundError(f"{path}: no model.safetensors")
+        raise NotAModel(f"{path}: no model.safetensors; pass a captioner/filter folder (capfilt finetune's)")
     return files
 
 
@@ -190,6 +198,17 @@ def _capfilt_meta(config: BlipConfig) -> dict[str, Any]:
     return dict(meta) if isinstance(meta, dict) else {}
 
 
+def _load(
+    cls: type, ref: str | Path, device: str | torch.device
+) -> tuple[Any, PreTrainedTokenizerBase, Path]:
+    """Resolve ``ref``, load the model in eval mode and its tokenizer, and log one line about it."""
+    path = resolve_model(ref).path
+    _weight_files(path)
+    model = cls.from_pretrained(str(path), use_safetensors=True).to(device).eval()
+    print(f"[model] loaded {cls.__name__} from {ref} on {device}", file=sys.stderr, flush=True)
+    return model, AutoTokenizer.from_pretrained(str(path)), path
+
+
 def load_captioner(
     path: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[BlipForConditionalGeneration, PreTrainedTokenizerBase, dict]:
@@ -198,10 +217,7 @@ def load_captioner(
     info: source ("capfilt"/"external"), dec_token_id (the decoder's first token, from the config),
     sep_token_id (eos), pad_token_id, model_hash.
     """
-    path = Path(path)
-    _weight_files(path)
-    model = BlipForConditionalGeneration.from_pretrained(str(path), use_safetensors=True).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model, tokenizer, path = _load(BlipForConditionalGeneration, path, device)
     meta = _capfilt_meta(model.config)
     tc = model.config.text_config
     info = {
@@ -223,10 +239,7 @@ def load_filter(
     ids[:, 0] with it before ``model(..., use_itm_head=True)``), itc_temp (None for Salesforce's),
     model_hash.
     """
-    path = Path(path)
-    _weight_files(path)
-    model = BlipForImageTextRetrieval.from_pretrained(str(path), use_safetensors=True).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model, tokenizer, path = _load(BlipForImageTextRetrieval, path, device)
     meta = _capfilt_meta(model.config)
     first = meta.get("itm_first_token", DEFAULT_ITM_FIRST_TOKEN)
     vocab = tokenizer.get_vocab()

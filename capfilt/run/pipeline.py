@@ -102,8 +102,8 @@ def score_batch(
         captioner.caption, pixels, [s.key for s in samples], samples, "caption_failed"
     )
     samples, pixels = [samples[i] for i in ok], pixels[ok] if ok else pixels[:0]
-    candidates = [
-        [Candidate(s.caption, "web")] + [Candidate(t, "synthetic") for t in caps]
+    candidates = [  # an image without a web caption competes with its synthetic ones only
+        ([Candidate(s.caption, "web")] if s.caption else []) + [Candidate(t, "synthetic") for t in caps]
         for s, caps in zip(samples, captions)
     ]
     t1 = time.perf_counter()
@@ -131,6 +131,7 @@ def shard_stats(
     for r in rejects:
         stats.reject(r)
     for res in results:
+        stats.no_web_caption += not res.sample.caption
         if res.kept:
             stats.kept += 1
         else:

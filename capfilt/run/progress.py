@@ -45,6 +45,7 @@ def summarize(
         "kept": kept,
         "dropped": dropped,
         "rejected": dict(sorted(rejected.items())),
+        "no_web_caption": sum(s.no_web_caption for s in stats),
         "kept_rate": kept / n_in if n_in else 0.0,
         "kept_rate_by_source": {src: kept_src[src] / n for src, n in sorted(cand_src.items()) if n},
         "candidates_by_source": dict(sorted(cand_src.items())),

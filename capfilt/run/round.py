@@ -15,14 +15,18 @@ from capfilt.config import Config
 from capfilt.data.sample import ShardStats
 from capfilt.data.specs import expand_shards
 from capfilt.model.hf import model_hash
+from capfilt.model.hub import resolve_model
 from capfilt.run import ledger
 from capfilt.run.calibration import resolve_threshold
 from capfilt.run.progress import RoundProgress, summarize
 
 
-def provenance_of(cfg: Config, models: dict[str, str], threshold_mode: str = "fixed") -> dict[str, Any]:
+def provenance_of(
+    cfg: Config, models: dict[str, dict[str, Any]], threshold_mode: str = "fixed"
+) -> dict[str, Any]:
     """What every output sample records about how it was made (no timestamps: reruns give equal bytes).
 
+    ``models``: per role, the reference's ``id`` (folder or hub id), hub ``revision`` and weight ``hash``.
     ``threshold_mode`` says where ``threshold`` came from: "fixed" (the config) or a calibration mode.
     """
     return {
@@ -60,16 +64,21 @@ def run_round(
     progress: bool = True,
     human: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Clean ``shards`` into ``out`` with the given captioner and filter; returns the summary.
-
+    """Clean ``shards`` into ``out`` with the given captioner and filter (folders or HF hub ids); returns
+    the summary. A run's identity is the models' weight hashes, however they were referenced.
     ``human`` (clean pairs) is needed only when ``filter.calibration`` sets the threshold from them.
     """
     start = time.perf_counter()
     urls = expand_shards(shards)
-    models = {"captioner": model_hash(captioner), "filter": model_hash(filter_)}
-    threshold, mode = resolve_threshold(cfg, out, filter_, models["filter"], human)
+    refs = {"captioner": resolve_model(captioner), "filter": resolve_model(filter_)}
+    models = {
+        role: {"id": r.id, "revision": r.revision, "hash": model_hash(r.path)} for role, r in refs.items()
+    }
+    captioner, filter_ = str(refs["captioner"].path), str(refs["filter"].path)
+    hashes = {role: m["hash"] for role, m in models.items()}
+    threshold, mode = resolve_threshold(cfg, out, filter_, hashes["filter"], human)
     cfg = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, threshold=threshold))
-    ledger.open_run(out, ledger.make_manifest(urls, cfg, models), new_run=new_run)
+    ledger.open_run(out, ledger.make_manifest(urls, cfg, hashes), new_run=new_run)
     names = ledger.shard_names(ledger.read_manifest(out)["shards"])
     jobs = ledger.pending_shards(out, names, urls)
     done: dict[str, ShardStats] = {}

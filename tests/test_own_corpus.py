@@ -1,0 +1,129 @@
+"""A team's own corpus, met as a user meets it: images without alt-text, image-only shards, command-line
+mistakes, and models from the HF hub cache."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from run_helpers import png
+from typer.testing import CliRunner
+
+from capfilt.cli import app
+from capfilt.data.reader import iter_shard
+from capfilt.data.writer import write_tar
+
+pytest_plugins = ["run_helpers"]  # tiny_models
+
+TINY_RUN = ["-c", "tiny", "--set", "caption.num_captions=2", "--set", "filter.threshold=0", "--local"]
+
+
+def test_images_without_alt_text_are_captioned_and_image_only_shards_work(tmp_path, tiny_models):
+    """img2dataset writes an empty .txt where a page had no alt-text; some shards have no .txt at all."""
+    mixed = [(f"m{i}.png", png(i)) for i in range(6)]
+    mixed += [("m0.txt", b"a red square"), ("m1.txt", b""), ("m2.txt", b"  \n"), ("m3.txt", b"\xff\xfe")]
+    mixed += [("m4.json", b'{"caption": null, "url": "http://x/4"}')]  # m5: image only
+    write_tar(str(tmp_path / "web-000000.tar"), sorted(mixed))
+    write_tar(str(tmp_path / "web-000001.tar"), [(f"o{i}.jpg", png(10 + i)) for i in range(4)])
+    cap, flt = tiny_models
+    out = tmp_path / "run"
+    result = CliRunner().invoke(
+        app,
+        ["run", str(tmp_path / "web-*.tar"), "-o", str(out), "--captioner", cap, "--filter", flt, *TINY_RUN],
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_in"] == 10 and summary["rejected"] == {"bad_text": 1}  # m3: a caption, not UTF-8
+    assert summary["no_web_caption"] == 8 and summary["kept"] + summary["dropped"] == 9
+    image_only = json.loads((out / "web-000001.stats.json").read_text())
+    assert (image_only["n_in"], image_only["kept"], image_only["no_web_caption"]) == (4, 4, 4)
+    rows = {r["key"]: r for p in out.glob("*.scores.parquet") for r in pq.read_table(p).to_pylist()}
+    assert [c["source"] for c in rows["m0"]["candidates"]] == ["web", "synthetic", "synthetic"]
+    for key in ("m1", "m2", "m4", "m5", "o0", "o3"):
+        assert [c["source"] for c in rows[key]["candidates"]] == ["synthetic", "synthetic"], key
+    written = {s.key: s for s in iter_shard(str(out / "web-000001.tar"))}
+    assert sorted(written) == ["o0", "o1", "o2", "o3"]
+    assert all(s.caption in [c["text"] for c in rows[k]["candidates"]] for k, s in written.items())
+
+
+def test_a_users_mistake_is_one_line_and_exit_code_2(tmp_path, tiny_models):
+    cap, flt = tiny_models
+    shard = tmp_path / "web-000000.tar"
+    write_tar(str(shard), [("a.png", png(0)), ("a.txt", b"a caption")])
+    runner = CliRunner()
+    cases = {
+        "missing shard": (
+            ["run", str(tmp_path / "nope-*.tar"), "--captioner", cap, "--filter", flt],
+            "check",
+        ),
+        "unknown --set key": (["model-info", "-c", "tiny", "--set", "model.widht=3"], "valid keys are"),
+        "not a model": (
+            ["run", str(shard), "--captioner", str(tmp_path), "--filter", flt],
+            "no model.safetensors",
+        ),
+        "not in the hub cache": (
+            ["run", str(shard), "--captioner", "org/none", "--filter", flt],
+            "hf download",
+        ),
+    }
+    for name, (args, fix) in cases.items():
+        if args[0] == "run":
+            args = [*args, "-o", str(tmp_path / "out"), "-c", "tiny", "--local"]
+        result = runner.invoke(app, args, env={"HF_HUB_OFFLINE": "1"})
+        assert result.exit_code == 2, (name, result.output)
+        assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
+        assert result.stderr.startswith("capfilt: error: ") and fix in result.stderr, (name, result.stderr)
+
+
+def _hub_cache(home: Path, repo_id: str, folder: str, sha: str) -> None:
+    """huggingface_hub's cache layout for ``repo_id`` at commit ``sha`` (branch main), as `hf download` leaves it."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / sha)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(sha)
+
+
+def test_run_with_models_from_the_hf_hub_cache_offline(tmp_path, tiny_models):
+    cap, flt = tiny_models
+    home = tmp_path / "hf"
+    cap_sha, flt_sha = "a" * 40, "b" * 40
+    _hub_cache(home, "org/tiny-captioner", cap, cap_sha)
+    _hub_cache(home, "org/tiny-filter", flt, flt_sha)
+    write_tar(
+        str(tmp_path / "web-000000.tar"), [("a.png", png(0)), ("a.txt", b"a caption"), ("b.png", png(1))]
+    )
+    env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.getcwd()}
+    env.pop("HF_HUB_CACHE", None)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "capfilt.cli", "run", str(tmp_path / "web-000000.tar"), "-o", str(out)]
+    cmd += ["--captioner", "org/tiny-captioner", "--filter", f"org/tiny-filter@{flt_sha}", *TINY_RUN]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("[model] loaded") == 2 and "Loading weights" not in proc.stderr
+    provenance = json.loads((out / "web-000000.stats.json").read_text())["provenance"]["models"]
+    assert provenance["captioner"]["id"] == "org/tiny-captioner"
+    assert provenance["captioner"]["revision"] == cap_sha and provenance["filter"]["revision"] == flt_sha
+    assert len(provenance["filter"]["hash"]) == 64
+    assert json.loads((out / "summary.json").read_text())["n_in"] == 2
+
+
+def test_a_bug_keeps_its_traceback_without_local_variables():
+    """Not a user's mistake: the traceback stays (exit 1), but no locals (they can be whole tensors)."""
+    code = (
+        "import capfilt.model.info as info\n"
+        "def describe(cfg):\n"
+        "    secret_tensor_name = 1\n"
+        "    return secret_tensor_name / 0\n"
+        "info.describe = describe\n"
+        "from capfilt.cli import app\n"
+        "app(['model-info', '-c', 'tiny'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.getcwd(), "COLUMNS": "200"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "ZeroDivisionError" in proc.stderr, proc.stderr
+    assert "Traceback" in proc.stderr and "secret_tensor_name = 1" not in proc.stderr, proc.stderr
