@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 from run_helpers import tiny_cfg
 
+from capfilt.errors import UserError
 from capfilt.run.reselect import reselect
 from capfilt.run.round import run_round
 from capfilt.stages.calibrate import f1_threshold, keep_threshold, mismatch
@@ -77,5 +78,5 @@ def test_round_calibrates_on_human_pairs_records_it_and_select_rederives_it(
     assert f1["n_in"] == lax["n_in"] == summary["n_in"]
     fixed = reselect(str(tmp_path / "lax"), str(tmp_path / "fixed"), threshold=0.3)
     assert fixed["threshold_mode"] == "fixed"
-    with pytest.raises(FileNotFoundError, match="--threshold"):
+    with pytest.raises(UserError, match="--threshold"):
         reselect(str(tmp_path / "fixed"), str(tmp_path / "again"), calibration="keep")

@@ -10,11 +10,12 @@ from typing import Any
 
 import torch
 
-from capfilt.config import Config
+from capfilt.config import Config, ConfigError
 from capfilt.data.decode import pillow_decode
 from capfilt.data.reader import iter_shard
 from capfilt.data.sample import Reject
 from capfilt.data.specs import expand_shards
+from capfilt.errors import UserError
 from capfilt.run import ledger
 from capfilt.stages.calibrate import CALIBRATION, calibrate, threshold_of
 
@@ -36,7 +37,7 @@ def human_pairs(human: list[str], cfg: Config) -> tuple[torch.Tensor, list[str]]
             pixels.append(image)
             captions.append(item.caption)
     if len(captions) < 2:
-        raise ValueError(
+        raise UserError(
             f"calibrating the threshold needs at least 2 human pairs; {human} gave {len(captions)}"
         )
     return torch.stack(pixels), captions
@@ -50,7 +51,7 @@ def resolve_threshold(
     if mode == "none":
         return cfg.filter.threshold, "fixed"
     if not human:
-        raise ValueError(f"filter.calibration={mode} needs the human shards (--human)")
+        raise ConfigError(f"filter.calibration={mode} needs the human shards: pass --human")
     url = out.rstrip("/") + "/" + CALIBRATION
     cal = ledger.read_json(url)
     want = {"filter": filter_hash, "human": list(human), "samples": cfg.filter.calibration_samples}
@@ -67,7 +68,7 @@ def calibration_of(run_dir: str) -> dict[str, Any]:
     """A finished run's stored calibration scores; a clear error if it was not calibrated."""
     cal = ledger.read_json(run_dir.rstrip("/") + "/" + CALIBRATION)
     if cal is None:
-        raise FileNotFoundError(
+        raise UserError(
             f"{run_dir} has no {CALIBRATION}: it ran with a fixed threshold; pass --threshold instead"
         )
     return cal
