@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from capfilt.config import CaptionConfig
-from capfilt.stages.captioner import Captioner, draw, nucleus, row_seed
+from capfilt.stages.captioner import Captioner, caption_tokens, draw, nucleus, row_seed
 
 pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
 
@@ -95,3 +95,31 @@ def test_beam_is_deterministic(tiny_models, pixels):
     beam = Captioner(tiny_models[0], CaptionConfig(method="beam", num_captions=2))
     a = beam.caption(pixels[:2], KEYS[:2])
     assert a == beam.caption(pixels[:2], KEYS[:2]) and all(len(x) == 2 for x in a)
+
+
+def test_caption_tokens_keep_whole_words_only():
+    cont = {10, 11}.__contains__  # ids 10 and 11 are "##" pieces
+    prompt, eos = [5, 20, 21], 3
+    assert caption_tokens([*prompt, 30, 10, 31, eos, 0], 3, eos, cont) == [30, 10, 31]
+    assert caption_tokens([*prompt, 10, 30, 31, eos], 3, eos, cont) == [30, 31]  # leading piece
+    # cut by max_length: the last word may be unfinished (its next piece could be "##..."): it goes
+    assert caption_tokens([*prompt, 30, 31, 32, 11], 3, eos, cont) == [30, 31]
+    assert caption_tokens([*prompt, 30, 31, 32], 3, eos, cont) == [30, 31]
+
+
+def test_prompt_is_cut_by_tokens_even_when_the_tokenizer_cannot_spell_it(tiny_models):
+    """The fragment captions' cause: "zebra" is [UNK] to this tokenizer, decoding drops it, and the
+    reference's character cut (len(prompt)) then removed the first letters of the caption."""
+    cap = Captioner(tiny_models[0], CaptionConfig(prompt="a zebra picture of "))
+    assert cap.tokenizer.unk_token_id in cap.prompt_ids
+    words = cap.tokenizer("red circle near the big square", add_special_tokens=False)["input_ids"]
+    assert cap._text([*cap.prompt_ids, *words, cap.eos]) == "red circle near the big square"
+
+
+def test_sampled_captions_start_and_end_on_word_boundaries(captioner, pixels):
+    vocab = {t for t in captioner.tokenizer.get_vocab() if not t.startswith("##")}
+    words = {
+        w for caps in captioner.caption(pixels, KEYS) for c in caps for w in c.split()[:1] + c.split()[-1:]
+    }
+    pieces = {t[2:] for t in captioner.tokenizer.get_vocab() if t.startswith("##")} - vocab
+    assert not words & pieces, words & pieces

@@ -21,6 +21,7 @@ Beam search is deterministic, so ``method: beam`` uses HF ``generate`` as the re
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import torch
 
@@ -64,6 +65,30 @@ def draw(probs: torch.Tensor, ids: torch.Tensor, uniforms: torch.Tensor) -> torc
     return ids.gather(1, pick.clamp_(max=ids.shape[1] - 1)).squeeze(1)
 
 
+def caption_tokens(
+    ids: list[int], prompt_len: int, eos: int, continuation: Callable[[int], bool]
+) -> list[int]:
+    """The caption's token ids: whole words only, generated after the prompt.
+
+    The reference cuts ``len(prompt)`` characters off the decoded text; when the tokenizer cannot
+    spell the prompt (a word of it becomes [UNK], which decoding drops) that cut lands inside the
+    caption's first words. Cutting by token count cannot. A row stopped by ``max_length`` before its
+    [SEP] may end inside a word (the next piece could be a ``##`` continuation), so its last word
+    goes; a leading continuation piece (sampled right after the prompt) goes too.
+    """
+    tokens = ids[prompt_len:]
+    truncated = eos not in tokens
+    if not truncated:
+        tokens = tokens[: tokens.index(eos)]
+    while tokens and continuation(tokens[0]):
+        tokens = tokens[1:]
+    if truncated:
+        while tokens and continuation(tokens[-1]):
+            tokens = tokens[:-1]
+        tokens = tokens[:-1]
+    return tokens
+
+
 class Captioner:
     """Loads an HF-format captioner once and writes ``num_captions`` captions per image."""
 
@@ -93,9 +118,12 @@ class Captioner:
         return torch.Generator().manual_seed(row_seed(self.seed, key, index))
 
     def _text(self, ids: list[int]) -> str:
-        """Decode, then cut the prompt as the reference does (``caption[len(prompt):]``)."""
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        return text[len(self.cfg.prompt) :].strip()
+        """Decode the whole words generated after the prompt (see :func:`caption_tokens`)."""
+        words = caption_tokens(ids, len(self.prompt_ids), self.eos, self._continuation)
+        return self.tokenizer.decode(words, skip_special_tokens=True).strip()
+
+    def _continuation(self, token_id: int) -> bool:
+        return self.tokenizer.convert_ids_to_tokens(token_id).startswith("##")
 
     def _sample(self, image_embeds: torch.Tensor, gens: list[torch.Generator]) -> list[list[int]]:
         """Nucleus sampling with the KV cache; finished rows leave the batch (and the cache)."""

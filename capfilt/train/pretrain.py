@@ -24,7 +24,8 @@ from capfilt.train.loop import Job, final_checkpoint
 
 def fresh_med(cfg: Config, captions: list[str], path: Path) -> Path:
     """Train a tokenizer on ``captions``, build a MED seeded from the pretrain seed, save it at ``path``."""
-    tok = train_tokenizer(captions, cfg.model.vocab_size)
+    # The prompts go in too: a tokenizer that cannot spell "a picture of" turns it into [UNK].
+    tok = train_tokenizer([*captions, cfg.finetune.prompt, cfg.caption.prompt], cfg.model.vocab_size)
     torch.manual_seed(cfg.pretrain.seed)
     return save_med(MED.from_config(cfg.model, tok), tok, path, {"config": cfg.to_dict()})
 
