@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.capfilt-installed
 
-.PHONY: install browser demo test lint bench ablation clean
+.PHONY: install browser demo test lint bench bench-gpu ablation clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ lint: install
 
 bench: install
 	$(BIN)/capfilt bench
+
+# The GPU path at BLIP-base size (random weights), on the demo world; the table goes to bench-gpu.md.
+bench-gpu: install
+	$(BIN)/capfilt bench -c blip-base --device cuda --table bench-gpu.md
 
 ablation: install
 	$(BIN)/capfilt ablation

@@ -310,14 +310,35 @@ def bench(
     models: Annotated[
         Path | None, typer.Option(help="folder with captioner/ and filter/ for the round")
     ] = Path("runs/demo/round-0/finetune"),
+    random_models: Annotated[
+        bool, typer.Option(help="round with random models at the config's size")
+    ] = False,
     parts: Annotated[str, typer.Option(help="comma-separated: decode, train, round")] = "decode,train,round",
+    device: Annotated[str | None, typer.Option(help="cuda or cpu: the GPU path's table instead")] = None,
+    batch_sizes: Annotated[str, typer.Option(help="--device: the model batch-size sweep")] = "32,64,128,256",
+    images: Annotated[int, typer.Option(help="--device: images per decode and model measurement")] = 1024,
+    actors: Annotated[str, typer.Option(help="--device: actors sharing the device, per round")] = "1,2",
+    table: Annotated[Path | None, typer.Option(help="--device: also write the markdown table here")] = None,
 ):
-    """Measure decode, training and round throughput (and the naive loop) on the demo world; prints JSON."""
+    """Measure decode, training and round throughput (against the batched HF script and the one-image
+    loop) on the demo world and print JSON; with --device, the GPU path's table."""
     import json
 
-    from capfilt.bench import run_bench
+    from capfilt.bench import bench_device, run_bench
 
-    typer.echo(json.dumps(run_bench(_config(config, set_), world, models, parts.split(",")), indent=1))
+    cfg = _config(config, set_)
+    if device is None:
+        result = run_bench(cfg, world, models, parts.split(","), random_models)
+        typer.echo(json.dumps(result, indent=1))
+        for name, value in result.get("round", {}).get("ratios", {}).items():
+            typer.echo(f"{name}: {value:.2f}" if value is not None else f"{name}: -")
+        return
+    ints = [[int(x) for x in s.split(",")] for s in (batch_sizes, actors)]
+    result, md = bench_device(cfg, world, device, ints[0], images, ints[1])
+    typer.echo(json.dumps(result, indent=1))
+    typer.echo(md)
+    if table is not None:
+        table.write_text(md + "\n")
 
 
 if __name__ == "__main__":  # pragma: no cover

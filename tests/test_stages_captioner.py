@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from capfilt.config import CaptionConfig
-from capfilt.stages.captioner import Captioner, caption_tokens, row_seed
+from capfilt.stages.captioner import Captioner, caption_tokens, draw, nucleus, row_seed
 
 pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
 
@@ -19,17 +19,21 @@ def captioner(tiny_models):
     return Captioner(tiny_models[0], CaptionConfig(num_captions=2), seed=7)
 
 
-def test_captions_do_not_depend_on_batch_size_or_order(captioner, pixels):
-    whole = captioner.caption(pixels, KEYS)
-    assert len(whole) == 8 and all(len(caps) == 2 for caps in whole)
-    for size in (1, 3):
+def test_captions_do_not_depend_on_batch_size_order_or_worker(captioner, pixels, tiny_models):
+    many = pixels.repeat(8, 1, 1, 1) + 0.01 * torch.arange(64.0)[:, None, None, None]  # 64 distinct images
+    keys = [f"img-{i}" for i in range(64)]
+    whole = captioner.caption(many, keys)
+    assert len(whole) == 64 and all(len(caps) == 2 for caps in whole)
+    for size in (1, 7):
         parts = []
-        for i in range(0, 8, size):
-            parts += captioner.caption(pixels[i : i + size], KEYS[i : i + size])
+        for i in range(0, 64, size):
+            parts += captioner.caption(many[i : i + size], keys[i : i + size])
         assert parts == whole
-    perm = [5, 2, 7, 0, 3, 1, 6, 4]
-    shuffled = captioner.caption(pixels[perm], [KEYS[i] for i in perm])
-    assert [shuffled[perm.index(i)] for i in range(8)] == whole
+    perm = torch.randperm(64, generator=torch.Generator().manual_seed(1)).tolist()
+    shuffled = captioner.caption(many[perm], [keys[i] for i in perm])
+    assert [shuffled[perm.index(i)] for i in range(64)] == whole
+    restarted = Captioner(tiny_models[0], CaptionConfig(num_captions=2), seed=7)  # a fresh worker
+    assert restarted.caption(many[:9], keys[:9]) == whole[:9]
 
 
 def test_randomness_comes_from_seed_key_and_index(captioner, pixels, tiny_models):
@@ -40,23 +44,42 @@ def test_randomness_comes_from_seed_key_and_index(captioner, pixels, tiny_models
     assert row_seed(7, "k", 0) == row_seed(7, "k", 0) != row_seed(7, "k", 1)
 
 
-def test_sampler_matches_hf_generate_for_one_image(captioner, pixels):
-    """Same processors and lengths as HF generate (what the reference calls); same draws for B=1."""
-    cfg = captioner.cfg
-    for i in range(4):
-        torch.manual_seed(row_seed(captioner.seed, KEYS[i], 0))
-        prompt = torch.tensor([[*captioner.prompt_ids, captioner.eos]])
-        ref = captioner.model.generate(
-            pixel_values=pixels[i : i + 1],
-            input_ids=prompt,
-            do_sample=True,
-            top_p=cfg.top_p,
-            repetition_penalty=cfg.repetition_penalty,
-            min_length=cfg.min_length,
-            max_length=cfg.max_length,
-        )[0].tolist()
-        embeds = captioner.model.vision_model(pixel_values=pixels[i : i + 1]).last_hidden_state
-        assert captioner._sample(embeds, [captioner._generator(KEYS[i], 0)])[0] == ref
+def test_nucleus_is_hf_generates_distribution():
+    """The same processors as HF generate (what the reference calls), on the k best tokens only."""
+    from transformers import (
+        LogitsProcessorList,
+        MinLengthLogitsProcessor,
+        RepetitionPenaltyLogitsProcessor,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    cfg, eos = CaptionConfig(), 3
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(16, 400, generator=g) * 4
+    for length in (4, 9):  # eos suppressed, then allowed
+        seqs = torch.randint(0, 400, (16, length), generator=g)
+        hf = LogitsProcessorList(
+            [
+                RepetitionPenaltyLogitsProcessor(cfg.repetition_penalty),
+                MinLengthLogitsProcessor(cfg.min_length, eos),
+                TopKLogitsWarper(50),
+                TopPLogitsWarper(cfg.top_p),
+            ]
+        )(seqs, logits.clone()).softmax(-1)
+        probs, ids = nucleus(logits, seqs, cfg, eos)
+        ours = torch.zeros_like(hf).scatter(1, ids, probs / probs.sum(-1, keepdim=True))
+        torch.testing.assert_close(ours, hf)
+        assert (length < cfg.min_length) == bool((ours[:, eos] == 0).all())
+
+
+def test_draw_is_inverse_cdf():
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.6, 0.4, 0.0, 0.0]])
+    ids = torch.tensor([[7, 8, 9, 10], [1, 2, 3, 4]])
+    u = torch.tensor([0.0, 0.95])
+    assert draw(probs, ids, u).tolist() == [7, 2]
+    assert draw(probs, ids, torch.tensor([0.79, 0.59])).tolist() == [8, 1]
+    assert draw(probs, ids, torch.tensor([0.999999, 0.0])).tolist() == [9, 1]  # never a zero-mass token
 
 
 def test_lengths_count_the_prompt(captioner, pixels):

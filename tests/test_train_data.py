@@ -4,13 +4,14 @@ import io
 import json
 import tarfile
 from collections import Counter
+from itertools import islice
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from capfilt.config import TrainConfig
-from capfilt.train.data import PairBatches, count_pairs, random_resized_crop, read_pairs
+from capfilt.train.data import PairBatches, count_pairs, epoch_loader, random_resized_crop, read_pairs
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
 SHAPES = ("square", "bar")
@@ -72,19 +73,62 @@ def test_one_pair_per_reference_and_rejects_counted(shards):
 def test_epoch_order_is_a_function_of_seed_and_epoch(shards):
     stage = TrainConfig(image_size=16, batch_size=4, shuffle_buffer=8, seed=3)
 
+    def batches(epoch, n=14, **kw):  # the stream is endless; the loop takes steps_per_epoch batches
+        return list(islice(PairBatches(shards, stage, epoch, **kw), n))
+
     def captions(epoch, **kw):
-        return [c for b in PairBatches(shards, stage, epoch, **kw) for c in b["captions"]]
+        return [c for b in batches(epoch, **kw) for c in b["captions"]]
 
     first = captions(0)
     assert first == captions(0) and first != captions(1)
-    assert len(first) == 56
-    batches = list(PairBatches(shards, stage, 0))
-    resumed = list(PairBatches(shards, stage, 0, skip=5))
-    assert [b["captions"] for b in resumed] == [b["captions"] for b in batches[5:]]
-    assert all(np.array_equal(a["pixels"], b["pixels"]) for a, b in zip(resumed, batches[5:]))
-    # two ranks split the pairs: disjoint halves, full batches only
-    r0, r1 = captions(0, rank=0, world=2), captions(0, rank=1, world=2)
-    assert len(r0) == len(r1) == 28 and sorted(r0 + r1) == sorted(first)
+    assert sorted(first) == sorted(p.caption for p in read_pairs(shards))  # 56 pairs: one pass
+    resumed = batches(0, n=9, skip=5)
+    assert [b["captions"] for b in resumed] == [b["captions"] for b in batches(0)[5:]]
+    assert all(np.array_equal(a["pixels"], b["pixels"]) for a, b in zip(resumed, batches(0)[5:]))
+    # more ranks than shards: each reads them all and keeps its 4th pair; still disjoint
+    ranks = [
+        {(i, c) for b in batches(0, n=3, rank=r, world=4) for i, c in zip(b["idx"].tolist(), b["captions"])}
+        for r in range(4)
+    ]
+    assert len(set().union(*ranks)) == sum(map(len, ranks)) == 48
+
+
+def test_ranks_and_workers_read_disjoint_shards_and_see_each_pair_once(tmp_path):
+    """2 DDP ranks x 2 DataLoader workers: each reader reads its own shard; the epoch covers every pair."""
+    shards = [make_shard(tmp_path / f"s{i}.tar", 8, start=8 * i) for i in range(4)]
+    shard_of = {p.idx: url for url in shards for p in read_pairs([url])}
+    stage = TrainConfig(image_size=16, batch_size=4, shuffle_buffer=4, seed=5)
+    steps = count_pairs(shards)[0] // (stage.batch_size * 2)  # the loop's steps_per_epoch
+    seen, read_by = [], {}
+    for rank in range(2):
+        loader = epoch_loader(shards, stage, epoch=0, rank=rank, world=2, num_workers=2)
+        for b, batch in enumerate(islice(loader, steps)):
+            ids = batch["idx"].tolist()
+            seen += ids
+            for url in {shard_of[i] for i in ids}:
+                read_by.setdefault(url, set()).add((rank, b % 2))  # the DataLoader takes workers in turn
+    assert all(len(readers) == 1 for readers in read_by.values()) and len(read_by) == 4
+    assert len({r for readers in read_by.values() for r in readers}) == 4  # four readers, one shard each
+    assert sorted(seen) == sorted(shard_of) and len(seen) == 32  # every pair once
+    again = epoch_loader(shards, stage, epoch=0, rank=1, world=2, num_workers=2)
+    assert [b["idx"].tolist() for b in islice(again, steps)] == [
+        b["idx"].tolist() for b in islice(epoch_loader(shards, stage, 0, 1, 2, num_workers=2), steps)
+    ]
+    # a resumed rank (skip 3 batches) continues exactly where the uninterrupted one was
+    whole = [b["idx"].tolist() for b in islice(epoch_loader(shards, stage, 0, 0, 2, num_workers=2), steps)]
+    resumed = epoch_loader(shards, stage, 0, 0, 2, skip=3, num_workers=2)
+    resumed = [b["idx"].tolist() for b in islice(resumed, steps - 3)]
+    assert resumed[: steps - 3] == whole[3:]
+
+
+def test_a_reader_with_fewer_pairs_starts_its_shards_again(tmp_path):
+    """Unequal shards: the rank with 4 pairs gives its 3 batches too (DDP would wait forever otherwise)."""
+    shards = [make_shard(tmp_path / "a.tar", 4), make_shard(tmp_path / "b.tar", 12, start=4)]
+    small = {p.idx for p in read_pairs(shards[:1])}
+    stage = TrainConfig(image_size=16, batch_size=4, shuffle_buffer=4, seed=0)
+    ranks = [[set(b["idx"].tolist()) for b in islice(PairBatches(shards, stage, 0, r, 2), 3)] for r in (0, 1)]
+    assert all(len(batches) == 3 for batches in ranks)
+    assert [small] * 3 in ranks  # its one shard, three times
 
 
 def test_random_resized_crop_shape_and_bounds():

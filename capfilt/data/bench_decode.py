@@ -27,15 +27,23 @@ def bench_decode(
     batch_size: int = 64,
     limit: int = 2000,
     repeats: int = 3,
+    gpu: bool = False,
 ) -> dict:
-    """Time ``decoder`` on up to ``limit`` samples of ``shards``; the best of ``repeats`` passes."""
+    """Time ``decoder`` on up to ``limit`` samples of ``shards``; the best of ``repeats`` passes (DALI on
+    the GPU, ``mixed``, when ``gpu``)."""
     samples = []
     for url in expand_shards(shards):
         samples += [s for s in iter_shard(url) if isinstance(s, Sample)]
         if len(samples) >= limit:
             break
     samples = samples[:limit]
-    cfg = RunConfig(image_size=image_size, decoder=decoder, decode_threads=threads, batch_size=batch_size)
+    cfg = RunConfig(
+        image_size=image_size,
+        decoder=decoder,
+        decode_threads=threads,
+        batch_size=batch_size,
+        num_gpus_per_actor=1.0 if gpu else 0.0,
+    )
     with make_decoder(cfg) as dec:
         dec.decode(samples[:batch_size])  # warm-up
         best = float("inf")

@@ -1,64 +1,144 @@
-"""Measure a CapFilt round: throughput of ``run_round`` against a naive loop, and the filter's decisions.
+"""Measure a CapFilt round against what a user would write instead, in one process, on the same shards.
 
-The naive loop is what a first script does: one image at a time, Pillow decode, HF ``generate``, then
-the ITM head on the web caption and the synthetic one, no batching, no KV-cache-aware sampler, no
-overlap. Both run in the same process on the same shards, so their ratio is meaningful even on a
-shared machine. Used for docs/BENCHMARKS.md ('CapFilt round'); not a test.
+The baseline is the batched script a competent user writes with transformers alone (:class:`HFScript`):
+per batch, ``BlipForConditionalGeneration.generate(do_sample=True, top_p, repetition_penalty, min_length,
+max_length)``, then ``BlipForImageTextRetrieval(use_itm_head=True)`` on the web and the synthetic
+captions. The one-image loop is the same script with batches of one. Both are compared with capfilt
+twice: model only (decoded batches in memory, ``Captioner.caption`` + ``Filter.score`` against the
+script's two calls) and end to end (read, decode, caption, score, select, write the same outputs:
+``run_round``, as ``capfilt run`` does, against the script's sequential loop, model loading included in
+both). Used for docs/BENCHMARKS.md; not a test of speed.
 """
 
 from __future__ import annotations
 
-import itertools
 import shutil
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from capfilt.config import Config
-from capfilt.data.decode import pillow_decode
+from capfilt.config import Config, ModelConfig
+from capfilt.data import writer
+from capfilt.data.decode import PillowDecoder
 from capfilt.data.reader import ShardReader
-from capfilt.data.sample import Sample
 from capfilt.data.specs import expand_shards
-from capfilt.model.hf import load_captioner, load_filter
+from capfilt.model.hf import export_captioner, export_filter, load_captioner, load_filter
 from capfilt.model.tokenizer import normalize_caption
+from capfilt.run.pipeline import decoded_batches, score_batch, shard_stats
 from capfilt.run.round import run_round
+from capfilt.stages.captioner import Captioner
+from capfilt.stages.filter import MAX_TEXT_TOKENS, Filter
 
 
-@torch.no_grad()
-def naive_images_per_s(cfg: Config, shards: list[str], captioner: str, filter_: str, limit: int) -> float:
-    cap, cap_tok, cap_info = load_captioner(captioner)
-    flt, flt_tok, flt_info = load_filter(filter_)
-    prompt = cap_tok([cfg.caption.prompt], return_tensors="pt").input_ids
-    samples = (s for url in expand_shards(shards) for s in ShardReader(url) if isinstance(s, Sample))
-    start, n = time.perf_counter(), 0
-    for s in itertools.islice(samples, limit):
-        pixels = pillow_decode(s, cfg.run.image_size, cfg.run.max_pixels)
-        if not torch.is_tensor(pixels):
-            continue
-        pixels = pixels[None]
-        ids = cap.generate(
-            pixel_values=pixels,
-            input_ids=prompt.clone(),
+class HFScript:
+    """The user's script with the stage interface (``caption``, ``score``), so it runs the same batches."""
+
+    def __init__(self, cfg: Config, captioner: str, filter_: str, device: str = "cpu"):
+        self.cap, self.cap_tok, _ = load_captioner(captioner, device)
+        self.flt, self.flt_tok, info = load_filter(filter_, device)
+        self.itm_first, self.cfg, self.device = info["itm_first_token_id"], cfg.caption, torch.device(device)
+
+    @torch.no_grad()
+    def caption(self, pixels: torch.Tensor, keys: list[str]) -> list[list[str]]:
+        c = self.cfg
+        prompt = self.cap_tok([c.prompt] * len(keys), return_tensors="pt").input_ids.to(self.device)
+        ids = self.cap.generate(
+            pixel_values=pixels.to(self.device),
+            input_ids=prompt,
             do_sample=True,
-            top_p=cfg.caption.top_p,
-            repetition_penalty=cfg.caption.repetition_penalty,
-            min_length=cfg.caption.min_length,
-            max_length=cfg.caption.max_length,
+            top_p=c.top_p,
+            repetition_penalty=c.repetition_penalty,
+            min_length=c.min_length,
+            max_length=c.max_length,
         )
-        synthetic = cap_tok.decode(ids[0], skip_special_tokens=True)[len(cfg.caption.prompt) :]
-        for text in (s.caption, synthetic):
-            tok = flt_tok([normalize_caption(text)], return_tensors="pt", truncation=True, max_length=35)
-            tok.input_ids[:, 0] = flt_info["itm_first_token_id"]
-            flt(
-                input_ids=tok.input_ids,
-                attention_mask=tok.attention_mask,
-                pixel_values=pixels,
+        return [
+            [t[len(c.prompt) :].strip()] for t in self.cap_tok.batch_decode(ids, skip_special_tokens=True)
+        ]
+
+    @torch.no_grad()
+    def score(self, pixels: torch.Tensor, captions: list[list[str]]) -> list[list[tuple[float, float]]]:
+        """ITM of every caption in one call, the image repeated per caption; the script has no ITC (NaN)."""
+        rows = [b for b, texts in enumerate(captions) for _ in texts]
+        tok = self.flt_tok(
+            [normalize_caption(t) for texts in captions for t in texts],
+            padding="longest",
+            truncation=True,
+            max_length=MAX_TEXT_TOKENS,
+            return_tensors="pt",
+        )
+        tok.input_ids[:, 0] = self.itm_first
+        itm = (
+            self.flt(
+                input_ids=tok.input_ids.to(self.device),
+                attention_mask=tok.attention_mask.to(self.device),
+                pixel_values=pixels[rows].to(self.device),
                 use_itm_head=True,
-            ).itm_score.softmax(-1)
-        n += 1
-    return n / (time.perf_counter() - start)
+            )
+            .itm_score.float()
+            .softmax(-1)[:, 1]
+        )
+        it = iter(itm.tolist())
+        return [[(next(it), float("nan")) for _ in texts] for texts in captions]
+
+
+def random_models(model: ModelConfig, out: str | Path, captions: list[str]) -> tuple[str, str]:
+    """A captioner and a filter with random weights at ``model``'s size, for timing where no trained ones
+    exist (a random captioner seldom writes [SEP], so its captions run to ``max_length``)."""
+    from transformers import BertTokenizer
+
+    from capfilt.model.med import MED
+    from capfilt.model.tokenizer import DEC_TOKEN, ENC_TOKEN, train_tokenizer
+
+    vocab = train_tokenizer(captions, min(model.vocab_size, 1000)).get_vocab()
+    vocab |= {
+        f"[unused{i}]": len(vocab) + i for i in range(model.vocab_size - len(vocab))
+    }  # full-size LM head
+    tok = BertTokenizer(vocab=vocab, bos_token=DEC_TOKEN, extra_special_tokens=[ENC_TOKEN])
+    torch.manual_seed(0)
+    med = MED.from_config(model, tok)
+    out = Path(out)
+    return str(export_captioner(med, tok, out / "captioner")), str(export_filter(med, tok, out / "filter"))
+
+
+def script_round(cfg: Config, urls: list[str], out: str, script: Any, batch_size: int) -> int:
+    """The script's end to end, one step after the other: per shard, read and decode a batch, caption,
+    score, select; then write the shard's outputs as a round does. Returns the images read."""
+    decoder, n = PillowDecoder(cfg.run.image_size, 1, cfg.run.max_pixels), 0
+    for url in urls:
+        shard, results, rejects, n_in = ShardReader(url), [], [], 0
+        for batch in decoded_batches(shard, decoder, batch_size):
+            n_in += batch.n_in
+            rejects += batch.rejects
+            if batch.samples:
+                done, failed = score_batch(batch, script, script, cfg.filter.threshold, {})
+                results += done
+                rejects += failed
+        stats = shard_stats(url, results, rejects, n_in, shard.truncated)
+        writer.write_round_shard(out, writer.output_name(url), results, stats, {"script": "hf"})
+        n += n_in
+    return n
+
+
+def model_images_per_s(pairs: dict[str, tuple[Any, Any]], batches: list) -> dict[str, float]:
+    """Images/s of each (captioner, filter) pair on the same decoded batches, after one warm-up batch."""
+    out = {}
+    for name, (cap, flt) in pairs.items():
+        for i, (pixels, keys, web) in enumerate([batches[0], *batches]):
+            if i == 1:
+                start = time.perf_counter()
+            caps = cap.caption(pixels, keys)
+            flt.score(pixels, [[w, *c] for w, c in zip(web, caps)])
+        out[name] = sum(len(keys) for _, keys, _ in batches) / (time.perf_counter() - start)
+    return out
+
+
+def timed(fn, *args, **kwargs) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - start
 
 
 def bench_round(
@@ -67,35 +147,64 @@ def bench_round(
     captioner: str,
     filter_: str,
     truth: str | None = None,
-    naive_limit: int = 200,
+    model_images: int = 1024,
+    one_image_shards: int = 1,
     local: bool = False,
 ) -> dict[str, Any]:
-    """Round throughput (fresh run folder, model loading included and excluded), naive throughput, ratio,
-    and the filter's precision/recall of dropping noisy web captions when ``truth`` is given."""
-    out = tempfile.mkdtemp(prefix="capfilt-bench-")
+    """Model-only and end-to-end images/s of capfilt, the batched HF script and the one-image loop, their
+    ratios, capfilt's wall time against its model time, and the filter's precision/recall given ``truth``."""
+    urls, bs = expand_shards(shards), cfg.run.batch_size
+    decoder, batches = PillowDecoder(cfg.run.image_size, 1, cfg.run.max_pixels), []
+    for batch in decoded_batches(ShardReader(urls[0]), decoder, bs):
+        if batch.samples and sum(len(k) for _, k, _ in batches) < model_images:
+            batches.append((batch.pixels, [s.key for s in batch.samples], [s.caption for s in batch.samples]))
+    ours = (Captioner(captioner, cfg.caption, seed=cfg.run.seed), Filter(filter_, cfg.filter))
+    script = HFScript(cfg, captioner, filter_)
+    model = model_images_per_s({"capfilt": ours, "hf_script": (script, script)}, batches)
+    del ours, script
+
+    tmp = tempfile.mkdtemp(prefix="capfilt-bench-")
     try:
-        summary = run_round(cfg, shards, out, captioner, filter_, local=local, progress=False)
-        run = summary["this_invocation"]
-        stage = run["stage_seconds"]
-        per_actor_busy = (
-            stage.get("total", 0.0) / max(1, min(cfg.run.actors, run["shards"]))
-            if not local
-            else stage.get("total", 0.0)
+        summary, ours_s = timed(
+            run_round, cfg, shards, f"{tmp}/capfilt", captioner, filter_, local, progress=False
         )
+        run = summary["this_invocation"]
+        n_script, script_s = timed(
+            lambda: script_round(cfg, urls, f"{tmp}/hf", HFScript(cfg, captioner, filter_), bs)
+        )
+        n_one, one_s = timed(
+            lambda: script_round(
+                cfg, urls[:one_image_shards], f"{tmp}/one", HFScript(cfg, captioner, filter_), 1
+            )
+        )
+        stage = run["stage_seconds"]
+        model_s = (stage.get("caption", 0.0) + stage.get("score", 0.0)) / max(
+            1, min(cfg.run.actors, len(urls))
+        )
+        e2e = {
+            "capfilt_run": run["n_in"] / ours_s,
+            "hf_script": n_script / script_s,
+            "one_image": n_one / one_s,
+        }
         result: dict[str, Any] = {
             "images": run["n_in"],
-            "round_images_per_s": run["images_per_s"],
-            "round_images_per_s_excluding_startup": run["n_in"] / per_actor_busy if per_actor_busy else 0.0,
+            "model_images": sum(len(k) for _, k, _ in batches),
+            "model_images_per_s": model,
+            "e2e_images_per_s": e2e,
+            "ratios": {
+                "model_vs_hf_script": model["capfilt"] / model["hf_script"],
+                "e2e_vs_hf_script": e2e["capfilt_run"] / e2e["hf_script"],
+                "e2e_vs_one_image": e2e["capfilt_run"] / e2e["one_image"],
+                "wall_over_model_time": ours_s / model_s if model_s else None,
+            },
             "stage_seconds": stage,
             "kept_rate": summary["kept_rate"],
             "kept_rate_by_source": summary["kept_rate_by_source"],
         }
-        result["naive_images_per_s"] = naive_images_per_s(cfg, shards, captioner, filter_, naive_limit)
-        result["speedup"] = result["round_images_per_s"] / result["naive_images_per_s"]
         if truth:
             from capfilt.eval.filtering import round_metrics
 
-            result["filter"] = round_metrics(out, truth, cfg.filter.threshold)
+            result["filter"] = round_metrics(f"{tmp}/capfilt", truth, cfg.filter.threshold)
         return result
     finally:
-        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -2,8 +2,12 @@
 
 Nucleus sampling runs in our own decoding loop over ``model.text_decoder`` with the KV cache, because
 HF ``generate`` draws every row from one random stream: a sample's captions would then depend on its
-batch neighbours. Here each row owns a ``torch.Generator`` seeded from (run seed, sample key, caption
-index), so the same sample gets the same captions whatever the batch size, order, worker or retry.
+batch neighbours. Here each row's random stream is seeded from (run seed, sample key, caption index) and
+drawn once per batch, before the loop, on the CPU: one uniform per step. Each step then filters all rows
+at once and draws by inverse CDF over the nucleus, with one host sync (how many rows are still going),
+so a sample gets the same captions whatever the batch size, order, worker or retry. (Until
+2026-11-25 each row drew with its own ``torch.multinomial`` call in a Python loop; the stream changed
+then, so a seed's captions differ from those of earlier runs.)
 
 The per-step processing mirrors what the reference gets from HF ``generate`` (BLIP passes
 ``do_sample=True, top_p=0.9, repetition_penalty=1.1, min_length, max_length`` and no ``top_k``, so HF's
@@ -33,22 +37,32 @@ def row_seed(seed: int, key: str, index: int) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def process_logits(
+def nucleus(
     logits: torch.Tensor, seqs: torch.Tensor, cfg: CaptionConfig, eos: int, top_k: int = REFERENCE_TOP_K
-) -> torch.Tensor:
-    """Next-token logits [R, V] → filtered logits, each row from its own tokens ``seqs`` [R, L] only."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next-token logits [R, V] → the nucleus of each row: (probabilities [R, k], token ids [R, k]),
+    most likely first, zero outside the nucleus; each row from its own tokens ``seqs`` [R, L] only.
+
+    HF's chain (repetition penalty, min length, top-k, top-p) on the k best tokens instead of a sort of
+    the whole vocabulary: HF keeps a token when the probability mass *below* it exceeds 1 - top_p, that
+    is when the mass *above* it (most likely first) is under top_p; the most likely token always stays.
+    """
     scores = logits.gather(1, seqs)
     scores = torch.where(scores < 0, scores * cfg.repetition_penalty, scores / cfg.repetition_penalty)
     logits = logits.scatter(1, seqs, scores)
     if seqs.shape[1] < cfg.min_length:
         logits[:, eos] = -float("inf")
-    k = min(top_k, logits.shape[-1])
-    logits = logits.masked_fill(logits < torch.topk(logits, k)[0][..., -1:], -float("inf"))
-    sorted_logits, sorted_idx = torch.sort(logits, descending=False)
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop = cum <= (1 - cfg.top_p)
-    drop[..., -1:] = False  # keep at least the most likely token
-    return logits.masked_fill(drop.scatter(1, sorted_idx, drop), -float("inf"))
+    top, ids = torch.topk(logits, min(top_k, logits.shape[-1]))
+    probs = top.softmax(-1)
+    above = probs.cumsum(-1) - probs
+    return probs.masked_fill(above >= cfg.top_p, 0.0), ids
+
+
+def draw(probs: torch.Tensor, ids: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverse CDF: the first candidate whose cumulative mass exceeds u·total."""
+    cdf = probs.cumsum(-1)
+    pick = torch.searchsorted(cdf, (uniforms * cdf[:, -1])[:, None], right=True)
+    return ids.gather(1, pick.clamp_(max=ids.shape[1] - 1)).squeeze(1)
 
 
 def caption_tokens(
@@ -101,7 +115,7 @@ class Captioner:
         return [texts[b * n : (b + 1) * n] for b in range(len(keys))]
 
     def _generator(self, key: str, index: int) -> torch.Generator:
-        return torch.Generator(device=self.device).manual_seed(row_seed(self.seed, key, index))
+        return torch.Generator().manual_seed(row_seed(self.seed, key, index))
 
     def _text(self, ids: list[int]) -> str:
         """Decode the whole words generated after the prompt (see :func:`caption_tokens`)."""
@@ -113,34 +127,37 @@ class Captioner:
 
     def _sample(self, image_embeds: torch.Tensor, gens: list[torch.Generator]) -> list[list[int]]:
         """Nucleus sampling with the KV cache; finished rows leave the batch (and the cache)."""
-        rows = len(gens)
+        rows, steps = len(gens), self.cfg.max_length - len(self.prompt_ids)
+        # Each row's whole random stream, drawn up front on the CPU (so it is the same on every device):
+        # one uniform per step, the row's own, whatever else is in the batch.
+        uniforms = torch.stack([torch.rand(steps, generator=g) for g in gens]).to(self.device)
         seqs = torch.tensor([self.prompt_ids] * rows, device=self.device)
         active = torch.arange(rows, device=self.device)
-        done: dict[int, list[int]] = {}
+        tokens = torch.full((rows, steps), -1, device=self.device)
         step_ids, cache = seqs, None
-        while True:
+        for step in range(steps):
             out = self.model.text_decoder(
-                input_ids=step_ids,
-                encoder_hidden_states=image_embeds[active],
-                past_key_values=cache,
-                use_cache=True,
+                input_ids=step_ids, encoder_hidden_states=image_embeds, cache=cache, use_cache=True
             )
-            cache = out.past_key_values
-            probs = process_logits(out.logits[:, -1, :].float(), seqs, self.cfg, self.eos).softmax(-1)
-            nxt = torch.cat(
-                [torch.multinomial(probs[j], 1, generator=gens[r]) for j, r in enumerate(active.tolist())]
-            )
+            cache = out.cache
+            nxt = draw(*nucleus(out.logits[:, -1, :].float(), seqs, self.cfg, self.eos), uniforms[:, step])
+            tokens[active, step] = nxt
             seqs = torch.cat([seqs, nxt[:, None]], dim=1)
-            finished = (nxt == self.eos) | (seqs.shape[1] >= self.cfg.max_length)
-            for j in finished.nonzero().flatten().tolist():
-                done[int(active[j])] = seqs[j].tolist()
-            if bool(finished.all()):
-                return [done[r] for r in range(rows)]
-            keep = (~finished).nonzero().flatten()
-            if len(keep) < len(active):
+            going = nxt != self.eos
+            n_going = int(going.sum())  # the step's one host sync
+            if n_going == 0:
+                break
+            if n_going < len(active):  # rows that wrote [SEP] leave, their cache too
+                keep = torch.argsort((~going).byte(), stable=True)[:n_going]
                 cache.batch_select_indices(keep)
-                seqs, active = seqs[keep], active[keep]
+                seqs, active, uniforms, image_embeds = (
+                    seqs[keep],
+                    active[keep],
+                    uniforms[keep],
+                    image_embeds[keep],
+                )
             step_ids = seqs[:, -1:]
+        return [self.prompt_ids + [t for t in row if t >= 0] for row in tokens.tolist()]
 
     def _beam(self, pixels: torch.Tensor) -> list[list[int]]:
         """Beam search through HF ``generate`` (which drops the trailing token it is given, hence [SEP])."""

@@ -1,6 +1,7 @@
 """Training pairs from WebDataset shards: read → one pair per reference → shuffle → augment → batch.
 
-An epoch's order is a pure function of (seed, epoch), and every random crop of (seed, epoch, rank, batch,
+An epoch's order is a pure function of (seed, epoch) for a given number of ranks and DataLoader
+workers, and every random crop of (seed, epoch, rank, batch,
 slot). That is what lets a resumed run skip the batches it already trained on and then see exactly the
 batches an uninterrupted run would: no RNG state has to be saved.
 
@@ -144,11 +145,39 @@ def augment(img: Image.Image, stage: TrainConfig, rng: np.random.Generator) -> t
     return normalize(np.asarray(img))
 
 
-class PairBatches(IterableDataset):
-    """The batches of one epoch for one DDP rank, from batch ``skip`` on.
+def reader_split(
+    shards: list[str], seed: int, epoch: int, reader: int, readers: int
+) -> tuple[list[str], int]:
+    """What one reader (a DDP rank's DataLoader worker) reads in an epoch: (shards, pair stride).
 
-    Every rank reads the same shuffled stream and keeps every ``world``-th pair; DataLoader workers
-    (if any) take every n-th batch. Only full batches are made; the loop decides how many to use.
+    Every ``readers``-th shard of the epoch's (seed, epoch) permutation, as webdataset's node and worker
+    splitting do (stride 1); with fewer shards than readers, all shards and every ``readers``-th pair.
+    """
+    order = [shards[i] for i in np.random.default_rng([seed, epoch]).permutation(len(shards))]
+    return (order[reader::readers], 1) if len(order) >= readers else (order, readers)
+
+
+def passes(shards: list[str], buffer: int, rng: np.random.Generator, rejects: Counter) -> Iterator[Pair]:
+    """The shards' pairs, shuffled, pass after pass: a reader whose shards hold fewer pairs than its
+    share of the epoch starts them again (DistributedSampler pads the same way) instead of stalling DDP."""
+    while True:
+        empty = True
+        for pair in shuffled(read_pairs(shards, rejects), buffer, rng):
+            empty = False
+            yield pair
+        if empty:
+            return
+
+
+class PairBatches(IterableDataset):
+    """The batches of one epoch for one DDP rank, from batch ``skip`` on; endless (the loop takes
+    ``steps_per_epoch``).
+
+    Each rank, and each of its DataLoader workers, reads only its own shards (:func:`reader_split`), so
+    reading does not grow with the number of ranks. The rank's batch ``b`` is reader part ``b % workers``'s
+    batch ``b // workers`` (the DataLoader takes workers in turn). When shards hold equal numbers of pairs
+    and the batch size divides them, every pair is seen once per epoch across ranks; otherwise a reader
+    with fewer pairs repeats some and one with more does not reach its last ones this epoch.
     """
 
     def __init__(
@@ -162,18 +191,20 @@ class PairBatches(IterableDataset):
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
         seed, bs = self.stage.seed, self.stage.batch_size
-        rng = np.random.default_rng([seed, self.epoch])
-        order = [self.shards[i] for i in rng.permutation(len(self.shards))]
-        stream = shuffled(read_pairs(order, self.rejects), self.stage.shuffle_buffer, rng)
-        mine = decoded(islice(stream, self.rank, None, self.world), self.rejects)
-        for _ in islice(mine, bs * self.skip):  # trained on before a resume
+        # The DataLoader starts with worker 0, which must make batch ``skip``: it plays that batch's part.
+        part = (worker + self.skip) % n_workers
+        reader = self.rank * n_workers + part
+        shards, stride = reader_split(self.shards, seed, self.epoch, reader, self.world * n_workers)
+        rng = np.random.default_rng([seed, self.epoch] + ([reader] if stride == 1 else []))
+        stream = passes(shards, self.stage.shuffle_buffer, rng, self.rejects)
+        mine = decoded(islice(stream, reader % stride, None, stride), self.rejects)
+        first = -(-(self.skip - part) // n_workers)  # this part's batches trained on before a resume
+        for _ in islice(mine, bs * first):
             pass
-        for b in count(self.skip):
+        for b in count(first * n_workers + part, n_workers):
             pairs = list(islice(mine, bs))
             if len(pairs) < bs:
                 return
-            if b % n_workers != worker:
-                continue
             crops = [
                 augment(im, self.stage, np.random.default_rng([seed, self.epoch, self.rank, b, j]))
                 for j, (im, _) in enumerate(pairs)

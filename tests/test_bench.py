@@ -1,0 +1,33 @@
+"""`capfilt bench`: the GPU path's table on the CPU at a tiny size, and the round against the HF script."""
+
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from typer.testing import CliRunner
+
+from capfilt.bench import web_captions
+from capfilt.cli import app
+from capfilt.config import load_config
+from capfilt.run import bench
+
+
+def test_bench_device_cpu_writes_the_table(tiny_world, tmp_path):
+    table = tmp_path / "table.md"
+    args = ["bench", "-c", "tiny", "--world", tiny_world, "--device", "cpu", "--batch-sizes", "4,8"]
+    result = CliRunner().invoke(app, [*args, "--images", "16", "--actors", "1,2", "--table", str(table)])
+    assert result.exit_code == 0, result.output
+    rows = [line.split(" | ") for line in table.read_text().splitlines()[2:]]
+    assert [r[0].strip("| ") for r in rows] == ["decode"] * 2 + ["model"] * 2 + ["round"] * 2
+    assert "batch 8, float32" in rows[3][1] and "2 actor(s)" in rows[5][1]
+    assert all(float(r[2].strip(" |").replace(",", "")) > 0 for r in rows)
+
+
+def test_hf_script_round_writes_what_a_round_writes(tiny_world, tmp_path):
+    cfg = load_config("tiny")
+    cap, flt = bench.random_models(cfg.model, tmp_path / "models", web_captions(Path(tiny_world)))
+    urls = sorted(str(p) for p in Path(tiny_world).glob("web-*.tar"))
+    assert bench.script_round(cfg, urls, str(tmp_path / "hf"), bench.HFScript(cfg, cap, flt), 8) == 64
+    scores = pq.read_table(tmp_path / "hf" / "web-000000.scores.parquet").to_pylist()
+    assert len(scores) == 32
+    assert all([c["source"] for c in r["candidates"]] == ["web", "synthetic"] for r in scores)
+    assert all(0 <= c["itm"] <= 1 and c["itc"] is None for r in scores for c in r["candidates"])
