@@ -2,7 +2,9 @@
 
 ``run_round`` is what ``capfilt run`` and ``pipelines/run_round.py`` call. It expands the shard specs,
 opens the run folder (manifest; refuses a rerun with another config or models unless ``new_run``),
-skips committed shards, runs the rest locally or on Ray, and writes ``OUT/summary.json``.
+skips committed shards, runs the rest locally or on Ray, and writes ``OUT/summary.json`` and the
+dataset card. The run covers every shard the folder's manifest lists, so a nightly rerun over a grown
+shard list processes only the new shards (and any that failed before) and its summary covers them all.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from capfilt.config import Config
 from capfilt.data.sample import ShardStats
 from capfilt.data.specs import expand_shards
 from capfilt.model.hf import model_hash
-from capfilt.run import ledger
+from capfilt.run import card, ledger
 from capfilt.run.progress import RoundProgress, summarize
 
 
@@ -55,10 +57,11 @@ def run_round(
 ) -> dict[str, Any]:
     """Clean ``shards`` into ``out`` with the given captioner and filter; returns the summary."""
     start = time.perf_counter()
-    urls = expand_shards(shards)
     models = {"captioner": model_hash(captioner), "filter": model_hash(filter_)}
-    ledger.open_run(out, ledger.make_manifest(urls, cfg, models), new_run=new_run)
-    names = ledger.shard_names(ledger.read_manifest(out)["shards"])
+    ledger.open_run(out, ledger.make_manifest(expand_shards(shards), cfg, models), new_run=new_run)
+    manifest = ledger.read_manifest(out)
+    urls = manifest["shards"]
+    names = ledger.shard_names(urls)
     jobs = ledger.pending_shards(out, names, urls)
     done: dict[str, ShardStats] = {}
     failed: dict[str, str] = {}
@@ -72,7 +75,8 @@ def run_round(
             failed[url] = error
             bar.shard_failed(url, error)
 
-        args = (cfg, jobs, out, captioner, filter_, provenance_of(cfg, models), on_done, on_failed)
+        provenance = provenance_of(cfg, models)
+        args = (cfg, jobs, out, captioner, filter_, provenance, on_done, on_failed)
         if local:
             from capfilt.run.local import run_local
 
@@ -91,4 +95,6 @@ def run_round(
     committed = [done[u] if u in done else ledger.read_stats(out, names[u]) for u in urls if u not in failed]
     summary = summarize(committed, failed, list(done.values()), time.perf_counter() - start)
     ledger.write_json(out.rstrip("/") + "/" + ledger.SUMMARY, summary)
+    committed_names = [names[u] for u in urls if u not in failed]
+    card.write_card(out, card.dataset_info(manifest, summary, provenance, committed_names))
     return summary
