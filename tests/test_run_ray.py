@@ -79,7 +79,9 @@ def test_actors_killed_mid_shard_give_identical_outputs(reference, tiny_models, 
 
 
 def test_auto_pool_fits_the_declared_resources():
-    run = load_config("tiny", ["run.actors=auto", "run.num_gpus_per_actor=0.5", "run.num_cpus_per_actor=4"]).run
+    run = load_config(
+        "tiny", ["run.actors=auto", "run.num_gpus_per_actor=0.5", "run.num_cpus_per_actor=4"]
+    ).run
     assert actors_that_fit(run, {"CPU": 64.0, "GPU": 8.0}) == 16  # two actors per GPU
     assert actors_that_fit(run, {"CPU": 10.0, "GPU": 8.0}) == 2  # CPUs run out first
     assert actors_that_fit(run, {"CPU": 64.0}) == 0  # no GPU node yet (an autoscaler adds one)
@@ -89,7 +91,9 @@ def test_auto_pool_fits_the_declared_resources():
 
 
 def test_auto_pool_gives_the_same_outputs(reference, tiny_models, shards, tmp_path):
-    summary = run_round(tiny_cfg("run.actors=auto"), shards, str(tmp_path / "run"), *tiny_models, progress=False)
+    summary = run_round(
+        tiny_cfg("run.actors=auto"), shards, str(tmp_path / "run"), *tiny_models, progress=False
+    )
     assert summary["shards_done"] == 4 and not summary["failed_shards"]
     assert outputs(tmp_path / "run") == outputs(reference)
 
