@@ -120,7 +120,7 @@ class RunConfig:
     decoder: Literal["pillow", "dali"] = "pillow"
     decode_threads: int = 2
     max_pixels: int = 89_478_485  # Pillow's own bomb limit; larger images are rejected
-    actors: int = 1
+    actors: int | Literal["auto"] = 1  # "auto": as many as the cluster's resources hold, growing with it
     num_cpus_per_actor: float = 1.0
     num_gpus_per_actor: float = 0.0
     max_shard_retries: int = 3

@@ -1,4 +1,4 @@
-"""Shared data-layer fixtures: real images and real shards written to temporary folders."""
+"""Shared fixtures: real images and real shards written to temporary folders, a moto S3 server."""
 
 from __future__ import annotations
 
@@ -163,3 +163,31 @@ def bad_shard_members() -> tuple[list[tuple[str, bytes]], dict[str, str | None]]
         members += [(f"{key}.{ext}", data), (f"{key}.txt", key.encode())]
         expected[key] = reason
     return members, expected
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """A moto S3 server with a bucket ``bucket``; AWS_ENDPOINT_URL and credentials point at it (and
+    reach subprocesses started from the test)."""
+    import fsspec
+    import s3fs
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        s3fs.S3FileSystem.clear_instance_cache()
+        fs = fsspec.filesystem("s3")
+        fs.mkdir("bucket")
+        yield fs
+        s3fs.S3FileSystem.clear_instance_cache()
+    server.stop()

@@ -42,3 +42,11 @@ def test_new_run_clears_the_previous_outputs(tmp_path):
 def test_shard_names_stay_unique(tmp_path):
     names = ledger.shard_names(["a/web-0.tar", "b/web-0.tar"])
     assert len(set(names.values())) == 2
+
+
+def test_a_grown_list_that_would_rename_an_old_shard_refuses(tmp_path):
+    cfg = load_config("tiny")
+    ledger.open_run(str(tmp_path), manifest(cfg))
+    with pytest.raises(ledger.RunMismatchError, match="rename"):
+        ledger.open_run(str(tmp_path), manifest(cfg, shards=("b/web-0.tar",)))
+    assert ledger.read_manifest(str(tmp_path))["shards"] == ["a/web-0.tar", "a/web-1.tar"]

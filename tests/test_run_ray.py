@@ -21,7 +21,9 @@ import pytest
 import ray
 from run_helpers import make_shards, tiny_cfg
 
+from capfilt.config import ConfigError, load_config
 from capfilt.run.faults import KILL_DIR
+from capfilt.run.ray_pool import actors_that_fit
 from capfilt.run.round import run_round
 
 pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
@@ -73,6 +75,26 @@ def test_actors_killed_mid_shard_give_identical_outputs(reference, tiny_models, 
     assert all((kill_dir / f).read_text() == "0" for f in ("web-000001.kill", "web-000003.kill"))
     assert summary["shards_done"] == 4 and not summary["failed_shards"]
     assert summary["n_in"] == summary["kept"] + summary["dropped"] + sum(summary["rejected"].values())
+    assert outputs(tmp_path / "run") == outputs(reference)
+
+
+def test_auto_pool_fits_the_declared_resources():
+    run = load_config(
+        "tiny", ["run.actors=auto", "run.num_gpus_per_actor=0.5", "run.num_cpus_per_actor=4"]
+    ).run
+    assert actors_that_fit(run, {"CPU": 64.0, "GPU": 8.0}) == 16  # two actors per GPU
+    assert actors_that_fit(run, {"CPU": 10.0, "GPU": 8.0}) == 2  # CPUs run out first
+    assert actors_that_fit(run, {"CPU": 64.0}) == 0  # no GPU node yet (an autoscaler adds one)
+    assert actors_that_fit(load_config("tiny", ["run.num_cpus_per_actor=0.3"]).run, {"CPU": 3.0}) == 10
+    with pytest.raises(ConfigError, match="auto"):
+        load_config("tiny", ["run.actors=many"])
+
+
+def test_auto_pool_gives_the_same_outputs(reference, tiny_models, shards, tmp_path):
+    summary = run_round(
+        tiny_cfg("run.actors=auto"), shards, str(tmp_path / "run"), *tiny_models, progress=False
+    )
+    assert summary["shards_done"] == 4 and not summary["failed_shards"]
     assert outputs(tmp_path / "run") == outputs(reference)
 
 

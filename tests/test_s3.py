@@ -6,39 +6,13 @@ capfilt reaches an S3-compatible endpoint through standard settings, no code: bo
 
 from __future__ import annotations
 
-import fsspec
 import pytest
-import s3fs
 from conftest import make_sample
 
 from capfilt.data.reader import ShardReader
 from capfilt.data.sample import Candidate, Sample, ScoredSample, ShardStats
 from capfilt.data.specs import ShardSpecError, expand_shards
 from capfilt.data.writer import atomic_open, is_done, write_round_shard, write_samples_shard
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        s3fs.S3FileSystem.clear_instance_cache()
-        fs = fsspec.filesystem("s3")
-        fs.mkdir("bucket")
-        yield fs
-        s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
 
 
 def test_s3_specs_read_and_atomic_round_outputs(s3):

@@ -2,7 +2,8 @@
 
 ``OUT/manifest.json`` records the input shards, the config, the model hashes and the seed. A rerun
 with the same config and models continues the run: shards whose done marker exists are skipped (the
-writer puts the marker last, so a marker means the shard's files are complete). A rerun with a
+writer puts the marker last, so a marker means the shard's files are complete), and new shards in its
+list join the run (a nightly rerun over a grown list), unless they would rename an old shard's outputs. A rerun with a
 different config or different models refuses, because mixing two runs' shards in one folder would make
 the folder lie about how it was made. With ``new_run=True`` it clears the folder's previous outputs
 (every file of the old manifest's shards, the summary) and starts over in the same folder: OUT always
@@ -21,6 +22,7 @@ from fsspec.core import url_to_fs
 from capfilt.config import Config
 from capfilt.data import writer
 from capfilt.data.sample import ShardStats
+from capfilt.run import card
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
@@ -71,12 +73,12 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def clear_run(out: str, old: dict[str, Any]) -> None:
-    """Remove every output of a previous run: its shards' files, the summary, the manifest."""
+    """Remove every output of a previous run: its shards' files, the summary, the card, the manifest."""
     fs, root = url_to_fs(out)
     for name in shard_names(old["shards"]).values():
         for path in fs.glob(posixpath.join(root, f"{name}.*")):
             fs.rm(path)
-    for name in (SUMMARY, MANIFEST):
+    for name in (SUMMARY, card.README, card.DATASET_INFO, MANIFEST):
         if fs.exists(posixpath.join(root, name)):
             fs.rm(posixpath.join(root, name))
 
@@ -96,8 +98,15 @@ def open_run(out: str, manifest: dict[str, Any], new_run: bool = False) -> None:
             )
         if diff:
             clear_run(out, old)
-        else:  # same run, maybe more shards: remember them all
-            manifest = {**manifest, "shards": list(dict.fromkeys(old["shards"] + manifest["shards"]))}
+        else:  # same run, maybe more shards (a nightly rerun over new downloads): remember them all
+            grown = list(dict.fromkeys(old["shards"] + manifest["shards"]))
+            renamed = sorted(u for u, n in shard_names(old["shards"]).items() if shard_names(grown)[u] != n)
+            if renamed:
+                raise RunMismatchError(
+                    f"{out}: the new shards share file names with {renamed[:5]} from other folders, "
+                    "which would rename their outputs; use another --out"
+                )
+            manifest = {**manifest, "shards": grown}
     write_json(_join(out, MANIFEST), manifest)
 
 

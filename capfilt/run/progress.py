@@ -2,7 +2,7 @@
 
 The summary covers the whole run folder, including shards committed by an earlier, interrupted
 invocation (their ``NAME.stats.json`` is read back); throughput counts only what this invocation
-processed, over its wall time.
+processed, over its wall time, and ``shards_already_done`` says how many were committed before it.
 """
 
 from __future__ import annotations
@@ -47,8 +47,10 @@ def summarize(
         "rejected": dict(sorted(rejected.items())),
         "no_web_caption": sum(s.no_web_caption for s in stats),
         "kept_rate": kept / n_in if n_in else 0.0,
+        "kept_by_source": dict(sorted(kept_src.items())),
         "kept_rate_by_source": {src: kept_src[src] / n for src, n in sorted(cand_src.items()) if n},
         "candidates_by_source": dict(sorted(cand_src.items())),
+        "shards_already_done": len(stats) - len(processed),
         "this_invocation": {
             "shards": len(processed),
             "n_in": n_new,

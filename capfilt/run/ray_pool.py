@@ -4,6 +4,12 @@ Resources are declared per actor from ``cfg.run`` (``num_cpus_per_actor``, ``num
 fractional GPU such as 0.5 puts two actors on one GPU: Ray does not enforce memory, so size batches so
 two fit). Shards are handed out as actors free up (``ray.wait``).
 
+Pool size: ``run.actors: N`` places N actors (fewer when there are fewer shards). ``run.actors: auto``
+places as many as the cluster's total resources hold for the declared per-actor resources, and looks
+again every few seconds while shards are queued, so nodes that join during the run (an autoscaling
+cluster, a spot node coming back) get actors too. An actor whose node is lost is restarted wherever
+there is room; the pool never waits on it to finish the run.
+
 Fault tolerance, set on purpose (Ray's defaults are 0 and 0):
 - ``max_restarts=-1``: an actor whose process dies (OOM, segfault, preemption, SIGKILL) is restarted,
   reloading its models, so the pool keeps its size.
@@ -17,13 +23,14 @@ Fault tolerance, set on purpose (Ray's defaults are 0 and 0):
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import ray
 
-from capfilt.config import Config
+from capfilt.config import Config, RunConfig
 from capfilt.data.sample import ShardStats
 from capfilt.run.worker import ShardWorker
 
@@ -41,6 +48,24 @@ class ShardActor:
 
     def run(self, url: str, name: str, out: str) -> ShardStats:
         return self.worker.run(url, name, out)
+
+
+GROW_CHECK_S = 2.0  # how often an "auto" pool looks for new cluster capacity while shards are queued
+
+
+def actors_that_fit(run: RunConfig, resources: dict[str, float]) -> int:
+    """How many actors with ``run``'s per-actor CPUs and GPUs the ``resources`` (Ray's totals) hold."""
+    need = {"CPU": run.num_cpus_per_actor, "GPU": run.num_gpus_per_actor}
+    if not any(v > 0 for v in need.values()):
+        raise ValueError("run.actors: auto needs run.num_cpus_per_actor or run.num_gpus_per_actor > 0")
+    return min(int(resources.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
+
+
+def pool_size(run: RunConfig, n_jobs: int) -> int:
+    """Actors wanted now: the fixed number, or what the cluster holds (at least one, so that an
+    autoscaler sees demand), never more than there are shards."""
+    n = actors_that_fit(run, ray.cluster_resources()) if run.actors == "auto" else run.actors
+    return max(1, min(n, n_jobs))
 
 
 def make_actors(cfg: Config, n: int, captioner: str, filter_: str, provenance: dict[str, Any]) -> list:
@@ -71,13 +96,23 @@ def run_ray(
     """
     if not jobs:
         return
-    actors = make_actors(cfg, min(cfg.run.actors, len(jobs)), captioner, filter_, provenance)
+    auto = cfg.run.actors == "auto"
+    actors = make_actors(cfg, pool_size(cfg.run, len(jobs)), captioner, filter_, provenance)
     queue = deque((url, name, 0, None) for url, name in jobs)  # (url, name, failures so far, last actor)
     free = list(actors)
     alive = list(actors)
     running: dict = {}  # ObjectRef → (actor, job) for shards, (actor, None) for probes
+    next_check = time.monotonic() + GROW_CHECK_S
     try:
-        while queue or running:
+        while queue or any(job is not None for _, job in running.values()):
+            if auto and queue and time.monotonic() >= next_check:
+                next_check = time.monotonic() + GROW_CHECK_S
+                new = make_actors(
+                    cfg, pool_size(cfg.run, len(jobs)) - len(alive), captioner, filter_, provenance
+                )
+                actors += new
+                free += new
+                alive += new
             while queue and free:
                 url, name, failures, last = queue.popleft()
                 actor = next((a for a in free if a is not last), free[0])  # another actor when possible
@@ -87,10 +122,12 @@ def run_ray(
                 url, name, _, _ = queue.popleft()
                 on_failed(url, "no live actor left in the pool")
                 continue
-            [ref], _ = ray.wait(list(running), num_returns=1)
-            actor, job = running.pop(ref)
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=GROW_CHECK_S if auto else None)
+            if not ready:
+                continue
+            actor, job = running.pop(ready[0])
             try:
-                result = ray.get(ref)
+                result = ray.get(ready[0])
             except ray.exceptions.RayError as err:
                 if job is None:  # the probe failed: this actor is not coming back
                     alive.remove(actor)

@@ -2,7 +2,9 @@
 
 ``run_round`` is what ``capfilt run`` and ``pipelines/run_round.py`` call. It expands the shard specs,
 opens the run folder (manifest; refuses a rerun with another config or models unless ``new_run``),
-skips committed shards, runs the rest locally or on Ray, and writes ``OUT/summary.json``.
+skips committed shards, runs the rest locally or on Ray, and writes ``OUT/summary.json`` and the
+dataset card. The run covers every shard the folder's manifest lists, so a nightly rerun over a grown
+shard list processes only the new shards (and any that failed before) and its summary covers them all.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from capfilt.data.sample import ShardStats
 from capfilt.data.specs import expand_shards
 from capfilt.model.hf import model_hash
 from capfilt.model.hub import resolve_model
-from capfilt.run import ledger
+from capfilt.run import card, ledger
 from capfilt.run.calibration import resolve_threshold
 from capfilt.run.progress import RoundProgress, summarize
 
@@ -69,7 +71,6 @@ def run_round(
     ``human`` (clean pairs) is needed only when ``filter.calibration`` sets the threshold from them.
     """
     start = time.perf_counter()
-    urls = expand_shards(shards)
     refs = {"captioner": resolve_model(captioner), "filter": resolve_model(filter_)}
     models = {
         role: {"id": r.id, "revision": r.revision, "hash": model_hash(r.path)} for role, r in refs.items()
@@ -78,8 +79,10 @@ def run_round(
     hashes = {role: m["hash"] for role, m in models.items()}
     threshold, mode = resolve_threshold(cfg, out, filter_, hashes["filter"], human)
     cfg = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, threshold=threshold))
-    ledger.open_run(out, ledger.make_manifest(urls, cfg, hashes), new_run=new_run)
-    names = ledger.shard_names(ledger.read_manifest(out)["shards"])
+    ledger.open_run(out, ledger.make_manifest(expand_shards(shards), cfg, hashes), new_run=new_run)
+    manifest = ledger.read_manifest(out)
+    urls = manifest["shards"]
+    names = ledger.shard_names(urls)
     jobs = ledger.pending_shards(out, names, urls)
     done: dict[str, ShardStats] = {}
     failed: dict[str, str] = {}
@@ -93,7 +96,8 @@ def run_round(
             failed[url] = error
             bar.shard_failed(url, error)
 
-        args = (cfg, jobs, out, captioner, filter_, provenance_of(cfg, models, mode), on_done, on_failed)
+        provenance = provenance_of(cfg, models, mode)
+        args = (cfg, jobs, out, captioner, filter_, provenance, on_done, on_failed)
         if local:
             from capfilt.run.local import run_local
 
@@ -113,4 +117,6 @@ def run_round(
     summary = summarize(committed, failed, list(done.values()), time.perf_counter() - start)
     summary |= {"threshold": threshold, "threshold_mode": mode}
     ledger.write_json(out.rstrip("/") + "/" + ledger.SUMMARY, summary)
+    committed_names = [names[u] for u in urls if u not in failed]
+    card.write_card(out, card.dataset_info(manifest, summary, provenance, committed_names))
     return summary
