@@ -1,4 +1,5 @@
-"""Tiny random HF-format captioner/filter folders and tiny input shards, for the stage and round tests.
+"""Tiny random HF-format captioner/filter folders, tiny input shards, and real Ray nodes, for the stage,
+round and cluster tests.
 
 The round's contract with training is "HF-format folders", so random weights exercise every code path
 in seconds. Import the fixtures into a test module: ``from run_helpers import tiny_models, tiny_shards``.
@@ -7,7 +8,16 @@ in seconds. Import the fixtures into a test module: ``from run_helpers import ti
 from __future__ import annotations
 
 import io
+import json
+import os
 import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -104,3 +114,100 @@ def tiny_models(tmp_path_factory) -> tuple[str, str]:
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory) -> list[str]:
     return make_shards(tmp_path_factory.mktemp("shards"))
+
+
+def outputs(folder: Path) -> dict[str, bytes]:
+    """Every shard file's bytes; stats.json without its timings (measured)."""
+    files = {}
+    for p in sorted(folder.glob("web-*")):
+        if p.name.endswith(".stats.json"):
+            stats = {k: v for k, v in json.loads(p.read_text()).items() if k != "timings"}
+            files[p.name] = json.dumps(stats)
+        elif not p.name.endswith(".done"):
+            files[p.name] = p.read_bytes()
+    return files
+
+
+# --- real Ray nodes on this machine ------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parent.parent
+RAY_BIN = str(Path(sys.executable).parent / "ray")
+RAY_ENV = {  # throwaway loopback clusters: no token to share; the project's `ray` first on PATH
+    **os.environ,
+    "RAY_AUTH_MODE": "disabled",
+    "PATH": f"{Path(RAY_BIN).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_node(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``ray start --block ARGS`` in its own process group: ending that group ends this node and what it
+    started, and nothing else (``ray stop`` would stop every Ray on a shared machine). Every port a node
+    opens is a free one: Ray's fixed defaults (52365 for the dashboard agent...) collide with any other
+    Ray on the machine, and with the other node of a two-node cluster."""
+    ports = [
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+    ]
+    if "--head" in args:
+        ports.append("ray-client-server-port")
+    return subprocess.Popen(
+        [
+            RAY_BIN,
+            "start",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats",
+            *(f"--{p}={free_port()}" for p in ports),
+            *args,
+        ],
+        env=env or RAY_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+
+
+def stop_node(node: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    try:
+        os.killpg(node.pid, sig)
+        node.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait()
+    except ProcessLookupError:
+        node.wait()
+
+
+def wait_for_dashboard(port: int, head: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/version", timeout=2)
+            return
+        except urllib.error.HTTPError:  # it answers (401 when token auth is on): it is up
+            return
+        except OSError:
+            assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
+            time.sleep(0.5)
+
+
+def submit_job(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300):
+    """Run a ``ray job submit`` command. The dashboard answers before the head's job agent registers;
+    under load that takes a while, and Ray says so ("No available agent to submit job, please try again
+    later"): retry, bounded (on a machine shared with other builds it has taken minutes)."""
+    deadline = time.time() + 300
+    while True:
+        done = subprocess.run(
+            cmd, cwd=ROOT, env=env or RAY_ENV, capture_output=True, text=True, timeout=timeout
+        )
+        if "No available agent" not in done.stdout + done.stderr or time.time() > deadline:
+            return done
+        time.sleep(2)

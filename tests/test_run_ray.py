@@ -5,21 +5,27 @@ timings, which are measured).
 """
 
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import ray
-from run_helpers import make_shards, tiny_cfg
+from run_helpers import (
+    RAY_ENV,
+    free_port,
+    make_shards,
+    outputs,
+    ray_node,
+    stop_node,
+    submit_job,
+    tiny_cfg,
+    wait_for_dashboard,
+)
 
 from capfilt.config import ConfigError, load_config
 from capfilt.run.faults import KILL_DIR
@@ -29,18 +35,6 @@ from capfilt.run.round import run_round
 pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def outputs(folder: Path) -> dict[str, bytes]:
-    """Every shard file's bytes; stats.json without its timings (measured)."""
-    files = {}
-    for p in sorted(folder.glob("web-*")):
-        if p.name.endswith(".stats.json"):
-            stats = {k: v for k, v in json.loads(p.read_text()).items() if k != "timings"}
-            files[p.name] = json.dumps(stats)
-        elif not p.name.endswith(".done"):
-            files[p.name] = p.read_bytes()
-    return files
 
 
 @pytest.fixture(scope="module")
@@ -155,92 +149,38 @@ def test_driver_killed_mid_run_resumes_without_recomputing(reference, tiny_model
             assert texts == ref
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_pipeline(tiny_models, shards, tmp_path):
-    """A real head node (``ray start --block``, so that ending that one process ends the cluster we
-    started and nothing else: ``ray stop`` would stop every Ray on a shared machine)."""
+    """A real head node; the job goes in through pipelines/submit_round.sh, the cron example."""
     if ray.is_initialized():
         ray.shutdown()
     port, dash = free_port(), free_port()
     temp = tempfile.mkdtemp(prefix="cfray", dir="/tmp")  # Unix socket paths must stay short
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # a throwaway loopback cluster; no token to share
-    head = subprocess.Popen(
-        [
-            ray_bin,
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--node-ip-address=127.0.0.1",
-            "--num-cpus=2",
-            "--include-dashboard=true",
-            f"--dashboard-port={dash}",
-            "--disable-usage-stats",
-            f"--temp-dir={temp}",
-        ],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+    head = ray_node(
+        "--head",
+        f"--port={port}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        f"--dashboard-port={dash}",
+        f"--temp-dir={temp}",
     )
     out = tmp_path / "run"
+    env = {
+        **RAY_ENV,
+        "RAY_ADDRESS": f"http://127.0.0.1:{dash}",
+        "SHARDS": str(Path(shards[0]).parent / "web-*.tar"),
+        "OUT": str(out),
+        "CAPTIONER": tiny_models[0],
+        "FILTER": tiny_models[1],
+        "CONFIG": "tiny",
+        "PYTHON": sys.executable,  # the project's interpreter: `python` on PATH may lack capfilt's deps
+    }
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{dash}/api/version", timeout=2)
-                break
-            except urllib.error.HTTPError:  # it answers (401 when token auth is on): it is up
-                break
-            except OSError:
-                assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
-                time.sleep(0.5)
-        submit = [
-            ray_bin,
-            "job",
-            "submit",
-            "--address",
-            f"http://127.0.0.1:{dash}",
-            "--working-dir",
-            ".",
-            "--",
-            sys.executable,  # the project's interpreter: `python` on PATH may be one without capfilt's deps
-            "pipelines/run_round.py",
-            *shards,
-            "--out",
-            str(out),
-            "--captioner",
-            tiny_models[0],
-            "--filter",
-            tiny_models[1],
-            "--config",
-            "tiny",
-            "--set",
-            "run.actors=1",
-        ]
-        # The dashboard answers before the head's job agent registers; under load that takes a while,
-        # and Ray says so ("No available agent to submit job, please try again later"): retry, bounded.
-        deadline = time.time() + 180
-        while True:
-            done = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-            if "No available agent" not in done.stdout + done.stderr or time.time() > deadline:
-                break
-            time.sleep(2)
+        wait_for_dashboard(dash, head)
+        done = submit_job(["pipelines/submit_round.sh", "--set", "run.actors=1"], env)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     finally:
-        os.killpg(head.pid, signal.SIGTERM)  # its own process group: the head and what it started
-        try:
-            head.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
+        stop_node(head)
         shutil.rmtree(temp, ignore_errors=True)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["shards_done"] == 4 and summary["n_in"] == 40

@@ -1,16 +1,20 @@
-"""A test hook that SIGKILLs the process cleaning a shard, in the middle of it, a set number of times.
+"""Test hooks that SIGKILL, or hold, the process cleaning a shard in the middle of it.
 
-Recovery from a dead worker (or driver) can only be proven by killing one for real. When the
-environment variable ``CAPFILT_KILL_DIR`` names a folder holding ``NAME.kill`` (text: a count), the
-process that has just computed the first batch of shard NAME decrements the count and kills itself
-with SIGKILL while the count was positive. The folder is read at that moment, so a test can arm kills
-after Ray's workers have started. Without the variable (always, outside the tests) this does nothing.
+Recovery from a dead worker (or driver, or node) can only be proven by killing one for real, at a known
+point. When the environment variable ``CAPFILT_KILL_DIR`` names a folder, the process that has just
+computed the first batch of shard NAME:
+- kills itself with SIGKILL if ``NAME.kill`` (text: a count) holds a positive count, after decrementing it;
+- waits while ``NAME.hold`` exists, so a test can keep a shard in flight (and the rest queued) while it
+  changes the cluster, then release it by deleting the file.
+The folder is read at that moment, so a test can arm kills after Ray's workers have started. Without
+the variable (always, outside the tests) this does nothing.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from pathlib import Path
 
 KILL_DIR = "CAPFILT_KILL_DIR"
@@ -20,6 +24,8 @@ def maybe_kill(name: str) -> None:
     folder = os.environ.get(KILL_DIR)
     if not folder:
         return
+    while (Path(folder) / f"{name}.hold").exists():
+        time.sleep(0.05)
     armed = Path(folder) / f"{name}.kill"
     left = int(armed.read_text() or 0) if armed.exists() else 0
     if left <= 0:
