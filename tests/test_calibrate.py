@@ -76,6 +76,8 @@ def test_round_calibrates_on_human_pairs_records_it_and_select_rederives_it(
     f1 = reselect(out, str(tmp_path / "f1"), calibration="f1")
     assert f1["threshold"] == f1_threshold(cal["human_itm"], cal["mismatched_itm"])
     assert f1["n_in"] == lax["n_in"] == summary["n_in"]
+    info = json.loads((tmp_path / "f1" / "dataset_info.json").read_text())  # the card says how it was set
+    assert (info["threshold"]["value"], info["threshold"]["mode"]) == (f1["threshold"], "f1")
     fixed = reselect(str(tmp_path / "lax"), str(tmp_path / "fixed"), threshold=0.3)
     assert fixed["threshold_mode"] == "fixed"
     with pytest.raises(UserError, match="--threshold"):

@@ -17,7 +17,7 @@ from fsspec.core import url_to_fs
 
 from capfilt.data import reader, writer
 from capfilt.data.sample import Candidate, Sample, ShardStats
-from capfilt.run import ledger
+from capfilt.run import card, ledger
 from capfilt.run.calibration import calibration_of
 from capfilt.run.pipeline import shard_stats
 from capfilt.run.progress import summarize
@@ -51,19 +51,15 @@ def reselect_shard(
     stats = shard_stats(url, results, [], old.n_in, old.truncated)
     stats.rejected, stats.rejects = dict(old.rejected), list(old.rejects)
     stats.check()
-    provenance = {
-        **_provenance(run_dir, name),
-        "threshold": threshold,
-        "threshold_mode": mode,
-        "reselected_from": run_dir,
-    }
-    writer.write_round_shard(out, name, results, stats, provenance)
+    writer.write_round_shard(out, name, results, stats, _provenance(run_dir, name, threshold, mode))
     return stats
 
 
-def _provenance(run_dir: str, name: str) -> dict[str, Any]:
+def _provenance(run_dir: str, name: str, threshold: float, mode: str) -> dict[str, Any]:
+    """The shard's provenance in ``run_dir`` with the new threshold and where it came from."""
     data = ledger.read_json(f"{run_dir.rstrip('/')}/{name}.stats.json") or {}
-    return dict(data.get("provenance", {}))
+    old = data.get("provenance", {})
+    return {**old, "threshold": threshold, "threshold_mode": mode, "reselected_from": run_dir}
 
 
 def reselect(
@@ -89,4 +85,8 @@ def reselect(
     stats = [reselect_shard(run_dir, out, u, names[u], threshold, mode) for u in committed]
     summary = summarize(stats, {}, stats, 0.0) | {"threshold": threshold, "threshold_mode": mode}
     ledger.write_json(f"{out.rstrip('/')}/{ledger.SUMMARY}", summary)
+    if committed:
+        provenance = _provenance(run_dir, names[committed[0]], threshold, mode)
+        done = [names[u] for u in committed]
+        card.write_card(out, card.dataset_info(ledger.read_manifest(out), summary, provenance, done))
     return summary
