@@ -1,6 +1,7 @@
 """Filter metrics on hand-checkable fixtures: raw scores, and a round's scores.parquet against truth or
 a team's own labels."""
 
+import json
 import math
 
 import pyarrow as pa
@@ -57,6 +58,9 @@ def round_scores(tmp_path):
     )
     (tmp_path / "run").mkdir()
     pq.write_table(table, tmp_path / "run" / "web-000000.scores.parquet")
+    (tmp_path / "run" / "summary.json").write_text(
+        json.dumps({"threshold": 0.5})
+    )  # what the run selected with
     return tmp_path / "run"
 
 

@@ -91,9 +91,8 @@ def read_checkpoint(src: str | Path) -> dict[str, torch.Tensor]:
 def load_reference(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer) -> MED:
     """A MED with every tensor of ``state`` in place; raises listing unmapped, missing or misshapen keys.
 
-    The queue size follows the checkpoint. A checkpoint without momentum copies (a finetuned one) gets
-    them copied from the online weights, and ``idx_queue`` (absent from pretrain checkpoints) stays
-    empty, as in a fresh MED.
+    The queue size follows the checkpoint; ``idx_queue`` (absent from pretrain checkpoints) stays empty,
+    as in a fresh MED.
     """
     if "image_queue" in state:
         cfg = dataclasses.replace(cfg, queue_size=state["image_queue"].shape[1])
@@ -118,17 +117,14 @@ def load_reference(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer) 
             loaded.add(name)
             with torch.no_grad():
                 ours[name].copy_(value)
-    momentum = {n for n in ours if n.split(".")[0].endswith("_m")}
-    optional = {"idx_queue"} | (momentum if not loaded & momentum else set())
-    missing = sorted(set(ours) - loaded - optional)
+    missing = sorted(set(ours) - loaded - {"idx_queue"})
     if unmapped or misshapen or missing:
         raise ConvertError(
-            f"the checkpoint does not map onto a {cfg.vision_width}-wide MED: "
-            f"unmapped {unmapped}, shape (checkpoint vs MED) {misshapen}, missing {missing}; "
-            "pick the matching config (-c blip-base or blip-large) and tokenizer"
+            f"the checkpoint does not map onto a {cfg.vision_width}-wide MED: unmapped {unmapped}, "
+            f"shape (checkpoint vs MED) {misshapen[:10]}, missing {len(missing)} {missing[:10]}; "
+            "convert a pretrain checkpoint (model_base.pth, model_large.pth) with its config "
+            "(-c blip-base or blip-large) and BLIP's tokenizer"
         )
-    if not loaded & momentum:
-        med.copy_to_momentum()
     return med
 
 
