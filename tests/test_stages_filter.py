@@ -23,6 +23,16 @@ def test_scores_shape_ranges_and_chunking(tiny_models, pixels):
         for (itm, itc), (itm2, itc2) in zip(row_big, row_small):
             assert 0.0 <= itm <= 1.0 and -1.0 <= itc <= 1.0
             assert itm == pytest.approx(itm2, abs=1e-5) and itc == pytest.approx(itc2, abs=1e-5)
+    f = Filter(tiny_models[1], FilterConfig())  # chunks go shortest first; scores come back in place
+    with torch.no_grad():
+        embeds = f.model.vision_model(pixel_values=pixels).last_hidden_state
+        feats = torch.nn.functional.normalize(f.model.vision_proj(embeds[:, 0]), dim=-1)
+        alone = [
+            [f.score_pairs(embeds[b : b + 1], feats[b : b + 1], [t])[0] for t in ts]
+            for b, ts in enumerate(CAPTIONS)
+        ]
+    for row, row_alone in zip(small, alone):
+        assert sum(row, ()) == pytest.approx(sum(row_alone, ()), abs=1e-5)
 
 
 def test_itm_uses_the_checkpoints_first_token_and_itc_is_unimodal(tiny_models, pixels):

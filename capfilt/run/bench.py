@@ -148,11 +148,12 @@ def bench_round(
     filter_: str,
     truth: str | None = None,
     model_images: int = 1024,
-    one_image_shards: int = 1,
+    one_image: list[str] | None = None,
     local: bool = False,
 ) -> dict[str, Any]:
     """Model-only and end-to-end images/s of capfilt, the batched HF script and the one-image loop, their
-    ratios, capfilt's wall time against its model time, and the filter's precision/recall given ``truth``."""
+    ratios, capfilt's wall time against its model time, and the filter's precision/recall given ``truth``.
+    The one-image loop, the slowest, runs on ``one_image`` (default: the first shard) for its rate."""
     urls, bs = expand_shards(shards), cfg.run.batch_size
     decoder, batches = PillowDecoder(cfg.run.image_size, 1, cfg.run.max_pixels), []
     for batch in decoded_batches(ShardReader(urls[0]), decoder, bs):
@@ -174,7 +175,7 @@ def bench_round(
         )
         n_one, one_s = timed(
             lambda: script_round(
-                cfg, urls[:one_image_shards], f"{tmp}/one", HFScript(cfg, captioner, filter_), 1
+                cfg, one_image or urls[:1], f"{tmp}/one", HFScript(cfg, captioner, filter_), 1
             )
         )
         stage = run["stage_seconds"]
