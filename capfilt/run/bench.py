@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from capfilt.config import Config, ModelConfig
+from capfilt.config import Config, ConfigError, ModelConfig
 from capfilt.data import writer
 from capfilt.data.decode import PillowDecoder
 from capfilt.data.reader import ShardReader
@@ -154,6 +154,8 @@ def bench_round(
     """Model-only and end-to-end images/s of capfilt, the batched HF script and the one-image loop, their
     ratios, capfilt's wall time against its model time, and the filter's precision/recall given ``truth``.
     The one-image loop, the slowest, runs on ``one_image`` (default: the first shard) for its rate."""
+    if cfg.run.actors == "auto":
+        raise ConfigError("bench_round compares per-actor model time: set a fixed run.actors")
     urls, bs = expand_shards(shards), cfg.run.batch_size
     decoder, batches = PillowDecoder(cfg.run.image_size, 1, cfg.run.max_pixels), []
     for batch in decoded_batches(ShardReader(urls[0]), decoder, bs):
@@ -179,9 +181,8 @@ def bench_round(
             )
         )
         stage = run["stage_seconds"]
-        model_s = (stage.get("caption", 0.0) + stage.get("score", 0.0)) / max(
-            1, min(cfg.run.actors, len(urls))
-        )
+        actors = 1 if local else min(cfg.run.actors, len(urls))
+        model_s = (stage.get("caption", 0.0) + stage.get("score", 0.0)) / actors
         e2e = {
             "capfilt_run": run["n_in"] / ours_s,
             "hf_script": n_script / script_s,
