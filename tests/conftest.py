@@ -169,6 +169,8 @@ def bad_shard_members() -> tuple[list[tuple[str, bytes]], dict[str, str | None]]
 def s3(tmp_path_factory):
     """A moto S3 server with a bucket ``bucket``; AWS_ENDPOINT_URL and credentials point at it (and
     reach subprocesses started from the test)."""
+    import urllib.request
+
     import fsspec
     import s3fs
     from moto.server import ThreadedMotoServer
@@ -185,6 +187,10 @@ def s3(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
+        # moto keeps one in-memory backend per process, shared by every server: start each module empty
+        urllib.request.urlopen(
+            urllib.request.Request(f"{env['AWS_ENDPOINT_URL']}/moto-api/reset", method="POST")
+        )
         s3fs.S3FileSystem.clear_instance_cache()
         fs = fsspec.filesystem("s3")
         fs.mkdir("bucket")
