@@ -89,8 +89,10 @@ def run_bench(
                     "(e.g. runs/demo/round-0/finetune after `make demo`), or --random-models"
                 )
             truth = world / "truth.parquet"
+            # The same fixed threshold as the HF script: calibrating first would time the human split too.
+            fixed = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, calibration="none"))
             result["round"] = bench.bench_round(
-                cfg, web, *paths, truth=str(truth) if truth.exists() else None
+                fixed, web, *paths, truth=str(truth) if truth.exists() else None
             )
     return result
 
