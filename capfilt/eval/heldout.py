@@ -28,18 +28,20 @@ class HeldOut:
     rejects: Counter = field(default_factory=Counter)
 
 
-def load_heldout(shards: list[str], run: RunConfig) -> HeldOut:
-    """Every decodable test image at ``run.image_size``; rejects are counted, not fatal."""
+def load_heldout(shards: list[str], run: RunConfig, limit: int | None = None) -> HeldOut:
+    """Every decodable image at ``run.image_size`` (the first ``limit`` when given); rejects are counted,
+    not fatal."""
     keys, tensors, refs, meta, rejects = [], [], [], [], Counter()
-    for url in shards:
-        for item in iter_shard(url):
-            pixels = item if isinstance(item, Reject) else pillow_decode(item, run.image_size, run.max_pixels)
-            if isinstance(pixels, Reject):
-                rejects[pixels.reason] += 1
-                continue
-            tensors.append(pixels)
-            keys.append(item.key)
-            refs.append(list(item.meta.get("captions") or [item.caption]))
-            meta.append(item.meta)
+    for item in (item for url in shards for item in iter_shard(url)):
+        if len(keys) == limit:
+            break
+        pixels = item if isinstance(item, Reject) else pillow_decode(item, run.image_size, run.max_pixels)
+        if isinstance(pixels, Reject):
+            rejects[pixels.reason] += 1
+            continue
+        tensors.append(pixels)
+        keys.append(item.key)
+        refs.append(list(item.meta.get("captions") or [item.caption]))
+        meta.append(item.meta)
     pixels = torch.stack(tensors) if tensors else torch.empty(0, 3, run.image_size, run.image_size)
     return HeldOut(keys, pixels, refs, meta, rejects)

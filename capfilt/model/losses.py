@@ -71,16 +71,18 @@ def itc_loss(
     return (soft_cross_entropy(sim_i2t, i2t_targets) + soft_cross_entropy(sim_t2i, t2i_targets)) / 2
 
 
+# A fixed pseudo-random int64 weight per token position, drawn once (BERT's 512 positions).
+_TEXT_ID_WEIGHTS = torch.randint(1, 2**62, (512,), generator=torch.Generator().manual_seed(0x5EED))
+
+
 def text_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """An int64 id per caption, equal for identical token rows (padding ignored), stable across batches.
 
-    A fixed pseudo-random weight per position hashes the row (int64 arithmetic wraps); two different
-    captions collide with probability about 2^-64.
+    The row's tokens weighted by :data:`_TEXT_ID_WEIGHTS` and summed (int64 arithmetic wraps); two
+    different captions collide with probability about 2^-64.
     """
-    gen = torch.Generator().manual_seed(0x5EED)
-    weights = torch.randint(1, 2**62, (input_ids.size(1),), generator=gen, dtype=torch.long)
     ids = input_ids.long() * attention_mask.long()
-    return (ids * weights.to(ids.device)).sum(dim=1)
+    return (ids * _TEXT_ID_WEIGHTS[: ids.size(1)].to(ids.device)).sum(dim=1)
 
 
 def negative_mask(batch_size: int, idx: torch.Tensor | None = None) -> torch.Tensor:

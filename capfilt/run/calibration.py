@@ -11,36 +11,21 @@ from typing import Any
 import torch
 
 from capfilt.config import Config, ConfigError
-from capfilt.data.decode import pillow_decode
-from capfilt.data.reader import iter_shard
-from capfilt.data.sample import Reject
 from capfilt.data.specs import expand_shards
 from capfilt.errors import UserError
+from capfilt.eval.heldout import load_heldout
 from capfilt.run import ledger
 from capfilt.stages.calibrate import CALIBRATION, calibrate, threshold_of
 
 
 def human_pairs(human: list[str], cfg: Config) -> tuple[torch.Tensor, list[str]]:
-    """The first ``filter.calibration_samples`` decodable human (image, caption) pairs, as a round decodes."""
-    pixels, captions = [], []
-    for url in expand_shards(human):
-        for item in iter_shard(url):
-            if len(captions) == cfg.filter.calibration_samples:
-                break
-            image = (
-                item
-                if isinstance(item, Reject)
-                else pillow_decode(item, cfg.run.image_size, cfg.run.max_pixels)
-            )
-            if isinstance(image, Reject) or not (item.caption or "").strip():
-                continue
-            pixels.append(image)
-            captions.append(item.caption)
-    if len(captions) < 2:
-        raise UserError(
-            f"calibrating the threshold needs at least 2 human pairs; {human} gave {len(captions)}"
-        )
-    return torch.stack(pixels), captions
+    """The first ``filter.calibration_samples`` decodable human images with their (first) caption,
+    decoded as a round decodes them."""
+    data = load_heldout(expand_shards(human), cfg.run, limit=cfg.filter.calibration_samples)
+    rows = [i for i, refs in enumerate(data.references) if (refs[0] or "").strip()]
+    if len(rows) < 2:
+        raise UserError(f"calibrating the threshold needs at least 2 human pairs; {human} gave {len(rows)}")
+    return data.pixels[rows], [data.references[i][0] for i in rows]
 
 
 def resolve_threshold(
