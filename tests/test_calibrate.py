@@ -80,5 +80,7 @@ def test_round_calibrates_on_human_pairs_records_it_and_select_rederives_it(
     assert (info["threshold"]["value"], info["threshold"]["mode"]) == (f1["threshold"], "f1")
     fixed = reselect(str(tmp_path / "lax"), str(tmp_path / "fixed"), threshold=0.3)
     assert fixed["threshold_mode"] == "fixed"
+    with pytest.raises(UserError, match="one of"):
+        reselect(out, str(tmp_path / "typo"), calibration="kep")
     with pytest.raises(UserError, match="--threshold"):
         reselect(str(tmp_path / "fixed"), str(tmp_path / "again"), calibration="keep")

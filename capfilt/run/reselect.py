@@ -15,13 +15,14 @@ from typing import Any
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
+from capfilt.config import ConfigError
 from capfilt.data import reader, writer
 from capfilt.data.sample import Candidate, Sample, ShardStats
 from capfilt.run import card, ledger
 from capfilt.run.calibration import calibration_of
 from capfilt.run.pipeline import shard_stats
 from capfilt.run.progress import summarize
-from capfilt.stages.calibrate import CALIBRATION, threshold_of
+from capfilt.stages.calibrate import CALIBRATION, MODES, threshold_of
 from capfilt.stages.select import decide
 
 NAN = float("nan")
@@ -69,6 +70,8 @@ def reselect(
 
     With ``calibration`` "keep" or "f1" the threshold comes from the run's calibration scores instead.
     """
+    if calibration not in MODES:
+        raise ConfigError(f"--calibration must be one of {list(MODES)}, got {calibration!r}")
     mode = "fixed"
     if calibration != "none":
         cal = calibration_of(run_dir)
