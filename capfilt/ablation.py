@@ -103,10 +103,10 @@ def run_seed(cfg: Config, world: Path, out: Path, log: Callable[[str], None] = p
     """All variants for one seed; returns variant → folder holding its eval.json."""
     plan = world_plan(world, rounds=2)
     boot = out / "boot"
-    rounds = bootstrap(cfg, plan, boot, log=log)
+    rounds = [Path(r) for r in bootstrap(cfg, plan, boot, log=log)]
     beam_cfg = copy.deepcopy(cfg)
     beam_cfg.caption.method = "beam"
-    beam_run = clean(beam_cfg, plan, rounds[0] / "finetune", out / "beam", log=log)
+    beam_run = Path(clean(beam_cfg, plan, rounds[0] / "finetune", out / "beam", log=log))
     web = expand_shards(plan.web)
     threshold = threshold_used(str(rounds[1] / "run"))[0]  # the round's, calibrated or not
     variants = {

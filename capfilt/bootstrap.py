@@ -6,6 +6,11 @@ MED on the cleaned + human shards (from scratch, as the paper does, or warm-star
 evaluates. A step is done when its marker ``round-R/STEP.done`` exists, so a rerun resumes at the first
 unfinished step, and the steps themselves resume inside (training checkpoints, the run's shard ledger).
 
+OUT may be a local folder or a URL (``s3://bucket/boot``). A remote OUT is worked on in a local scratch
+copy (data/mirror.py): each training checkpoint is uploaded as it is written, each step's outputs before
+its marker, and the cleaning runs write their shards to OUT directly; markers and the manifest are read
+from OUT itself, so a rerun on a fresh machine resumes from what OUT holds.
+
 Truth and labels are evaluation-only: they are not part of the folder's identity, and the eval markers
 record the labels they used, so adding or changing ``--truth`` later re-runs only the evaluations.
 """
@@ -19,7 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from capfilt.config import Config, config_from_dict
+from capfilt.data.mirror import Mirror
+from capfilt.data.writer import atomic_open
 from capfilt.errors import UserError
+from capfilt.run.ledger import read_json, write_json
+from capfilt.train.checkpoint import LATEST
 
 
 @dataclass
@@ -39,16 +48,12 @@ class BootstrapPlan:
     address: str | None = None
 
 
-def _marker(round_dir: Path, step: str) -> Path:
-    return round_dir / f"{step}.done"
-
-
-def _check_manifest(out: Path, cfg: Config, plan: BootstrapPlan) -> None:
+def _check_manifest(out: str, cfg: Config, plan: BootstrapPlan) -> None:
     """Record the config and inputs; refuse to resume a folder made with different ones.
 
     ``truth`` is recorded (the report reads it) but is not compared: it changes only the evaluations.
     """
-    manifest = out / "manifest.json"
+    manifest = f"{out}/manifest.json"
     want = {
         "config": cfg.to_dict(),
         "web": plan.web,
@@ -57,34 +62,39 @@ def _check_manifest(out: Path, cfg: Config, plan: BootstrapPlan) -> None:
         "warm_start": plan.warm_start,
         "init": plan.init,
     }
-    if manifest.is_file():
-        have = json.loads(manifest.read_text())
-        if config_from_dict(have["config"]).to_dict() != want["config"] or {
-            k: have.get(k) for k in want if k != "config"
-        } != {k: v for k, v in want.items() if k != "config"}:
-            raise UserError(f"{out} holds a bootstrap with another config or inputs; use a new --out folder")
-    out.mkdir(parents=True, exist_ok=True)
-    manifest.write_text(json.dumps({**want, "truth": plan.truth, "rounds": plan.rounds}, indent=2))
+    have = read_json(manifest)
+    if have is not None and (
+        config_from_dict(have["config"]).to_dict() != want["config"]
+        or {k: have.get(k) for k in want if k != "config"} != {k: v for k, v in want.items() if k != "config"}
+    ):
+        raise UserError(f"{out} holds a bootstrap with another config or inputs; use a new --out folder")
+    write_json(manifest, {**want, "truth": plan.truth, "rounds": plan.rounds})
 
 
 def _step(
+    mirror: Mirror,
     round_dir: Path,
     step: str,
     fn: Callable[[], object],
     log: Callable[[str], None],
     inputs: dict | None = None,
+    outputs: tuple[str, ...] = (),
 ) -> None:
-    """Run one step unless its marker exists with the same ``inputs``; the marker records the inputs,
-    its time and any dict it returned."""
-    marker, inputs = _marker(round_dir, step), inputs or {}
-    if marker.exists() and all(json.loads(marker.read_text()).get(k) == v for k, v in inputs.items()):
+    """Run one step unless its marker exists with the same ``inputs``; then upload its ``outputs`` (names
+    in ``round_dir``) and write the marker, which records the inputs, its time and any dict it returned."""
+    marker, inputs = f"{mirror.url_of(round_dir)}/{step}.done", inputs or {}
+    have = read_json(marker)
+    if have is not None and all(have.get(k) == v for k, v in inputs.items()):
         log(f"{round_dir.name}: {step} already done")
         return
     log(f"{round_dir.name}: {step} ...")
     t0 = time.time()
     info = fn()
     info = info if isinstance(info, dict) else {}
-    marker.write_text(json.dumps({"seconds": round(time.time() - t0, 1), **inputs, **info}, default=str))
+    for name in outputs:
+        mirror.push(round_dir / name)
+    with atomic_open(marker) as f:
+        f.write(json.dumps({"seconds": round(time.time() - t0, 1), **inputs, **info}, default=str).encode())
 
 
 def train_and_evaluate(
@@ -93,27 +103,47 @@ def train_and_evaluate(
     plan: BootstrapPlan,
     rd: Path,
     init: Path | None = None,
-    run_dir: Path | None = None,
+    run_dir: str | None = None,
     log: Callable[[str], None] = print,
+    mirror: Mirror | None = None,
 ) -> None:
     """Pretrain a MED on ``train_shards``, finetune a captioner and a filter on the human shards, and
-    evaluate them on the test shards (and ``run_dir``'s cleaning against truth), each step resumable."""
+    evaluate them on the test shards (and ``run_dir``'s cleaning against truth), each step resumable.
+    ``rd`` is in ``mirror``'s working copy (default: a local folder, its own mirror)."""
     from capfilt.eval.report import evaluate_all
     from capfilt.train.finetune import finetune
     from capfilt.train.pretrain import pretrain
 
+    mirror = mirror or Mirror(rd)
+    remote = (lambda path: mirror.url_of(path)) if mirror.remote else (lambda path: "")
     rd.mkdir(parents=True, exist_ok=True)
-    _step(rd, "pretrain", lambda: pretrain(cfg, train_shards, rd / "pretrain", init=init), log)
-    _step(rd, "finetune", lambda: finetune(cfg, rd / "pretrain" / "med", plan.human, rd / "finetune"), log)
+    pre, fin = rd / "pretrain", rd / "finetune"
     _step(
+        mirror,
+        rd,
+        "pretrain",
+        lambda: pretrain(cfg, train_shards, pre, init, remote(pre)),
+        log,
+        outputs=("pretrain",),
+    )
+    _step(
+        mirror,
+        rd,
+        "finetune",
+        lambda: finetune(cfg, pre / "med", plan.human, fin, remote(fin)),
+        log,
+        outputs=("finetune",),
+    )
+    _step(
+        mirror,
         rd,
         "eval",
         lambda: {
             "metrics": evaluate_all(
                 cfg,
                 plan.test,
-                captioner=rd / "finetune" / "captioner",
-                filter_=rd / "finetune" / "filter",
+                captioner=fin / "captioner",
+                filter_=fin / "filter",
                 run_dir=run_dir,
                 truth=plan.truth,
                 out=rd / "eval.json",
@@ -121,23 +151,33 @@ def train_and_evaluate(
         },
         log,
         inputs={"truth": plan.truth},
+        outputs=("eval.json",),
     )
 
 
 def clean(
-    cfg: Config, plan: BootstrapPlan, models: Path, rd: Path, log: Callable[[str], None] = print
-) -> Path:
-    """`capfilt run` over the web shards with the captioner and filter in ``models``; returns the run folder."""
+    cfg: Config,
+    plan: BootstrapPlan,
+    models: Path,
+    rd: Path,
+    log: Callable[[str], None] = print,
+    mirror: Mirror | None = None,
+) -> str:
+    """`capfilt run` over the web shards with the captioner and filter in ``models``; returns the run
+    folder, ``rd/run`` on ``mirror``'s side (its shards go there directly, each resumable on its own)."""
     from capfilt.run.round import run_round
 
+    mirror = mirror or Mirror(rd)
+    run_dir = mirror.url_of(rd / "run")
     rd.mkdir(parents=True, exist_ok=True)
     _step(
+        mirror,
         rd,
         "run",
         lambda: run_round(
             cfg,
             plan.web,
-            str(rd / "run"),
+            run_dir,
             captioner=str(models / "captioner"),
             filter_=str(models / "filter"),
             local=plan.local,
@@ -147,22 +187,25 @@ def clean(
         ),
         log,
     )
-    return rd / "run"
+    return run_dir
 
 
-def bootstrap(cfg: Config, plan: BootstrapPlan, out: Path, log: Callable[[str], None] = print) -> list[Path]:
+def bootstrap(
+    cfg: Config, plan: BootstrapPlan, out: str | Path, log: Callable[[str], None] = print
+) -> list[str]:
     """Run round 0 and `plan.rounds` cleaning rounds into OUT/round-R; return the round folders."""
-    out = Path(out)
-    _check_manifest(out, cfg, plan)
+    mirror = Mirror(out)
+    _check_manifest(mirror.url, cfg, plan)
+    mirror.pull(skip_dirs=("run",), pointer=LATEST)
     round_dirs = []
     for r in range(plan.rounds + 1):
-        rd, prev = out / f"round-{r}", out / f"round-{r - 1}"
-        run_dir = clean(cfg, plan, prev / "finetune", rd, log) if r > 0 else None
-        train_shards = [str(run_dir / "*.tar"), *plan.human] if run_dir else plan.web + plan.human
+        rd, prev = mirror.local / f"round-{r}", mirror.local / f"round-{r - 1}"
+        run_dir = clean(cfg, plan, prev / "finetune", rd, log, mirror) if r > 0 else None
+        train_shards = [f"{run_dir}/*.tar", *plan.human] if run_dir else plan.web + plan.human
         if r == 0:
             init = plan.init
         else:
             init = prev / "pretrain" / "med" if plan.warm_start else None
-        train_and_evaluate(cfg, train_shards, plan, rd, init=init, run_dir=run_dir, log=log)
-        round_dirs.append(rd)
+        train_and_evaluate(cfg, train_shards, plan, rd, init=init, run_dir=run_dir, log=log, mirror=mirror)
+        round_dirs.append(mirror.url_of(rd))
     return round_dirs

@@ -221,7 +221,9 @@ def bootstrap(
     web: Annotated[list[str], typer.Option(help="web shards (repeatable)")],
     human: Annotated[list[str], typer.Option(help="human-annotated shards (repeatable)")],
     test: Annotated[list[str], typer.Option(help="held-out test shards (repeatable)")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="bootstrap folder, one round-R/ per round")],
+    out: Annotated[
+        str, typer.Option("--out", "-o", help="bootstrap folder or URL (s3://...), one round-R/ per round")
+    ],
     rounds: Annotated[int, typer.Option(help="cleaning rounds after round 0")] = 2,
     truth: Annotated[str | None, typer.Option("--truth", "--labels", help=LABELS_HELP)] = None,
     warm_start: Annotated[bool, typer.Option(help="start each MED from the previous round's")] = False,
@@ -236,7 +238,7 @@ def bootstrap(
     """CapFilt rounds: pretrain, finetune, clean, pretrain again...; resumes at the first unfinished step."""
     from capfilt.bootstrap import BootstrapPlan
     from capfilt.bootstrap import bootstrap as run_bootstrap
-    from capfilt.report import format_table, round_row
+    from capfilt.report import round_table
 
     plan = BootstrapPlan(
         web=web,
@@ -249,8 +251,7 @@ def bootstrap(
         local=local,
         address=address,
     )
-    dirs = run_bootstrap(_config(config, set_), plan, out)
-    typer.echo(format_table([(d.name, round_row(d)) for d in dirs]))
+    typer.echo(round_table(run_bootstrap(_config(config, set_), plan, out)))
 
 
 @app.command()

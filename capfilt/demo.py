@@ -11,7 +11,7 @@ from pathlib import Path
 
 from capfilt.bootstrap import BootstrapPlan, bootstrap
 from capfilt.config import Config
-from capfilt.report import format_table, round_row, write_report
+from capfilt.report import round_table, write_report
 
 
 def world_plan(world: Path, rounds: int) -> BootstrapPlan:
@@ -33,7 +33,6 @@ def run_demo(cfg: Config, world: Path, out: Path, rounds: int, log: Callable[[st
     if not (world / "truth.parquet").is_file():
         log(f"writing the demo world into {world}/ ...")
         log(str(write_world(str(world), cfg.synth)))
-    round_dirs = bootstrap(cfg, world_plan(world, rounds), out, log=log)
-    table = format_table([(d.name, round_row(d)) for d in round_dirs])
+    table = round_table(bootstrap(cfg, world_plan(world, rounds), out, log=log))
     report = write_report(out)
     return f"{table}\n\nreport: {report}"

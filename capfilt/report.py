@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import math
+import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from capfilt.data.reader import iter_shard
 from capfilt.data.sample import Sample
 from capfilt.eval.filtering import read_labels
+from capfilt.run.ledger import read_json
 
 HIST_BINS = 20
 EXAMPLES = 12
@@ -33,8 +34,8 @@ class RoundView:
     run_dir: Path | None
 
 
-def _load_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _load_json(path: str | Path) -> dict:
+    return read_json(str(path)) or {}
 
 
 def _rounds(root: Path) -> list[RoundView]:
@@ -49,10 +50,11 @@ def _rounds(root: Path) -> list[RoundView]:
     return views
 
 
-def round_row(round_dir: Path) -> dict:
-    """The per-round table row: the round's models on the test split, and the cleaning of its run."""
-    ev = _load_json(round_dir / "eval.json")
-    summary = _load_json(round_dir / "run" / "summary.json") or _load_json(round_dir / "summary.json")
+def round_row(round_dir: str | Path) -> dict:
+    """The per-round table row: the round's models on the test split, and the cleaning of its run.
+    ``round_dir`` is a local folder or a URL."""
+    ev = _load_json(f"{round_dir}/eval.json")
+    summary = _load_json(f"{round_dir}/run/summary.json") or _load_json(f"{round_dir}/summary.json")
     flt = ev.get("filtering", {})
     ret = ev.get("retrieval", {})
     cap = ev.get("captioning", {})
@@ -75,6 +77,11 @@ def round_row(round_dir: Path) -> dict:
         "kept web": kept.get("web"),
         "kept synthetic": kept.get("synthetic"),
     }
+
+
+def round_table(round_dirs: list[str]) -> str:
+    """The table of a bootstrap's rounds (local folders or URLs), each named by its folder."""
+    return format_table([(posixpath.basename(str(d).rstrip("/")), round_row(d)) for d in round_dirs])
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:

@@ -12,13 +12,12 @@ what `capfilt bootstrap` does on a laptop.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import ray
 
 from capfilt.bootstrap import BootstrapPlan, bootstrap
 from capfilt.config import load_config
-from capfilt.report import format_table, round_row
+from capfilt.report import round_table
 
 
 def main() -> None:
@@ -32,6 +31,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--truth")
     ap.add_argument("--warm-start", action="store_true")
+    ap.add_argument("--init", help="round 0's MED starts from this MED folder (see `capfilt convert`)")
     args = ap.parse_args()
 
     ray.init(address="auto")  # the cluster this job was submitted to
@@ -42,10 +42,10 @@ def main() -> None:
         rounds=args.rounds,
         truth=args.truth,
         warm_start=args.warm_start,
+        init=args.init,
         address="auto",
     )
-    dirs = bootstrap(load_config(args.config, args.overrides), plan, Path(args.out))
-    print(format_table([(d.name, round_row(d)) for d in dirs]))
+    print(round_table(bootstrap(load_config(args.config, args.overrides), plan, args.out)))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from capfilt.bootstrap import bootstrap
 from capfilt.config import load_config
 from capfilt.demo import world_plan
 from capfilt.errors import UserError
-from capfilt.report import format_table, round_row, write_report
+from capfilt.report import round_table, write_report
 
 
 @pytest.mark.slow
@@ -48,7 +48,7 @@ def test_two_rounds_without_truth_resume_after_a_crash_add_labels_and_report(
 
     monkeypatch.setattr(finetune_module, "finetune", real)
     log: list[str] = []
-    rounds = bootstrap(cfg, plan, out, log=log.append)
+    rounds = [Path(r) for r in bootstrap(cfg, plan, out, log=log.append)]
     assert [r.name for r in rounds] == ["round-0", "round-1", "round-2"]
     assert {
         "round-0: pretrain already done",
@@ -82,7 +82,7 @@ def test_two_rounds_without_truth_resume_after_a_crash_add_labels_and_report(
         ev = json.loads((r / "eval.json").read_text())
         assert ev["filtering"]["n"] > 0 and "attribute_accuracy" not in ev["captioning"]
 
-    table = format_table([(r.name, round_row(r)) for r in rounds])
+    table = round_table([str(r) for r in rounds])
     assert "round-2" in table
     assert "round-2: cleaning run" in write_report(out).read_text()
 

@@ -48,3 +48,38 @@ def test_s3_failed_write_leaves_no_object(s3):
         f.write(b"half a shard")
         raise RuntimeError("killed")
     assert not s3.exists("bucket/partial/x.tar")
+
+
+def test_mirror_pulls_what_a_resume_needs_and_pushes_no_temp_files(s3, tmp_path, monkeypatch):
+    from capfilt.data.mirror import SCRATCH_ENV, Mirror
+
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "scratch"))
+    first = Mirror("s3://bucket/boot")
+    assert first.remote and first.local.is_relative_to(tmp_path / "scratch")
+    pre = first.local / "round-0" / "pretrain"
+    for rel in ["step-4/med/model.safetensors", "step-8/med/model.safetensors", "init/config.json", ".x.tmp"]:
+        (pre / rel).parent.mkdir(parents=True, exist_ok=True)
+        (pre / rel).write_text(rel)
+    (pre / "latest").write_text("step-8")
+    first.push(pre)  # a step's outputs: its checkpoints are uploaded as they are written, not here
+    s3.invalidate_cache()
+    assert sorted(s3.find("bucket/boot")) == [
+        "bucket/boot/round-0/pretrain/init/config.json",
+        "bucket/boot/round-0/pretrain/latest",
+    ]
+    for step in ("step-4", "step-8"):
+        s3.pipe(f"bucket/boot/round-0/pretrain/{step}/med/model.safetensors", step.encode())
+    s3.pipe("bucket/boot/round-1/run/web-000000.tar", b"read where it lies")
+    assert first.url_of(pre / "latest") == "s3://bucket/boot/round-0/pretrain/latest"
+
+    monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "fresh"))  # another machine
+    second = Mirror("s3://bucket/boot/")
+    second.pull(skip_dirs=("run",))
+    got = sorted(p.relative_to(second.local).as_posix() for p in second.local.rglob("*") if p.is_file())
+    assert got == [
+        "round-0/pretrain/init/config.json",
+        "round-0/pretrain/latest",
+        "round-0/pretrain/step-8/med/model.safetensors",
+    ]
+    assert (second.local / "round-0/pretrain/step-8/med/model.safetensors").read_text() == "step-8"
+    assert not Mirror(tmp_path / "local").remote and Mirror(tmp_path / "local").local == tmp_path / "local"

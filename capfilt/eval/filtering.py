@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
 
 
 def roc_auc(scores: Sequence[float], labels: Sequence[bool]) -> float:
@@ -60,10 +61,12 @@ def drop_metrics(itm: Sequence[float], noisy: Sequence[bool], threshold: float =
 
 
 def web_itm_scores(run_dir: str | Path) -> dict[str, float]:
-    """key → ITM probability of the web candidate, from every ``*.scores.parquet`` of a finished round."""
+    """key → ITM probability of the web candidate, from every ``*.scores.parquet`` of a finished round
+    (a local folder or a URL)."""
     scores = {}
-    for path in sorted(Path(run_dir).rglob("*.scores.parquet")):
-        for row in pq.read_table(path, columns=["key", "candidates"]).to_pylist():
+    fs, root = url_to_fs(str(run_dir))
+    for path in sorted(fs.glob(f"{root.rstrip('/')}/**/*.scores.parquet")):
+        for row in pq.read_table(path, columns=["key", "candidates"], filesystem=fs).to_pylist():
             for cand in row["candidates"]:
                 if cand["source"] == "web":
                     scores[row["key"]] = cand["itm"]

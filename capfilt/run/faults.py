@@ -1,8 +1,9 @@
-"""Test hooks that SIGKILL, or hold, the process cleaning a shard in the middle of it.
+"""Test hooks that SIGKILL, or hold, the process cleaning a shard in the middle of it, or training.
 
 Recovery from a dead worker (or driver, or node) can only be proven by killing one for real, at a known
 point. When the environment variable ``CAPFILT_KILL_DIR`` names a folder, the process that has just
-computed the first batch of shard NAME:
+computed the first batch of shard NAME (or written training checkpoint NAME = ``JOB.step-N``, e.g.
+``pretrain.step-4``):
 - kills itself with SIGKILL if ``NAME.kill`` (text: a count) holds a positive count, after decrementing it;
 - waits while ``NAME.hold`` exists, so a test can keep a shard in flight (and the rest queued) while it
   changes the cluster, then release it by deleting the file.

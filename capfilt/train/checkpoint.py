@@ -1,5 +1,5 @@
 """Training checkpoints: ``OUT/step-N/`` (the MED folder, the optimiser in safetensors, a small json)
-and ``OUT/latest`` naming the newest one. Never pickle.
+and ``OUT/latest`` naming the newest one, optionally uploaded to a remote copy of OUT. Never pickle.
 
 A checkpoint is written to a temporary folder and renamed, and ``latest`` is replaced atomically, so a
 run killed mid-write resumes from the previous checkpoint. No RNG state is stored: the loop derives all
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from capfilt.data.mirror import put_tree
 from capfilt.model.hf import save_med
 
 LATEST = "latest"
@@ -39,9 +40,10 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
 
 
 def save_checkpoint(
-    out: str | Path, step: int, med, tokenizer, opt: torch.optim.Optimizer, state: dict
+    out: str | Path, step: int, med, tokenizer, opt: torch.optim.Optimizer, state: dict, remote: str = ""
 ) -> Path:
-    """Write ``OUT/step-{step}`` atomically and point ``OUT/latest`` at it."""
+    """Write ``OUT/step-{step}`` atomically and point ``OUT/latest`` at it; with ``remote`` (the URL that
+    OUT mirrors) upload both there too, the pointer last, so the remote ``latest`` names a whole one."""
     out = Path(out)
     final, tmp = out / f"step-{step}", out / f".step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -55,6 +57,9 @@ def save_checkpoint(
     pointer = out / f".{LATEST}.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, out / LATEST)
+    if remote:
+        put_tree(final, f"{remote}/{final.name}")
+        put_tree(out / LATEST, f"{remote}/{LATEST}")
     return final
 
 

@@ -27,8 +27,9 @@ def shared_tensors(a: nn.Module, b: nn.Module) -> list[str]:
     return [n for n, t in a.state_dict().items() if t.untyped_storage().data_ptr() in b_ptrs]
 
 
-def finetune(cfg: Config, med_path: str | Path, shards: list[str], out: str | Path) -> dict:
-    """Write ``out/captioner`` and ``out/filter`` (HF folders) and ``out/finetune.json``."""
+def finetune(cfg: Config, med_path: str | Path, shards: list[str], out: str | Path, remote: str = "") -> dict:
+    """Write ``out/captioner`` and ``out/filter`` (HF folders) and ``out/finetune.json``; with ``remote``
+    (the URL ``out`` mirrors) every training checkpoint is uploaded there as it is written."""
     out, shards = Path(out), expand_shards(shards)
     n_pairs, _, rejects = count_pairs(shards)
     stage = cfg.finetune
@@ -47,6 +48,7 @@ def finetune(cfg: Config, med_path: str | Path, shards: list[str], out: str | Pa
             shards=shards,
             out=str(out / "train" / name),
             n_pairs=n_pairs,
+            remote=f"{remote}/train/{name}" if remote else "",
             **kind,
         )
         run_job(job, stage.workers)

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from capfilt.config import TrainConfig, config_from_dict
 from capfilt.model.hf import load_med
 from capfilt.model.tokenizer import prompt_length, tokenize
+from capfilt.run import faults
 from capfilt.train.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from capfilt.train.data import epoch_loader
 
@@ -41,6 +42,7 @@ class Job:
     prompt: str = ""  # prepended to every caption and masked out of the LM loss
     use_idx: bool = False  # image ids: same-image captions are ITC positives, never ITM negatives
     log_every: int = 10
+    remote: str = ""  # URL that ``out`` mirrors (a bootstrap on s3://): every checkpoint is uploaded there
 
 
 @dataclass
@@ -95,6 +97,8 @@ def train(job: Job, rank: int = 0, world: int = 1) -> dict:
         else torch.device("cpu")
     )
     ckpt = latest_checkpoint(job.out)
+    if ckpt and rank == 0:
+        print(f"[{job.name}] resuming from {ckpt.name}", flush=True)
     med, tok, _ = load_med(ckpt / "med" if ckpt else job.init)
     med.resize_image(stage.image_size)
     med.to(device).train()
@@ -150,7 +154,8 @@ def train(job: Job, rank: int = 0, world: int = 1) -> dict:
                 )
             if rank == 0 and (step % stage.checkpoint_every == 0 or step == sched.total):
                 state = {"history": history, "samples_per_s": samples_per_s, "total": sched.total}
-                save_checkpoint(job.out, step, med, tok, opt, state)
+                save_checkpoint(job.out, step, med, tok, opt, state, job.remote)
+                faults.maybe_kill(f"{job.name}.step-{step}")
         if wanted:
             raise RuntimeError(
                 f"[{job.name}] epoch {epoch} ran out of data {wanted} batches early: images that failed "

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from capfilt.config import Config
+from capfilt.data.mirror import put_tree
 from capfilt.data.specs import expand_shards
 from capfilt.model.hf import save_med
 from capfilt.model.med import MED
@@ -30,8 +31,11 @@ def fresh_med(cfg: Config, captions: list[str], path: Path) -> Path:
     return save_med(MED.from_config(cfg.model, tok), tok, path, {"config": cfg.to_dict()})
 
 
-def pretrain(cfg: Config, shards: list[str], out: str | Path, init: str | Path | None = None) -> Path:
-    """Pretrain into ``out`` (checkpoints ``out/step-N``, final model ``out/med``); resumes if interrupted."""
+def pretrain(
+    cfg: Config, shards: list[str], out: str | Path, init: str | Path | None = None, remote: str = ""
+) -> Path:
+    """Pretrain into ``out`` (checkpoints ``out/step-N``, final model ``out/med``); resumes if interrupted.
+    With ``remote`` (the URL ``out`` mirrors) every checkpoint is uploaded there as it is written."""
     out, shards = Path(out), expand_shards(shards)
     n_pairs, captions, rejects = count_pairs(shards)
     print(f"[pretrain] {len(shards)} shards, {n_pairs} pairs, rejected {dict(rejects)}", flush=True)
@@ -39,6 +43,8 @@ def pretrain(cfg: Config, shards: list[str], out: str | Path, init: str | Path |
         init = out / "init"
         if not (init / "config.json").is_file():
             fresh_med(cfg, captions, init)
+            if remote:  # a rerun elsewhere starts from this one: tokenizer training differs between processes
+                put_tree(init, f"{remote}/init")
     job = Job(
         name="pretrain",
         config=cfg.to_dict(),
@@ -48,6 +54,7 @@ def pretrain(cfg: Config, shards: list[str], out: str | Path, init: str | Path |
         out=str(out),
         n_pairs=n_pairs,
         losses=["itc", "itm", "lm"],
+        remote=remote,
     )
     run_job(job, cfg.pretrain.workers)
     final = out / "med"
