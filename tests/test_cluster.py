@@ -7,9 +7,12 @@ Run it alone with ``pytest -m cluster``; docs/USER_GUIDE.md shows the same steps
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -49,9 +52,9 @@ def _roles(api: str) -> dict[str, str]:
 
 
 def _ran_on(api: str, name: str) -> list[str]:
-    """The nodes where ``name`` (``ShardActor.run`` or an actor class) finished or lives."""
+    """The nodes where ``name`` (a task such as ``ShardActor.run``, or an actor class) finished or lived."""
     roles = _roles(api)
-    if name == "ShardActor":
+    if "." not in name:
         found = list_actors(address=api, filters=[("class_name", "=", name)], raise_on_missing_output=False)
     else:
         filters = [("name", "=", name), ("state", "=", "FINISHED")]
@@ -64,6 +67,72 @@ def _wait(what: str, ready, timeout: float = 180) -> None:
     while not ready():
         assert time.time() < deadline, f"timed out waiting for {what}"
         time.sleep(0.2)
+
+
+def _node(role: str, temp: str, *args: str) -> subprocess.Popen:
+    """A one-CPU node marked by the custom resource ``role``, in its own temp folder: without one a
+    worker node takes the head's, and on one machine its runtime-env agent then unpacks a job's
+    working_dir again over the head's, under the running driver."""
+    return ray_node("--num-cpus=1", f'--resources={{"{role}": 1}}', f"--temp-dir={temp}", *args)
+
+
+def _temp() -> str:
+    return tempfile.mkdtemp(prefix="cfray", dir="/tmp")  # Unix socket paths must stay short
+
+
+@contextlib.contextmanager
+def _two_nodes():
+    """A head and a worker node of one CPU each, marked by the custom resources ``head`` and ``worker``;
+    yields the dashboard address."""
+    port, dash = free_port(), free_port()
+    temps = [_temp(), _temp()]
+    head = _node(
+        "head", temps[0], "--head", f"--port={port}", "--include-dashboard=true", f"--dashboard-port={dash}"
+    )
+    worker = None
+    try:
+        wait_for_dashboard(dash, head)
+        worker = _node("worker", temps[1], f"--address=127.0.0.1:{port}")
+        api = f"http://127.0.0.1:{dash}"
+        _wait("the worker node", lambda: sorted(_roles(api).values()) == ["head", "worker"])
+        yield api
+    finally:
+        if worker is not None:
+            stop_node(worker, signal.SIGKILL)
+        stop_node(head)
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_bootstrap_job_trains_on_both_nodes(tiny_world, tmp_path):
+    """`pipelines/bootstrap.py` submitted to two nodes: each round's pretraining runs two Ray Train
+    workers (one CPU each, and a node has one), so one per node, and both rounds finish with every step's
+    marker. (The finetunings run in the driver: Ray Train starts take half a minute each here.)"""
+    out = tmp_path / "boot"
+    with _two_nodes() as api:
+        job_id = f"capfilt-bootstrap-{free_port()}"
+        argv = [RAY_BIN, "job", "submit", "--address", api, "--no-wait", f"--submission-id={job_id}"]
+        argv += ["--working-dir", ".", "--", sys.executable, "pipelines/bootstrap.py", "--config", "tiny"]
+        argv += ["--web", f"{tiny_world}/web-*.tar", "--human", f"{tiny_world}/human-*.tar"]
+        argv += ["--test", f"{tiny_world}/test-*.tar", "--out", str(out), "--rounds", "1"]
+        # pretraining on 2 workers; threshold 0 keeps every caption, so that no rank's shards are empty
+        argv += ["--set", "pretrain.workers=2", "--set", "filter.threshold=0"]
+        submitted = submit_job(argv)
+        assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
+        client = JobSubmissionClient(api)
+        _wait("the job", lambda: client.get_job_status(job_id).is_terminal(), timeout=900)
+        logs = client.get_job_logs(job_id)
+        assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
+        trained_on = _ran_on(api, "RayTrainWorker")
+
+    assert trained_on == ["head", "head", "worker", "worker"], trained_on  # 2 rounds' pretraining
+    steps = {"round-0": ["pretrain", "finetune", "eval"], "round-1": ["run", "pretrain", "finetune", "eval"]}
+    assert {
+        rd: [s for s in names if (out / rd / f"{s}.done").exists()] for rd, names in steps.items()
+    } == steps
+    summary = json.loads((out / "round-1" / "run" / "summary.json").read_text())
+    assert summary["n_in"] == 64 and not summary["failed_shards"]
+    assert re.search(r"^round-1 .*1\.000", logs, re.M)  # the round table: all web captions kept
 
 
 def test_two_nodes_grow_lose_a_node_and_give_single_node_bytes(tiny_models, tmp_path):
@@ -79,19 +148,13 @@ def test_two_nodes_grow_lose_a_node_and_give_single_node_bytes(tiny_models, tmp_
 
     port, dash = free_port(), free_port()
     api = f"http://127.0.0.1:{dash}"
-    temp = tempfile.mkdtemp(prefix="cfray", dir="/tmp")  # Unix socket paths must stay short
+    temps = [_temp(), _temp()]
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     hold = hooks / "web-000000.hold"  # the head's actor keeps shard 0 in flight until released
     hold.write_text("")
-    head = ray_node(
-        "--head",
-        f"--port={port}",
-        "--num-cpus=1",
-        '--resources={"head": 1}',
-        "--include-dashboard=true",
-        f"--dashboard-port={dash}",
-        f"--temp-dir={temp}",
+    head = _node(
+        "head", temps[0], "--head", f"--port={port}", "--include-dashboard=true", f"--dashboard-port={dash}"
     )
     worker = None
     out = tmp_path / "cluster"
@@ -134,7 +197,7 @@ def test_two_nodes_grow_lose_a_node_and_give_single_node_bytes(tiny_models, tmp_
         # The pool starts with the one actor the head's CPU holds; a worker node joins mid-run and the
         # pool must grow onto it: with the head's actor held, every shard committed now is the worker's.
         _wait("the head's actor", lambda: _ran_on(api, "ShardActor") == ["head"])
-        worker = ray_node(f"--address=127.0.0.1:{port}", "--num-cpus=1", '--resources={"worker": 1}')
+        worker = _node("worker", temps[1], f"--address=127.0.0.1:{port}")
         _wait("a shard committed by the worker node", lambda: list(out.glob("*.done")))
         stop_node(worker, signal.SIGKILL)  # the node is lost mid-run, most likely with a shard in flight
         assert len(list(out.glob("*.done"))) < N_SHARDS
@@ -148,7 +211,8 @@ def test_two_nodes_grow_lose_a_node_and_give_single_node_bytes(tiny_models, tmp_
         if worker is not None:
             stop_node(worker, signal.SIGKILL)
         stop_node(head)
-        shutil.rmtree(temp, ignore_errors=True)
+        for temp in temps:
+            shutil.rmtree(temp, ignore_errors=True)
 
     assert "head" in ran_on and "worker" in ran_on, ran_on
     summary = json.loads((out / "summary.json").read_text())
