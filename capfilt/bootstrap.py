@@ -115,14 +115,13 @@ def train_and_evaluate(
     from capfilt.train.pretrain import pretrain
 
     mirror = mirror or Mirror(rd)
-    remote = (lambda path: mirror.url_of(path)) if mirror.remote else (lambda path: "")
     rd.mkdir(parents=True, exist_ok=True)
     pre, fin = rd / "pretrain", rd / "finetune"
     _step(
         mirror,
         rd,
         "pretrain",
-        lambda: pretrain(cfg, train_shards, pre, init, remote(pre)),
+        lambda: pretrain(cfg, train_shards, pre, init, mirror.upload_url(pre)),
         log,
         outputs=("pretrain",),
     )
@@ -130,7 +129,7 @@ def train_and_evaluate(
         mirror,
         rd,
         "finetune",
-        lambda: finetune(cfg, pre / "med", plan.human, fin, remote(fin)),
+        lambda: finetune(cfg, pre / "med", plan.human, fin, mirror.upload_url(fin)),
         log,
         outputs=("finetune",),
     )

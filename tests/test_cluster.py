@@ -16,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import ray
@@ -80,26 +82,41 @@ def _temp() -> str:
     return tempfile.mkdtemp(prefix="cfray", dir="/tmp")  # Unix socket paths must stay short
 
 
+@dataclass
+class Cluster:
+    api: str  # the dashboard's address
+    port: int  # the head's GCS port
+    join: Callable[[], subprocess.Popen]  # starts the worker node
+
+
 @contextlib.contextmanager
-def _two_nodes():
-    """A head and a worker node of one CPU each, marked by the custom resources ``head`` and ``worker``;
-    yields the dashboard address."""
+def _cluster():
+    """A head node of one CPU marked by the custom resource ``head``; ``join`` adds a worker node of one
+    CPU marked ``worker``. Both end (SIGKILL for the worker) when the block does."""
     port, dash = free_port(), free_port()
     temps = [_temp(), _temp()]
-    head = _node(
-        "head", temps[0], "--head", f"--port={port}", "--include-dashboard=true", f"--dashboard-port={dash}"
-    )
-    worker = None
+    nodes = [
+        _node(
+            "head",
+            temps[0],
+            "--head",
+            f"--port={port}",
+            "--include-dashboard=true",
+            f"--dashboard-port={dash}",
+        )
+    ]
+
+    def join() -> subprocess.Popen:
+        nodes.append(_node("worker", temps[1], f"--address=127.0.0.1:{port}"))
+        return nodes[-1]
+
     try:
-        wait_for_dashboard(dash, head)
-        worker = _node("worker", temps[1], f"--address=127.0.0.1:{port}")
-        api = f"http://127.0.0.1:{dash}"
-        _wait("the worker node", lambda: sorted(_roles(api).values()) == ["head", "worker"])
-        yield api
+        wait_for_dashboard(dash, nodes[0])
+        yield Cluster(f"http://127.0.0.1:{dash}", port, join)
     finally:
-        if worker is not None:
-            stop_node(worker, signal.SIGKILL)
-        stop_node(head)
+        for node in nodes[1:]:
+            stop_node(node, signal.SIGKILL)
+        stop_node(nodes[0])
         for temp in temps:
             shutil.rmtree(temp, ignore_errors=True)
 
@@ -109,8 +126,11 @@ def test_bootstrap_job_trains_on_both_nodes(tiny_world, tmp_path):
     workers (one CPU each, and a node has one), so one per node, and both rounds finish with every step's
     marker. (The finetunings run in the driver: Ray Train starts take half a minute each here.)"""
     out = tmp_path / "boot"
-    with _two_nodes() as api:
-        job_id = f"capfilt-bootstrap-{free_port()}"
+    with _cluster() as cluster:
+        api = cluster.api
+        cluster.join()
+        _wait("the worker node", lambda: sorted(_roles(api).values()) == ["head", "worker"])
+        job_id = f"capfilt-bootstrap-{cluster.port}"
         argv = [RAY_BIN, "job", "submit", "--address", api, "--no-wait", f"--submission-id={job_id}"]
         argv += ["--working-dir", ".", "--", sys.executable, "pipelines/bootstrap.py", "--config", "tiny"]
         argv += ["--web", f"{tiny_world}/web-*.tar", "--human", f"{tiny_world}/human-*.tar"]
@@ -146,21 +166,14 @@ def test_two_nodes_grow_lose_a_node_and_give_single_node_bytes(tiny_models, tmp_
     finally:
         ray.shutdown()
 
-    port, dash = free_port(), free_port()
-    api = f"http://127.0.0.1:{dash}"
-    temps = [_temp(), _temp()]
     hooks = tmp_path / "hooks"
     hooks.mkdir()
     hold = hooks / "web-000000.hold"  # the head's actor keeps shard 0 in flight until released
     hold.write_text("")
-    head = _node(
-        "head", temps[0], "--head", f"--port={port}", "--include-dashboard=true", f"--dashboard-port={dash}"
-    )
-    worker = None
     out = tmp_path / "cluster"
-    job_id = f"capfilt-two-nodes-{port}"
-    try:
-        wait_for_dashboard(dash, head)
+    with _cluster() as cluster:
+        api = cluster.api
+        job_id = f"capfilt-two-nodes-{cluster.port}"
         submitted = submit_job(
             [
                 RAY_BIN,
@@ -197,7 +210,7 @@ def test_two_nodes_grow_lose_a_node_and_give_single_node_bytes(tiny_models, tmp_
         # The pool starts with the one actor the head's CPU holds; a worker node joins mid-run and the
         # pool must grow onto it: with the head's actor held, every shard committed now is the worker's.
         _wait("the head's actor", lambda: _ran_on(api, "ShardActor") == ["head"])
-        worker = _node("worker", temps[1], f"--address=127.0.0.1:{port}")
+        worker = cluster.join()
         _wait("a shard committed by the worker node", lambda: list(out.glob("*.done")))
         stop_node(worker, signal.SIGKILL)  # the node is lost mid-run, most likely with a shard in flight
         assert len(list(out.glob("*.done"))) < N_SHARDS
@@ -207,12 +220,6 @@ def test_two_nodes_grow_lose_a_node_and_give_single_node_bytes(tiny_models, tmp_
         _wait("the job", lambda: client.get_job_status(job_id).is_terminal(), timeout=300)
         assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, client.get_job_logs(job_id)[-3000:]
         ran_on = _ran_on(api, "ShardActor.run")
-    finally:
-        if worker is not None:
-            stop_node(worker, signal.SIGKILL)
-        stop_node(head)
-        for temp in temps:
-            shutil.rmtree(temp, ignore_errors=True)
 
     assert "head" in ran_on and "worker" in ran_on, ran_on
     summary = json.loads((out / "summary.json").read_text())

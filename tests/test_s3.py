@@ -82,4 +82,7 @@ def test_mirror_pulls_what_a_resume_needs_and_pushes_no_temp_files(s3, tmp_path,
         "round-0/pretrain/step-8/med/model.safetensors",
     ]
     assert (second.local / "round-0/pretrain/step-8/med/model.safetensors").read_text() == "step-8"
-    assert not Mirror(tmp_path / "local").remote and Mirror(tmp_path / "local").local == tmp_path / "local"
+    assert first.upload_url(pre) == "s3://bucket/boot/round-0/pretrain"
+    for local in (tmp_path / "local", f"file://{tmp_path}/local"):  # the folder itself, nothing uploaded
+        mirror = Mirror(local)
+        assert mirror.local == tmp_path / "local" and mirror.upload_url(mirror.local / "pretrain") == ""

@@ -22,11 +22,6 @@ SCRATCH_ENV = "CAPFILT_SCRATCH"  # where working copies of remote folders go (de
 CHECKPOINT = re.compile(r"step-\d+")
 
 
-def is_remote(url: str | Path) -> bool:
-    fs, _ = url_to_fs(str(url))
-    return "file" not in ([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol)
-
-
 def scratch_root() -> Path:
     return Path(os.environ.get(SCRATCH_ENV) or Path.home() / ".cache" / "capfilt")
 
@@ -36,18 +31,23 @@ class Mirror:
 
     def __init__(self, url: str | Path):
         self.url = str(url).rstrip("/")
-        self.remote = is_remote(self.url)
+        fs, path = url_to_fs(self.url)
+        self.remote = "file" not in ([fs.protocol] if isinstance(fs.protocol, str) else fs.protocol)
         if self.remote:
             key = hashlib.sha1(self.url.encode()).hexdigest()[:16]
             self.local = scratch_root() / "mirror" / key
         else:
-            self.local = Path(self.url)
+            self.local = Path(path)
 
     def url_of(self, path: Path) -> str:
         if not self.remote:
             return str(path)
         rel = Path(path).relative_to(self.local).as_posix()
         return self.url if rel == "." else f"{self.url}/{rel}"
+
+    def upload_url(self, path: Path) -> str:
+        """Where what is written at ``path`` is uploaded as it is written; "" for a local folder."""
+        return self.url_of(path) if self.remote else ""
 
     def pull(self, skip_dirs: tuple[str, ...] = (), pointer: str = "latest") -> None:
         """Copy the remote folder over the working copy, but for folders named in ``skip_dirs`` (read
