@@ -222,7 +222,12 @@ def bootstrap(
     human: Annotated[list[str], typer.Option(help="human-annotated shards (repeatable)")],
     test: Annotated[list[str], typer.Option(help="held-out test shards (repeatable)")],
     out: Annotated[
-        str, typer.Option("--out", "-o", help="bootstrap folder or URL (s3://...), one round-R/ per round")
+        str,
+        typer.Option(
+            "--out",
+            "-o",
+            help="bootstrap folder or URL (s3://..., worked on in a copy under $CAPFILT_SCRATCH), one round-R/ per round",
+        ),
     ],
     rounds: Annotated[int, typer.Option(help="cleaning rounds after round 0")] = 2,
     truth: Annotated[str | None, typer.Option("--truth", "--labels", help=LABELS_HELP)] = None,
