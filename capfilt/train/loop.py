@@ -158,8 +158,10 @@ def train(job: Job, rank: int = 0, world: int = 1) -> dict:
                 faults.maybe_kill(f"{job.name}.step-{step}")
         if wanted:
             raise RuntimeError(
-                f"[{job.name}] epoch {epoch} ran out of data {wanted} batches early: images that failed "
-                "to decode after counting? Their rejects are counted by read_pairs/decoded."
+                f"[{job.name}] epoch {epoch} ran out of data {wanted} batches early on rank {rank}: its "
+                "shards hold no pair (with several workers, a rank reads only its own shards: a cleaned "
+                "shard whose every caption was dropped is empty), or images failed to decode after "
+                "counting (their rejects are counted by read_pairs/decoded)."
             )
     return state
 
