@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--test", action="append", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--truth")
+    ap.add_argument("--truth", "--labels", help="truth.parquet or a labels file, for evaluation only")
     ap.add_argument("--warm-start", action="store_true")
     ap.add_argument("--init", help="round 0's MED starts from this MED folder (see `capfilt convert`)")
     args = ap.parse_args()

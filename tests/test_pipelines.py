@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -71,3 +72,16 @@ def test_rayjob_entrypoint_cleans_only_new_shards_each_night(s3, tiny_models, tm
     assert (
         len(info["files"]["webdataset"]) == 3 and "# A CapFilt-cleaned" in s3.cat(f"{out}/README.md").decode()
     )
+
+
+def test_bootstrap_job_takes_every_option_of_capfilt_bootstrap():
+    """The cluster job runs `capfilt bootstrap`'s rounds: all its options but where they run are the job's."""
+    import typer.main
+
+    from capfilt.cli import app
+
+    command = typer.main.get_command(app).commands["bootstrap"]
+    options = {o for p in command.params for o in p.opts if o.startswith("--")} - {"--local", "--address"}
+    job = [sys.executable, str(ROOT / "pipelines" / "bootstrap.py"), "--help"]
+    usage = subprocess.run(job, capture_output=True, text=True, check=True).stdout
+    assert "--init" in options and options <= set(re.findall(r"--[a-z-]+", usage))
