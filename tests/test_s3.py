@@ -74,7 +74,7 @@ def test_mirror_pulls_what_a_resume_needs_and_pushes_no_temp_files(s3, tmp_path,
 
     monkeypatch.setenv(SCRATCH_ENV, str(tmp_path / "fresh"))  # another machine
     second = Mirror("s3://bucket/boot/")
-    second.pull(skip_dirs=("run",))
+    second.pull(skip_dirs=("run",), pointer="latest")
     got = sorted(p.relative_to(second.local).as_posix() for p in second.local.rglob("*") if p.is_file())
     assert got == [
         "round-0/pretrain/init/config.json",

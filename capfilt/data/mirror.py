@@ -49,7 +49,7 @@ class Mirror:
         """Where what is written at ``path`` is uploaded as it is written; "" for a local folder."""
         return self.url_of(path) if self.remote else ""
 
-    def pull(self, skip_dirs: tuple[str, ...] = (), pointer: str = "latest") -> None:
+    def pull(self, skip_dirs: tuple[str, ...], pointer: str) -> None:
         """Copy the remote folder over the working copy, but for folders named in ``skip_dirs`` (read
         remotely where they are used) and checkpoints that their folder's ``pointer`` file does not name."""
         if not self.remote:
