@@ -1,9 +1,9 @@
 """`capfilt bench` / `make bench`: the throughput figures docs/BENCHMARKS.md records, measured on demand.
 
-Three measurements, each a function elsewhere that a test or a person can call alone: decode throughput
-(Pillow and DALI in CPU mode), training throughput (a short pretrain at the config's size), and a CapFilt
-round against the batched HF script and the one-image loop (the demo's round-0 models by default, or
-random ones at the config's size). ``--device`` runs :func:`bench_device` instead: the GPU path's table.
+Four measurements, each a function that a test or a person can call alone: decode throughput (Pillow
+and DALI in CPU mode), training throughput (a short pretrain at the config's size), a CapFilt round
+against the batched HF script and the one-image loop (the demo's round-0 models by default, or random
+ones at the config's size), and peak memory against corpus size (opt-in: ``--parts memory``). ``--device`` runs :func:`bench_device` instead: the GPU path's table.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import multiprocessing
 import platform
+import resource
+import sys
 import tempfile
 from datetime import date
 from pathlib import Path
@@ -48,6 +51,64 @@ def bench_train(cfg: Config, shards: list[str], steps: int = 30) -> dict:
     }
 
 
+def cycled_shards(world: Path, images: int, folder: Path) -> list[str]:
+    """Links in ``folder`` cycling through the world's web shards until they hold ``images`` images: a
+    corpus of any size from the demo world (the data repeat, but every shard is read and written)."""
+    from capfilt.data.reader import iter_shard
+    from capfilt.data.sample import Sample
+    from capfilt.data.specs import expand_shards
+
+    sources = expand_shards([str(world / "web-*.tar")])
+    per_shard = sum(isinstance(s, Sample) for s in iter_shard(sources[0]))
+    folder.mkdir(parents=True, exist_ok=True)
+    links = []
+    for i in range(-(-images // per_shard)):
+        link = folder / f"web-{i:06d}.tar"
+        link.symlink_to(Path(sources[i % len(sources)]).resolve())
+        links.append(str(link))
+    return links
+
+
+def _peak_rss_child(part: str, cfg: Config, shards: list[str], models: tuple[str, str], out: str, q) -> None:
+    if part == "round":
+        from capfilt.run.round import run_round
+
+        run_round(cfg, shards, out, *models, local=True, progress=False)
+    else:
+        from capfilt.train.pretrain import pretrain
+
+        pretrain(cfg, shards, out)
+    q.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+
+
+def bench_memory(cfg: Config, world: Path, sizes: list[int]) -> list[dict]:
+    """Peak RSS (MiB) of a round's worker process (``run_round(local=True)``: captioner, filter, decoder
+    and read-ahead in one process, as in an actor) and of a training rank (one pretraining epoch) at each
+    corpus size, each in a fresh process: whether anything grows with the corpus. Random models at the
+    config's size: model memory is a constant."""
+    ctx, rows = multiprocessing.get_context("spawn"), []
+    with tempfile.TemporaryDirectory(prefix="capfilt-memory-") as tmp:
+        model_cfg = dataclasses.replace(cfg.model, image_size=cfg.run.image_size)
+        from capfilt.run import bench
+
+        models = bench.random_models(model_cfg, f"{tmp}/models", web_captions(Path(world)))
+        for n in sizes:
+            shards = cycled_shards(Path(world), n, Path(tmp) / f"corpus-{n}")
+            train = copy.deepcopy(cfg)
+            train.pretrain.steps = -(-n // cfg.pretrain.batch_size)  # one epoch
+            train.pretrain.checkpoint_every = train.pretrain.steps
+            for part, part_cfg in (("round", cfg), ("train", train)):
+                q = ctx.Queue()
+                args = (part, part_cfg, shards, models, f"{tmp}/{part}-{n}", q)
+                child = ctx.Process(target=_peak_rss_child, args=args)
+                child.start()
+                child.join()
+                if child.exitcode != 0:
+                    raise RuntimeError(f"memory benchmark {part} at {n} images failed ({child.exitcode})")
+                rows.append({"part": part, "images": n, "peak_rss_mib": round(q.get(), 1)})
+    return rows
+
+
 def web_captions(world: Path, n: int = 500) -> list[str]:
     """Some of the world's web captions: what a random model's tokenizer is trained on."""
     from capfilt.data.reader import iter_shard
@@ -59,9 +120,14 @@ def web_captions(world: Path, n: int = 500) -> list[str]:
 
 
 def run_bench(
-    cfg: Config, world: Path, models: Path | None, parts: list[str], random_models: bool = False
+    cfg: Config,
+    world: Path,
+    models: Path | None,
+    parts: list[str],
+    random_models: bool = False,
+    memory_sizes: tuple[int, ...] = (10_000, 100_000),
 ) -> dict:
-    """The requested parts ("decode", "train", "round") on a demo world folder."""
+    """The requested parts ("decode", "train", "round", "memory") on a demo world folder."""
     from capfilt.data.bench_decode import bench_decode
 
     world = Path(world)
@@ -72,6 +138,8 @@ def run_bench(
         result["decode"] = [bench_decode(web, d, image_size=cfg.run.image_size) for d in decoders]
     if "train" in parts:
         result["train"] = bench_train(cfg, [*web, str(world / "human-*.tar")])
+    if "memory" in parts:
+        result["memory"] = bench_memory(cfg, world, memory_sizes)
     if "round" in parts:
         from capfilt.run import bench
 
@@ -107,8 +175,9 @@ def bench_device(
 ) -> tuple[dict, str]:
     """The GPU path, measured on ``device`` (it runs on the CPU too, at a small size): decode at the run's
     image size (Pillow, and DALI ``mixed`` on CUDA or DALI CPU), the captioner and the filter at the
-    config's model size with random weights (bf16 on CUDA) over a batch-size sweep, and the end-to-end
-    round with 1..n actors sharing the device. Returns the figures and a markdown table."""
+    config's model size with random weights (bf16 on CUDA) over a batch-size sweep beside the batched HF
+    script, and the end-to-end round with 1..n actors sharing the device. Returns the figures and a
+    markdown table."""
     from capfilt.data.bench_decode import bench_decode
     from capfilt.data.decode import PillowDecoder
     from capfilt.data.reader import ShardReader
@@ -121,49 +190,49 @@ def bench_device(
 
     world, cuda = Path(world), device == "cuda"
     web = [str(world / "web-*.tar")]
-    dtype = torch.bfloat16 if cuda else torch.float32
+    dtype = "bfloat16" if cuda else "float32"
     rows: list[tuple[str, str, float]] = []
+
+    def add(row: tuple[str, str, float], detail: object = "") -> None:
+        rows.append(row)
+        print(f"[bench] {row[0]} | {row[1]} | {row[2]:,.1f} images/s {detail}", file=sys.stderr, flush=True)
+
     size = cfg.run.image_size
     for name in ("pillow", "dali"):
         r = bench_decode(web, name, size, cfg.run.decode_threads, cfg.run.batch_size, images, 1, gpu=cuda)
         label = {"pillow": "Pillow", "dali": "DALI mixed" if cuda else "DALI CPU"}[name]
-        rows.append(("decode", f"{label}, {size} px, {r['threads']} thread(s)", r["images_per_s"]))
+        add(("decode", f"{label}, {size} px, {r['threads']} thread(s)", r["images_per_s"]))
     with tempfile.TemporaryDirectory(prefix="capfilt-models-") as tmp:
         model_cfg = dataclasses.replace(cfg.model, image_size=size)
         cap_path, flt_path = bench.random_models(model_cfg, tmp, web_captions(world))
-        cap, flt = (
-            Captioner(cap_path, cfg.caption, device, cfg.run.seed),
-            Filter(flt_path, cfg.filter, device),
-        )
-        cap.model.to(dtype)
-        flt.model.to(dtype)
         decoder = PillowDecoder(size, 1, cfg.run.max_pixels)
         samples = [
             b for b in decoded_batches(ShardReader(expand_shards(web)[0]), decoder, images) if b.samples
         ]
-        pixels, keys = samples[0].pixels.to(device, dtype), [s.key for s in samples[0].samples]
+        pixels, keys = samples[0].pixels.to(device), [s.key for s in samples[0].samples]
         web_text = [s.caption for s in samples[0].samples]
+        ours = (
+            Captioner(cap_path, cfg.caption, device, cfg.run.seed, dtype),
+            Filter(flt_path, cfg.filter, device, dtype),
+        )
+        script = bench.HFScript(cfg, cap_path, flt_path, device, dtype)
         for bs in batch_sizes:
             batches = [
                 (pixels[i : i + bs], keys[i : i + bs], web_text[i : i + bs]) for i in range(0, len(keys), bs)
             ]
-            ips = bench.model_images_per_s({"capfilt": (cap, flt)}, batches)["capfilt"]
-            rows.append(
-                ("model", f"captioner + filter, batch {bs}, {str(dtype).removeprefix('torch.')}", ips)
-            )
-        del cap, flt
-        for n in actors:
+            pairs = {"captioner + filter": ours, "batched HF script": (script, script)}
+            for who, ips in bench.model_images_per_s(pairs, batches).items():
+                add(("model", f"{who}, batch {bs}, {dtype}", ips))
+        del ours, script
+        rounds = [("pillow", 1)] * cuda + [(cfg.run.decoder, n) for n in actors]
+        for decoder, n in rounds:
             run = copy.deepcopy(cfg)
-            run.run.actors = n
+            run.run.actors, run.run.dtype, run.run.decoder = n, dtype, decoder
             run.run.num_gpus_per_actor = 1 / n if cuda else 0.0
-            summary = run_round(run, web, f"{tmp}/round-{n}", cap_path, flt_path, progress=False)
-            rows.append(
-                (
-                    "round",
-                    f"end to end, {n} actor(s) on one {device}, float32 models",
-                    summary["this_invocation"]["images_per_s"],
-                )
-            )
+            out = f"{tmp}/round-{decoder}-{n}"
+            summary = run_round(run, web, out, cap_path, flt_path, progress=False)["this_invocation"]
+            what = f"end to end, {summary['n_in']:,} images, {n} actor(s) on one {device}, {decoder}, {dtype}"
+            add(("round", what, summary["images_per_s"]), summary["stage_seconds"])
     table = "\n".join(
         ["| part | what | images/s |", "| --- | --- | --- |"]
         + [f"| {p} | {w} | {v:,.1f} |" for p, w, v in rows]

@@ -319,7 +319,12 @@ def bench(
     random_models: Annotated[
         bool, typer.Option(help="round with random models at the config's size")
     ] = False,
-    parts: Annotated[str, typer.Option(help="comma-separated: decode, train, round")] = "decode,train,round",
+    parts: Annotated[
+        str, typer.Option(help="comma-separated: decode, train, round, memory")
+    ] = "decode,train,round",
+    memory_sizes: Annotated[
+        str, typer.Option(help="memory: corpus sizes (images) whose peak RSS is compared")
+    ] = "10000,100000",
     device: Annotated[str | None, typer.Option(help="cuda or cpu: the GPU path's table instead")] = None,
     batch_sizes: Annotated[str, typer.Option(help="--device: the model batch-size sweep")] = "32,64,128,256",
     images: Annotated[int, typer.Option(help="--device: images per decode and model measurement")] = 1024,
@@ -334,7 +339,8 @@ def bench(
 
     cfg = _config(config, set_)
     if device is None:
-        result = run_bench(cfg, world, models, parts.split(","), random_models)
+        sizes = tuple(int(x) for x in memory_sizes.split(","))
+        result = run_bench(cfg, world, models, parts.split(","), random_models, sizes)
         typer.echo(json.dumps(result, indent=1))
         for name, value in result.get("round", {}).get("ratios", {}).items():
             typer.echo(f"{name}: {value:.2f}" if value is not None else f"{name}: -")

@@ -126,6 +126,9 @@ class RunConfig:
     max_shard_retries: int = 3
     seed: int = 0
     parquet_image_bytes: bool = False
+    # The captioner's and the filter's weights and activations: bfloat16 halves memory and is what a GPU's
+    # tensor cores run fast; captions and scores then differ from float32's (resume stays byte-identical).
+    dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 @dataclass

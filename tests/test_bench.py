@@ -1,5 +1,6 @@
 """`capfilt bench`: the GPU path's table on the CPU at a tiny size, and the round against the HF script."""
 
+import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -17,8 +18,9 @@ def test_bench_device_cpu_writes_the_table(tiny_world, tmp_path):
     result = CliRunner().invoke(app, [*args, "--images", "16", "--actors", "1,2", "--table", str(table)])
     assert result.exit_code == 0, result.output
     rows = [line.split(" | ") for line in table.read_text().splitlines()[2:]]
-    assert [r[0].strip("| ") for r in rows] == ["decode"] * 2 + ["model"] * 2 + ["round"] * 2
-    assert "batch 8, float32" in rows[3][1] and "2 actor(s)" in rows[5][1]
+    assert [r[0].strip("| ") for r in rows] == ["decode"] * 2 + ["model"] * 4 + ["round"] * 2
+    assert "captioner + filter, batch 8, float32" in rows[4][1] and "HF script, batch 8" in rows[5][1]
+    assert "2 actor(s)" in rows[7][1]
     assert all(float(r[2].strip(" |").replace(",", "")) > 0 for r in rows)
 
 
@@ -31,3 +33,17 @@ def test_hf_script_round_writes_what_a_round_writes(tiny_world, tmp_path):
     assert len(scores) == 32
     assert all([c["source"] for c in r["candidates"]] == ["web", "synthetic"] for r in scores)
     assert all(0 <= c["itm"] <= 1 and c["itc"] is None for r in scores for c in r["candidates"])
+
+
+def test_bench_memory_reports_peak_rss_per_part_and_size(tiny_world):
+    args = ["bench", "-c", "tiny", "--world", tiny_world, "--parts", "memory", "--memory-sizes", "32,96"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["memory"]
+    assert [(r["part"], r["images"]) for r in rows] == [
+        ("round", 32),
+        ("train", 32),
+        ("round", 96),
+        ("train", 96),
+    ]
+    assert all(r["peak_rss_mib"] > 100 for r in rows)  # torch alone is more than that

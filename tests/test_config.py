@@ -24,6 +24,8 @@ def test_wrong_type_is_an_error():
         load_config("tiny", ["model.patch_size=eight"])
     with pytest.raises(ConfigError, match="not one of"):
         load_config("tiny", ["run.decoder=opencv"])
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config("tiny", ["run.dtype=float16"])
 
 
 def test_overrides_and_int_to_float():

@@ -123,3 +123,11 @@ def test_sampled_captions_start_and_end_on_word_boundaries(captioner, pixels):
     }
     pieces = {t[2:] for t in captioner.tokenizer.get_vocab() if t.startswith("##")} - vocab
     assert not words & pieces, words & pieces
+
+
+def test_bfloat16_captioner_writes_whole_captions(tiny_models, pixels):
+    """run.dtype=bfloat16 (for GPUs): weights and pixels cast; sampling stays float32 and deterministic."""
+    half = Captioner(tiny_models[0], CaptionConfig(num_captions=2), seed=7, dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    first = half.caption(pixels, KEYS)
+    assert first == half.caption(pixels, KEYS) and all(len(caps) == 2 for caps in first)

@@ -47,3 +47,12 @@ def test_itm_uses_the_checkpoints_first_token_and_itc_is_unimodal(tiny_models, p
         itm_ref = m(input_ids=ids, pixel_values=pixels[:1], use_itm_head=True).itm_score.softmax(-1)[0, 1]
     assert itm == pytest.approx(float(itm_ref), abs=1e-5)
     assert itc == pytest.approx(float(itc_ref), abs=1e-5)
+
+
+def test_bfloat16_scores_track_float32(tiny_models, pixels):
+    """run.dtype=bfloat16 (for GPUs) casts weights and pixels; scores stay near float32's."""
+    full = Filter(tiny_models[1], FilterConfig()).score(pixels, CAPTIONS)
+    half = Filter(tiny_models[1], FilterConfig(), dtype="bfloat16")
+    assert next(half.model.parameters()).dtype == torch.bfloat16
+    for row, row_half in zip(full, half.score(pixels, CAPTIONS)):
+        assert sum(row_half, ()) == pytest.approx(sum(row, ()), abs=0.05)

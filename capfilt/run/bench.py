@@ -36,9 +36,14 @@ from capfilt.stages.filter import MAX_TEXT_TOKENS, Filter
 class HFScript:
     """The user's script with the stage interface (``caption``, ``score``), so it runs the same batches."""
 
-    def __init__(self, cfg: Config, captioner: str, filter_: str, device: str = "cpu"):
+    def __init__(
+        self, cfg: Config, captioner: str, filter_: str, device: str = "cpu", dtype: str = "float32"
+    ):
         self.cap, self.cap_tok, _ = load_captioner(captioner, device)
         self.flt, self.flt_tok, info = load_filter(filter_, device)
+        self.dtype = getattr(torch, dtype)
+        self.cap.to(self.dtype)
+        self.flt.to(self.dtype)
         self.itm_first, self.cfg, self.device = info["itm_first_token_id"], cfg.caption, torch.device(device)
 
     @torch.no_grad()
@@ -46,7 +51,7 @@ class HFScript:
         c = self.cfg
         prompt = self.cap_tok([c.prompt] * len(keys), return_tensors="pt").input_ids.to(self.device)
         ids = self.cap.generate(
-            pixel_values=pixels.to(self.device),
+            pixel_values=pixels.to(self.device, self.dtype),
             input_ids=prompt,
             do_sample=True,
             top_p=c.top_p,
@@ -74,7 +79,7 @@ class HFScript:
             self.flt(
                 input_ids=tok.input_ids.to(self.device),
                 attention_mask=tok.attention_mask.to(self.device),
-                pixel_values=pixels[rows].to(self.device),
+                pixel_values=pixels[rows].to(self.device, self.dtype),
                 use_itm_head=True,
             )
             .itm_score.float()

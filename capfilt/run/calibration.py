@@ -39,12 +39,20 @@ def resolve_threshold(
         raise ConfigError(f"filter.calibration={mode} needs the human shards: pass --human")
     url = out.rstrip("/") + "/" + CALIBRATION
     cal = ledger.read_json(url)
-    want = {"filter": filter_hash, "human": list(human), "samples": cfg.filter.calibration_samples}
+    want = {
+        "filter": filter_hash,
+        "human": list(human),
+        "samples": cfg.filter.calibration_samples,
+        "dtype": cfg.run.dtype,
+    }
     if cal is None or {k: cal.get(k) for k in want} != want:
+        from capfilt.run.worker import default_device
         from capfilt.stages.filter import Filter
 
         pixels, captions = human_pairs(human, cfg)
-        cal = want | calibrate(Filter(filter_, cfg.filter), pixels, captions, cfg.run.seed)
+        # The round's own device and dtype: its scores are what the threshold is compared with.
+        filt = Filter(filter_, cfg.filter, default_device(), cfg.run.dtype)
+        cal = want | calibrate(filt, pixels, captions, cfg.run.seed)
         ledger.write_json(url, cal)
     return threshold_of(cal, mode, cfg.filter.keep_share), mode
 

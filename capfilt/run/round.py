@@ -37,6 +37,7 @@ def provenance_of(
         "threshold": cfg.filter.threshold,
         "threshold_mode": threshold_mode,
         "caption": cfg.to_dict()["caption"],
+        "dtype": cfg.run.dtype,
         "config": cfg.name,
     }
 

@@ -29,8 +29,8 @@ class ShardWorker:
     ):
         device = device or default_device()
         self.cfg, self.provenance = cfg, provenance
-        self.captioner = Captioner(captioner, cfg.caption, device, seed=cfg.run.seed)
-        self.filter = Filter(filter_, cfg.filter, device)
+        self.captioner = Captioner(captioner, cfg.caption, device, cfg.run.seed, cfg.run.dtype)
+        self.filter = Filter(filter_, cfg.filter, device, cfg.run.dtype)
         self.decoder = make_decoder(cfg.run)
 
     def run(self, url: str, name: str, out_dir: str) -> ShardStats:

@@ -92,8 +92,12 @@ def caption_tokens(
 class Captioner:
     """Loads an HF-format captioner once and writes ``num_captions`` captions per image."""
 
-    def __init__(self, path: str, cfg: CaptionConfig, device: str = "cpu", seed: int = 0):
+    def __init__(
+        self, path: str, cfg: CaptionConfig, device: str = "cpu", seed: int = 0, dtype: str = "float32"
+    ):
         self.model, self.tokenizer, self.info = load_captioner(path, device)
+        self.dtype = getattr(torch, dtype)
+        self.model.to(self.dtype)
         self.cfg, self.device, self.seed = cfg, torch.device(device), seed
         self.bos, self.eos = self.info["dec_token_id"], self.info["sep_token_id"]
         prompt_ids = self.tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"]
@@ -104,7 +108,7 @@ class Captioner:
         """One list of ``num_captions`` captions per image, in input order."""
         if len(keys) != pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} images but {len(keys)} keys")
-        pixels, n = pixels.to(self.device), self.cfg.num_captions
+        pixels, n = pixels.to(self.device, self.dtype), self.cfg.num_captions
         if self.cfg.method == "beam":
             ids = self._beam(pixels)
         else:

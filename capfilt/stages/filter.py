@@ -24,8 +24,10 @@ MAX_TEXT_TOKENS = 35  # the reference ITM model's text length
 class Filter:
     """Loads an HF-format ITM/ITC filter once and scores (image, caption) pairs."""
 
-    def __init__(self, path: str, cfg: FilterConfig, device: str = "cpu"):
+    def __init__(self, path: str, cfg: FilterConfig, device: str = "cpu", dtype: str = "float32"):
         self.model, self.tokenizer, self.info = load_filter(path, device)
+        self.dtype = getattr(torch, dtype)
+        self.model.to(self.dtype)
         self.cfg, self.device = cfg, torch.device(device)
         self.itm_first_id = self.info["itm_first_token_id"]
 
@@ -34,7 +36,9 @@ class Filter:
         """``captions[b]`` are image b's candidates; returns (itm, itc) per candidate, same shape."""
         if len(captions) != pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} images but {len(captions)} caption lists")
-        image_embeds = self.model.vision_model(pixel_values=pixels.to(self.device)).last_hidden_state
+        image_embeds = self.model.vision_model(
+            pixel_values=pixels.to(self.device, self.dtype)
+        ).last_hidden_state
         image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0]), dim=-1)
         pairs = [(b, text) for b, texts in enumerate(captions) for text in texts]
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]))  # similar lengths share a chunk
