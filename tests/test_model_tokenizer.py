@@ -1,5 +1,11 @@
 """Tokenizer: BLIP's caption normalisation and our WordPiece with [DEC]/[ENC]."""
 
+import json
+import os
+import subprocess
+import sys
+
+import pytest
 from transformers import AutoTokenizer
 
 from capfilt.model.testing import tiny_tokenizer
@@ -10,6 +16,8 @@ from capfilt.model.tokenizer import (
     prompt_length,
     special_ids,
     tokenize,
+    train_tokenizer,
+    wordpiece_vocab,
 )
 
 
@@ -48,3 +56,33 @@ def test_tokenize_pads_to_longest_and_truncates():
 def test_prompt_length():
     tok = tiny_tokenizer()
     assert prompt_length(tok, "a picture of ") == len(tok.tokenize("a picture of"))
+
+
+def test_vocabulary_is_the_same_in_every_process():
+    """HF's WordPieceTrainer broke ties in per-process hash order; ours is a pure function of the captions."""
+    code = (
+        "import json; from capfilt.model.tokenizer import wordpiece_vocab; "
+        "print(json.dumps(wordpiece_vocab(['a red circle', 'two blue squares', 'a red square'] * 3, 60)))"
+    )
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", code], env=os.environ | {"PYTHONHASHSEED": seed}, capture_output=True
+        ).stdout
+        for seed in ("1", "2")
+    ]
+    assert runs[0] == runs[1] and json.loads(runs[0])["[ENC]"] == 6
+
+
+def test_vocabulary_ranks_words_and_spells_the_rest():
+    captions = ["a red circle", "a red square", "a cat"]
+    full = wordpiece_vocab(captions, 1000)
+    assert [t for t in full if len(t) > 1 and not t.startswith(("#", "["))] == [
+        "red",
+        "cat",
+        "circle",
+        "square",
+    ]
+    tok = train_tokenizer(captions, len(full) - 2)  # no room for the two rarest words
+    assert tok.tokenize("a red circle") == ["a", "red", "c", "##i", "##r", "##c", "##l", "##e"]
+    with pytest.raises(ValueError, match="characters"):
+        wordpiece_vocab(captions, 10)

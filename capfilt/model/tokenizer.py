@@ -9,6 +9,7 @@ it saves with ``save_pretrained`` and loads with ``AutoTokenizer.from_pretrained
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -36,19 +37,33 @@ def normalize_caption(text: str, max_words: int = 30) -> str:
     return text
 
 
-def train_tokenizer(captions: Iterable[str], vocab_size: int) -> BertTokenizer:
-    """Train a BERT-style WordPiece on normalised captions; [PAD]=0 ... [DEC]=5 (bos), [ENC]=6."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+def wordpiece_vocab(captions: Iterable[str], vocab_size: int) -> dict[str, int]:
+    """A WordPiece vocabulary that is a pure function of the captions: the special tokens, every character
+    seen (alone and as a ``##`` continuation, so any word of those characters can be spelled), then whole
+    words by frequency, ties in alphabetical order, up to ``vocab_size``.
 
-    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
-    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS)
-    backend.train_from_iterator((normalize_caption(c) for c in captions), trainer)
-    vocab = backend.get_vocab()
-    assert [vocab[t] for t in SPECIAL_TOKENS] == list(range(len(SPECIAL_TOKENS))), vocab
-    # BertTokenizer rebuilds the same normalizer/pre-tokenizer and the `[CLS] $A [SEP]` post-processor.
-    return BertTokenizer(vocab=vocab, bos_token=DEC_TOKEN, extra_special_tokens=[ENC_TOKEN])
+    Why not HF's ``WordPieceTrainer``: it breaks ties in hash-map order, which changes from process to
+    process, so two runs over the same captions got different vocabularies and different initial models.
+    """
+    from tokenizers import normalizers, pre_tokenizers
+
+    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    words: Counter = Counter()
+    for caption in captions:
+        words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(normalize_caption(caption))))
+    pieces = sorted({c for w in words for c in w}) + sorted({"##" + c for w in words for c in w[1:]})
+    if len(SPECIAL_TOKENS) + len(pieces) > vocab_size:
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the captions' characters need")
+    ranked = sorted((w for w in words if len(w) > 1), key=lambda w: (-words[w], w))
+    return {t: i for i, t in enumerate([*SPECIAL_TOKENS, *pieces, *ranked][:vocab_size])}
+
+
+def train_tokenizer(captions: Iterable[str], vocab_size: int) -> BertTokenizer:
+    """A BERT-style WordPiece tokenizer on :func:`wordpiece_vocab`; [PAD]=0 ... [DEC]=5 (bos), [ENC]=6."""
+    # BertTokenizer builds BERT's normalizer, pre-tokenizer and `[CLS] $A [SEP]` post-processor itself.
+    return BertTokenizer(
+        vocab=wordpiece_vocab(captions, vocab_size), bos_token=DEC_TOKEN, extra_special_tokens=[ENC_TOKEN]
+    )
 
 
 def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 
 from capfilt.config import Config
-from capfilt.data.mirror import put_tree
 from capfilt.data.specs import expand_shards
 from capfilt.model.hf import save_med
 from capfilt.model.med import MED
@@ -42,9 +41,9 @@ def pretrain(
     if init is None:
         init = out / "init"
         if not (init / "config.json").is_file():
-            fresh_med(cfg, captions, init)
-            if remote:  # a rerun elsewhere starts from this one: tokenizer training differs between processes
-                put_tree(init, f"{remote}/init")
+            fresh_med(
+                cfg, captions, init
+            )  # a pure function of the captions and the seed: a rerun rebuilds it
     job = Job(
         name="pretrain",
         config=cfg.to_dict(),
