@@ -154,7 +154,9 @@ def test_a_few_steps_reduce_the_loss():
     last = sum(h["loss"] for h in hist[-3:]) / 3
     assert last < 0.7 * first, (first, last)
     assert hist[-1]["lm"] < 0.5 * hist[0]["lm"]
-    assert hist[-1]["itc"] < hist[0]["itc"]
+    # ITM learns more slowly (and ITC's queue fills over these steps, so its loss is not comparable
+    # step to step): the mean of the last five steps, not a single step, against the first five.
+    assert sum(h["itm"] for h in hist[-5:]) < sum(h["itm"] for h in hist[:5])
 
 
 def test_resize_image_interpolates_position_embeddings():
