@@ -3,7 +3,8 @@
 Four measurements, each a function that a test or a person can call alone: decode throughput (Pillow
 and DALI in CPU mode), training throughput (a short pretrain at the config's size), a CapFilt round
 against the batched HF script and the one-image loop (the demo's round-0 models by default, or random
-ones at the config's size), and peak memory against corpus size (opt-in: ``--parts memory``). ``--device`` runs :func:`bench_device` instead: the GPU path's table.
+ones at the config's size), and peak memory against corpus size (opt-in: ``--parts memory``).
+``--device`` runs :func:`bench_device` instead: the GPU path's table.
 """
 
 from __future__ import annotations
@@ -86,11 +87,11 @@ def bench_memory(cfg: Config, world: Path, sizes: list[int]) -> list[dict]:
     and read-ahead in one process, as in an actor) and of a training rank (one pretraining epoch) at each
     corpus size, each in a fresh process: whether anything grows with the corpus. Random models at the
     config's size: model memory is a constant."""
+    from capfilt.run import bench
+
     ctx, rows = multiprocessing.get_context("spawn"), []
     with tempfile.TemporaryDirectory(prefix="capfilt-memory-") as tmp:
         model_cfg = dataclasses.replace(cfg.model, image_size=cfg.run.image_size)
-        from capfilt.run import bench
-
         models = bench.random_models(model_cfg, f"{tmp}/models", web_captions(Path(world)))
         for n in sizes:
             shards = cycled_shards(Path(world), n, Path(tmp) / f"corpus-{n}")
@@ -225,13 +226,16 @@ def bench_device(
                 add(("model", f"{who}, batch {bs}, {dtype}", ips))
         del ours, script
         rounds = [("pillow", 1)] * cuda + [(cfg.run.decoder, n) for n in actors]
-        for decoder, n in rounds:
+        for decoder_name, n in rounds:
             run = copy.deepcopy(cfg)
-            run.run.actors, run.run.dtype, run.run.decoder = n, dtype, decoder
+            run.run.actors, run.run.dtype, run.run.decoder = n, dtype, decoder_name
             run.run.num_gpus_per_actor = 1 / n if cuda else 0.0
-            out = f"{tmp}/round-{decoder}-{n}"
+            out = f"{tmp}/round-{decoder_name}-{n}"
             summary = run_round(run, web, out, cap_path, flt_path, progress=False)["this_invocation"]
-            what = f"end to end, {summary['n_in']:,} images, {n} actor(s) on one {device}, {decoder}, {dtype}"
+            what = (
+                f"end to end, {summary['n_in']:,} images, {n} actor(s) on one {device}, "
+                f"{decoder_name}, {dtype}"
+            )
             add(("round", what, summary["images_per_s"]), summary["stage_seconds"])
     table = "\n".join(
         ["| part | what | images/s |", "| --- | --- | --- |"]

@@ -199,25 +199,25 @@ def _capfilt_meta(config: BlipConfig) -> dict[str, Any]:
 
 
 def _load(
-    cls: type, ref: str | Path, device: str | torch.device
+    cls: type, ref: str | Path, device: str | torch.device, dtype: torch.dtype
 ) -> tuple[Any, PreTrainedTokenizerBase, Path]:
-    """Resolve ``ref``, load the model in eval mode and its tokenizer, and log one line about it."""
+    """Resolve ``ref``, load the model in eval mode in ``dtype`` and its tokenizer, and log one line."""
     path = resolve_model(ref).path
     _weight_files(path)
-    model = cls.from_pretrained(str(path), use_safetensors=True).to(device).eval()
+    model = cls.from_pretrained(str(path), use_safetensors=True).to(device, dtype).eval()
     print(f"[model] loaded {cls.__name__} from {ref} on {device}", file=sys.stderr, flush=True)
     return model, AutoTokenizer.from_pretrained(str(path)), path
 
 
 def load_captioner(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[BlipForConditionalGeneration, PreTrainedTokenizerBase, dict]:
     """A captioner folder (ours or Salesforce's) → (model in eval mode, tokenizer, info).
 
     info: source ("capfilt"/"external"), dec_token_id (the decoder's first token, from the config),
     sep_token_id (eos), pad_token_id, model_hash.
     """
-    model, tokenizer, path = _load(BlipForConditionalGeneration, path, device)
+    model, tokenizer, path = _load(BlipForConditionalGeneration, path, device, dtype)
     meta = _capfilt_meta(model.config)
     tc = model.config.text_config
     info = {
@@ -231,7 +231,7 @@ def load_captioner(
 
 
 def load_filter(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[BlipForImageTextRetrieval, PreTrainedTokenizerBase, dict]:
     """A filter folder (ours or Salesforce's) → (model in eval mode, tokenizer, info).
 
@@ -239,7 +239,7 @@ def load_filter(
     ids[:, 0] with it before ``model(..., use_itm_head=True)``), itc_temp (None for Salesforce's),
     model_hash.
     """
-    model, tokenizer, path = _load(BlipForImageTextRetrieval, path, device)
+    model, tokenizer, path = _load(BlipForImageTextRetrieval, path, device, dtype)
     meta = _capfilt_meta(model.config)
     first = meta.get("itm_first_token", DEFAULT_ITM_FIRST_TOKEN)
     vocab = tokenizer.get_vocab()

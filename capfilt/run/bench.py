@@ -39,11 +39,9 @@ class HFScript:
     def __init__(
         self, cfg: Config, captioner: str, filter_: str, device: str = "cpu", dtype: str = "float32"
     ):
-        self.cap, self.cap_tok, _ = load_captioner(captioner, device)
-        self.flt, self.flt_tok, info = load_filter(filter_, device)
         self.dtype = getattr(torch, dtype)
-        self.cap.to(self.dtype)
-        self.flt.to(self.dtype)
+        self.cap, self.cap_tok, _ = load_captioner(captioner, device, self.dtype)
+        self.flt, self.flt_tok, info = load_filter(filter_, device, self.dtype)
         self.itm_first, self.cfg, self.device = info["itm_first_token_id"], cfg.caption, torch.device(device)
 
     @torch.no_grad()

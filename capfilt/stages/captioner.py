@@ -95,9 +95,8 @@ class Captioner:
     def __init__(
         self, path: str, cfg: CaptionConfig, device: str = "cpu", seed: int = 0, dtype: str = "float32"
     ):
-        self.model, self.tokenizer, self.info = load_captioner(path, device)
         self.dtype = getattr(torch, dtype)
-        self.model.to(self.dtype)
+        self.model, self.tokenizer, self.info = load_captioner(path, device, self.dtype)
         self.cfg, self.device, self.seed = cfg, torch.device(device), seed
         self.bos, self.eos = self.info["dec_token_id"], self.info["sep_token_id"]
         prompt_ids = self.tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"]

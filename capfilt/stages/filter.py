@@ -25,9 +25,8 @@ class Filter:
     """Loads an HF-format ITM/ITC filter once and scores (image, caption) pairs."""
 
     def __init__(self, path: str, cfg: FilterConfig, device: str = "cpu", dtype: str = "float32"):
-        self.model, self.tokenizer, self.info = load_filter(path, device)
         self.dtype = getattr(torch, dtype)
-        self.model.to(self.dtype)
+        self.model, self.tokenizer, self.info = load_filter(path, device, self.dtype)
         self.cfg, self.device = cfg, torch.device(device)
         self.itm_first_id = self.info["itm_first_token_id"]
 
