@@ -86,9 +86,10 @@ def bench_memory(cfg: Config, world: Path, sizes: list[int]) -> list[dict]:
     """Peak RSS (MiB) of a round's worker process (``run_round(local=True)``: captioner, filter, decoder
     and read-ahead in one process, as in an actor) and of a training rank (one pretraining epoch) at each
     corpus size, each in a fresh process: whether anything grows with the corpus. Random models at the
-    config's size: model memory is a constant."""
+    config's size and a fixed threshold: model memory and calibration are constants."""
     from capfilt.run import bench
 
+    cfg = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, calibration="none"))
     ctx, rows = multiprocessing.get_context("spawn"), []
     with tempfile.TemporaryDirectory(prefix="capfilt-memory-") as tmp:
         model_cfg = dataclasses.replace(cfg.model, image_size=cfg.run.image_size)

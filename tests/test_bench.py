@@ -37,6 +37,7 @@ def test_hf_script_round_writes_what_a_round_writes(tiny_world, tmp_path):
 
 def test_bench_memory_reports_peak_rss_per_part_and_size(tiny_world):
     args = ["bench", "-c", "tiny", "--world", tiny_world, "--parts", "memory", "--memory-sizes", "32,96"]
+    args += ["--set", "filter.calibration=keep"]  # as the demo config: the benchmark's threshold is fixed
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)["memory"]
