@@ -2,7 +2,9 @@ import pytest
 import torch
 
 from capfilt.config import CaptionConfig
-from capfilt.stages.captioner import Captioner, caption_tokens, draw, nucleus, row_seed
+from capfilt.model.vision import image_embeds
+from capfilt.stages.captioner import Captioner, caption_tokens, row_seed
+from capfilt.stages.sampler import draw, nucleus
 
 pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
 
@@ -67,7 +69,8 @@ def test_nucleus_is_hf_generates_distribution():
                 TopPLogitsWarper(cfg.top_p),
             ]
         )(seqs, logits.clone()).softmax(-1)
-        probs, ids = nucleus(logits, seqs, cfg, eos)
+        seen = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, seqs, True)
+        probs, ids = nucleus(logits, seen, length, cfg, eos)
         ours = torch.zeros_like(hf).scatter(1, ids, probs / probs.sum(-1, keepdim=True))
         torch.testing.assert_close(ours, hf)
         assert (length < cfg.min_length) == bool((ours[:, eos] == 0).all())
@@ -131,3 +134,17 @@ def test_bfloat16_captioner_writes_whole_captions(tiny_models, pixels):
     assert next(half.model.parameters()).dtype == torch.bfloat16
     first = half.caption(pixels, KEYS)
     assert first == half.caption(pixels, KEYS) and all(len(caps) == 2 for caps in first)
+
+
+def test_sampler_decoder_computes_what_hf_text_decoder_does(captioner, pixels):
+    """The fixed-shape decoder (prompt prefill, then one cached position per step) gives HF's logits."""
+    sampler, prompt = captioner.sampler, len(captioner.prompt_ids)
+    embeds = image_embeds(captioner.model.vision_model, pixels)
+    tokens = [10, 11, 12]
+    ids = torch.tensor([captioner.prompt_ids + tokens] * len(pixels))
+    want = captioner.model.text_decoder(input_ids=ids, encoder_hidden_states=embeds).logits
+    with torch.no_grad():
+        rows = sampler._start(embeds, torch.rand(len(pixels), sampler.steps))  # prefills the prompt
+        for j, token in enumerate(tokens):
+            got = sampler._forward(rows, torch.full((len(pixels), 1), token), torch.tensor([prompt + j]))
+            torch.testing.assert_close(got[:, 0], want[:, prompt + j], atol=1e-5, rtol=1e-4)
