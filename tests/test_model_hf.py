@@ -25,6 +25,7 @@ from capfilt.model.hf import (
     unique_state,
 )
 from capfilt.model.testing import tiny_batch, tiny_med, torch_threads
+from capfilt.model.vision import image_embeds as fused_image_embeds
 
 
 @pytest.fixture(autouse=True)
@@ -114,6 +115,10 @@ def test_exports_equal_the_med(trained, tmp_path):
         got = filt(input_ids=ids, pixel_values=pixels, attention_mask=mask, use_itm_head=False).itm_score
         want = med.image_feat(image_embeds=image_embeds) @ med.text_feat(ids, mask).t()
         assert torch.allclose(got, want, atol=1e-5)
+        # inference's fused-attention ViT (model/vision.py) computes what HF's vision model does
+        for model in (cap, filt):
+            want = model.vision_model(pixel_values=pixels).last_hidden_state
+            assert torch.allclose(fused_image_embeds(model.vision_model, pixels), want, atol=1e-5)
         # the exported captioner generates, [DEC] first
         out = cap.generate(pixel_values=pixels[:2], max_length=6, do_sample=False)
         assert out.shape[0] == 2 and (out[:, 0] == cap_info["dec_token_id"]).all()

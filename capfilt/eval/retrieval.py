@@ -63,11 +63,9 @@ def evaluate_retrieval(filter_path: str, data: HeldOut, cfg: FilterConfig, k: in
 
     image_embeds, image_feat = [], []
     for start in range(0, len(data.keys), cfg.batch_size):
-        embeds = model.vision_model(
-            pixel_values=data.pixels[start : start + cfg.batch_size].to(dev)
-        ).last_hidden_state
+        embeds, feat = filt.encode_images(data.pixels[start : start + cfg.batch_size])
         image_embeds.append(embeds)
-        image_feat.append(F.normalize(model.vision_proj(embeds[:, 0]), dim=-1))
+        image_feat.append(feat)
     image_embeds, image_feat = torch.cat(image_embeds), torch.cat(image_feat)
     text_feat = []
     for start in range(0, len(texts), cfg.batch_size):

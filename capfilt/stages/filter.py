@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from capfilt.config import FilterConfig
 from capfilt.model.hf import load_filter
 from capfilt.model.tokenizer import normalize_caption, tokenize
+from capfilt.model.vision import image_embeds
 
 MAX_TEXT_TOKENS = 35  # the reference ITM model's text length
 
@@ -35,10 +36,7 @@ class Filter:
         """``captions[b]`` are image b's candidates; returns (itm, itc) per candidate, same shape."""
         if len(captions) != pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} images but {len(captions)} caption lists")
-        image_embeds = self.model.vision_model(
-            pixel_values=pixels.to(self.device, self.dtype)
-        ).last_hidden_state
-        image_feat = F.normalize(self.model.vision_proj(image_embeds[:, 0]), dim=-1)
+        image_embeds, image_feat = self.encode_images(pixels)
         pairs = [(b, text) for b, texts in enumerate(captions) for text in texts]
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]))  # similar lengths share a chunk
         scores: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
@@ -53,6 +51,11 @@ class Filter:
             out.append(scores[i : i + len(texts)])
             i += len(texts)
         return out
+
+    def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ViT embeddings [B, N, D], normalised ITC image features [B, E]) of a batch of pixels."""
+        embeds = image_embeds(self.model.vision_model, pixels.to(self.device, self.dtype))
+        return embeds, F.normalize(self.model.vision_proj(embeds[:, 0]), dim=-1)
 
     def score_pairs(
         self, image_embeds: torch.Tensor, image_feat: torch.Tensor, texts: list[str]
