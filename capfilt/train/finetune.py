@@ -57,7 +57,7 @@ def finetune(cfg: Config, med_path: str | Path, shards: list[str], out: str | Pa
             remote=f"{remote}/train/{name}" if remote else "",
             **kind,
         )
-        run_job(job, stage.workers)
+        run_job(job, stage)
         ckpt = final_checkpoint(job.out)
         models[name] = load_med(ckpt / "med")
         state = json.loads((ckpt / "state.json").read_text())

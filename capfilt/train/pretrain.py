@@ -55,7 +55,7 @@ def pretrain(
         losses=["itc", "itm", "lm"],
         remote=remote,
     )
-    run_job(job, cfg.pretrain.workers)
+    run_job(job, cfg.pretrain)
     final = out / "med"
     shutil.rmtree(final, ignore_errors=True)
     shutil.copytree(final_checkpoint(out) / "med", final)
