@@ -74,6 +74,9 @@ class TrainConfig:
     shuffle_buffer: int = 1000
     seed: int = 0
     workers: int = 1  # > 1: data-parallel with Ray Train
+    # Where Ray puts the workers: PACK fills a node first (fastest collectives), SPREAD one per node while
+    # nodes last. Both fall back to the nodes left when one is lost (the STRICT_ kinds would not).
+    placement: Literal["PACK", "SPREAD"] = "PACK"
     bf16: bool = True  # autocast on GPU only
     prompt: str = "a picture of "  # captioner finetuning prefix, masked out of the LM loss
 

@@ -7,6 +7,7 @@ in seconds. Import the fixtures into a test module: ``from run_helpers import ti
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -146,8 +147,8 @@ def free_port() -> int:
 
 
 def ray_node(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``ray start --block ARGS`` in its own process group: ending that group ends this node and what it
-    started, and nothing else (``ray stop`` would stop every Ray on a shared machine). Every port a node
+    """``ray start --block ARGS`` in its own session: ``stop_node`` ends this node and what it started, and
+    nothing else (``ray stop`` would stop every Ray on a shared machine). Every port a node
     opens is a free one: Ray's fixed defaults (52365 for the dashboard agent...) collide with any other
     Ray on the machine, and with the other node of a two-node cluster."""
     ports = [
@@ -175,14 +176,30 @@ def ray_node(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     )
 
 
+def _kill_session(sid: int) -> None:
+    """SIGKILL every process of session ``sid`` at once."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if os.getsid(int(entry.name)) == sid:
+                    os.kill(int(entry.name), signal.SIGKILL)
+
+
 def stop_node(node: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """End a node that ``ray_node`` started: SIGTERM lets Ray shut it down; SIGKILL loses it as a machine
+    would be lost, every process of its session at once. (Ray gives each worker a process group of its
+    own: killing only the node's group leaves the workers running until they notice their raylet gone.)"""
+    if node.returncode is not None:  # stopped already: its pid, the session's id, may be another's now
+        return
+    if sig == signal.SIGKILL:
+        _kill_session(node.pid)
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(node.pid, sig)
     try:
-        os.killpg(node.pid, sig)
         node.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        os.killpg(node.pid, signal.SIGKILL)
-        node.wait()
-    except ProcessLookupError:
+        _kill_session(node.pid)
         node.wait()
 
 

@@ -1,6 +1,8 @@
-"""A real two-node Ray cluster on this machine: a round submitted with ``ray job submit`` grows its pool
-onto a worker node that joins mid-run, loses that node mid-run, and still finishes on the head with the
-bytes of a single-node run and every sample accounted for.
+"""A real two-node Ray cluster on this machine, and a worker node lost mid-job: a round submitted with
+``ray job submit`` grows its pool onto a worker node that joins mid-run, loses that node mid-run, and
+still finishes on the head with the bytes of a single-node run and every sample accounted for; a
+bootstrap's data-parallel pretraining loses its worker node after a checkpoint and resumes from it on
+the head.
 
 Run it alone with ``pytest -m cluster``; docs/USER_GUIDE.md shows the same steps by hand.
 """
@@ -9,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,7 @@ from run_helpers import (
 
 from capfilt.run.faults import KILL_DIR
 from capfilt.run.round import run_round
+from capfilt.train.checkpoint import latest_checkpoint
 
 pytest_plugins = ["run_helpers"]  # tiny_models
 
@@ -71,11 +73,11 @@ def _wait(what: str, ready, timeout: float = 180) -> None:
         time.sleep(0.2)
 
 
-def _node(role: str, temp: str, *args: str) -> subprocess.Popen:
-    """A one-CPU node marked by the custom resource ``role``, in its own temp folder: without one a
-    worker node takes the head's, and on one machine its runtime-env agent then unpacks a job's
+def _node(role: str, temp: str, *args: str, cpus: int = 1) -> subprocess.Popen:
+    """A node of ``cpus`` CPUs marked by the custom resource ``role``, in its own temp folder: without one
+    a worker node takes the head's, and on one machine its runtime-env agent then unpacks a job's
     working_dir again over the head's, under the running driver."""
-    return ray_node("--num-cpus=1", f'--resources={{"{role}": 1}}', f"--temp-dir={temp}", *args)
+    return ray_node(f"--num-cpus={cpus}", f'--resources={{"{role}": 1}}', f"--temp-dir={temp}", *args)
 
 
 def _temp() -> str:
@@ -90,9 +92,9 @@ class Cluster:
 
 
 @contextlib.contextmanager
-def _cluster():
-    """A head node of one CPU marked by the custom resource ``head``; ``join`` adds a worker node of one
-    CPU marked ``worker``. Both end (SIGKILL for the worker) when the block does."""
+def _cluster(head_cpus: int = 1):
+    """A head node of ``head_cpus`` CPUs marked by the custom resource ``head``; ``join`` adds a worker
+    node of one CPU marked ``worker``. Both end (SIGKILL for the worker) when the block does."""
     port, dash = free_port(), free_port()
     temps = [_temp(), _temp()]
     nodes = [
@@ -103,6 +105,7 @@ def _cluster():
             f"--port={port}",
             "--include-dashboard=true",
             f"--dashboard-port={dash}",
+            cpus=head_cpus,
         )
     ]
 
@@ -121,38 +124,52 @@ def _cluster():
             shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_bootstrap_job_trains_on_both_nodes(tiny_world, tmp_path):
+def test_bootstrap_job_trains_on_both_nodes_and_finishes_on_the_head(tiny_world, tmp_path):
     """`pipelines/bootstrap.py` submitted to two nodes: each round's pretraining runs two Ray Train
-    workers (one CPU each, and a node has one), so one per node, and both rounds finish with every step's
-    marker. (The finetunings run in the driver: Ray Train starts take half a minute each here.)"""
+    workers, spread one per node (``pretrain.placement=SPREAD``). The worker node is lost right after
+    round 0's first pretraining checkpoint; Ray Train starts both workers again on the head (two CPUs),
+    they resume from that checkpoint, and both rounds finish with every step's marker and every web sample
+    accounted for. (The finetunings run in the driver: Ray Train starts take half a minute each here.)"""
     out = tmp_path / "boot"
-    with _cluster() as cluster:
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    hold = hooks / "pretrain.step-4.hold"  # rank 0 waits after writing step-4 (of 6) until released
+    hold.write_text("")
+    with _cluster(head_cpus=2) as cluster:
         api = cluster.api
-        cluster.join()
+        worker = cluster.join()
         _wait("the worker node", lambda: sorted(_roles(api).values()) == ["head", "worker"])
         job_id = f"capfilt-bootstrap-{cluster.port}"
         argv = [RAY_BIN, "job", "submit", "--address", api, "--no-wait", f"--submission-id={job_id}"]
-        argv += ["--working-dir", ".", "--", sys.executable, "pipelines/bootstrap.py", "--config", "tiny"]
+        argv += ["--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": {KILL_DIR: str(hooks)}})]
+        argv += ["--", sys.executable, "pipelines/bootstrap.py", "--config", "tiny"]
         argv += ["--web", f"{tiny_world}/web-*.tar", "--human", f"{tiny_world}/human-*.tar"]
         argv += ["--test", f"{tiny_world}/test-*.tar", "--out", str(out), "--rounds", "1"]
-        # pretraining on 2 workers; threshold 0 keeps every caption, so that no rank's shards are empty
-        argv += ["--set", "pretrain.workers=2", "--set", "filter.threshold=0"]
+        argv += ["--set", "pretrain.workers=2", "--set", "pretrain.placement=SPREAD"]
         submitted = submit_job(argv)
         assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
         client = JobSubmissionClient(api)
+        pretraining = out / "round-0" / "pretrain"
+        _wait("round 0's first checkpoint", lambda: latest_checkpoint(pretraining) is not None, timeout=600)
+        before = _ran_on(api, "RayTrainWorker")
+        stop_node(worker, signal.SIGKILL)  # the node is lost mid-training
+        hold.unlink()
         _wait("the job", lambda: client.get_job_status(job_id).is_terminal(), timeout=900)
         logs = client.get_job_logs(job_id)
         assert client.get_job_status(job_id) == JobStatus.SUCCEEDED, logs[-3000:]
         trained_on = _ran_on(api, "RayTrainWorker")
 
-    assert trained_on == ["head", "head", "worker", "worker"], trained_on  # 2 rounds' pretraining
+    assert before == ["head", "worker"], before
+    assert trained_on.count("worker") == 1 and len(trained_on) >= 6, trained_on  # the rest on the head
+    assert latest_checkpoint(pretraining).name == "step-6"
+    assert "[pretrain] resuming from step-4" in logs  # not from the start
     steps = {"round-0": ["pretrain", "finetune", "eval"], "round-1": ["run", "pretrain", "finetune", "eval"]}
     assert {
         rd: [s for s in names if (out / rd / f"{s}.done").exists()] for rd, names in steps.items()
     } == steps
     summary = json.loads((out / "round-1" / "run" / "summary.json").read_text())
     assert summary["n_in"] == 64 and not summary["failed_shards"]
-    assert re.search(r"^round-1 .*1\.000", logs, re.M)  # the round table: all web captions kept
+    assert summary["n_in"] == summary["kept"] + summary["dropped"] + sum(summary["rejected"].values())
 
 
 def test_two_nodes_grow_lose_a_node_and_give_single_node_bytes(tiny_models, tmp_path):

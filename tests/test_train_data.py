@@ -67,7 +67,7 @@ def test_one_pair_per_reference_and_rejects_counted(shards):
     assert pairs[0].caption == "a red square"  # normalised
     human = pairs[20:23]
     assert len({p.idx for p in human}) == 1 and human[0].idx != pairs[23].idx
-    assert count_pairs(shards)[0] == 56
+    assert count_pairs(shards).n_pairs == 56
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch(shards):
@@ -98,7 +98,7 @@ def test_ranks_and_workers_read_disjoint_shards_and_see_each_pair_once(tmp_path)
     shards = [make_shard(tmp_path / f"s{i}.tar", 8, start=8 * i) for i in range(4)]
     shard_of = {p.idx: url for url in shards for p in read_pairs([url])}
     stage = TrainConfig(image_size=16, batch_size=4, shuffle_buffer=4, seed=5)
-    steps = count_pairs(shards)[0] // (stage.batch_size * 2)  # the loop's steps_per_epoch
+    steps = count_pairs(shards).n_pairs // (stage.batch_size * 2)  # the loop's steps_per_epoch
     seen, read_by = [], {}
     for rank in range(2):
         loader = epoch_loader(shards, stage, epoch=0, rank=rank, world=2, num_workers=2)

@@ -1,15 +1,20 @@
-"""Pretraining on the tiny config: loss goes down, and a resumed run equals an uninterrupted one."""
+"""Pretraining on the tiny config: loss goes down, a resumed run equals an uninterrupted one, and no rank
+is left with only empty shards."""
 
 import json
 import shutil
+from itertools import islice
 
 import pytest
 import torch
 from test_train_data import make_shard
 
 from capfilt.config import load_config
+from capfilt.data.writer import write_tar
 from capfilt.model.hf import load_med
+from capfilt.train import pretrain as pretrain_module
 from capfilt.train.checkpoint import latest_checkpoint
+from capfilt.train.data import PairBatches
 from capfilt.train.loop import Schedule
 from capfilt.train.pretrain import pretrain
 
@@ -63,3 +68,19 @@ def test_resume_equals_uninterrupted(shards, tmp_path):
     assert resumed.keys() == straight.keys()
     for name, t in straight.items():
         torch.testing.assert_close(resumed[name], t, rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_shard_without_a_pair_is_no_ranks_share(shards, tmp_path, monkeypatch):
+    """A cleaned shard whose every caption was dropped is an empty tar. Of two shards on two ranks it would
+    be one rank's whole share, and that rank would run out of data: training leaves it out."""
+    empty = str(tmp_path / "empty.tar")
+    write_tar(empty, [])
+    jobs = []
+    monkeypatch.setattr(pretrain_module, "run_job", lambda job, stage: jobs.append(job))
+    cfg = tiny(0, workers=2)
+    with pytest.raises(RuntimeError, match="wrote no checkpoint"):  # the stand-in trains nothing
+        pretrain(cfg, [empty, shards[0]], tmp_path / "run")
+    steps = jobs[0].n_pairs // (cfg.pretrain.batch_size * 2)  # the loop's steps_per_epoch: 3
+    for rank in (0, 1):
+        assert len(list(islice(PairBatches(jobs[0].shards, cfg.pretrain, 0, rank, 2), steps))) == steps
+    assert jobs[0].shards == [shards[0]]

@@ -231,17 +231,42 @@ def epoch_loader(
     )
 
 
-def count_pairs(shards: list[str]) -> tuple[int, list[str], Counter]:
-    """One pass reading image headers only: pairs per epoch, their captions (for a tokenizer), rejects.
+@dataclass
+class PairCount:
+    """What one counting pass over the training shards found."""
+
+    n_pairs: int  # pairs per epoch, for the schedule
+    captions: list[str]  # their captions, for a tokenizer
+    rejects: Counter
+    shards: list[str]  # the shards that hold a pair, in the given order: the ones to train on
+    empty: list[str]  # the others (a cleaned shard whose every caption was dropped)
+
+    def __str__(self) -> str:
+        left_out = f" ({len(self.empty)} without a pair left out)" if self.empty else ""
+        return f"{len(self.shards)} shards{left_out}, {self.n_pairs} pairs, rejected {dict(self.rejects)}"
+
+
+def count_pairs(shards: list[str]) -> PairCount:
+    """One pass reading image headers only: pairs per epoch, their captions, rejects, non-empty shards.
 
     The schedule is built on this count, so images whose header already fails are left out here too.
+    Training takes only the shards that hold a pair: with several ranks, each reads only its own shards
+    (``reader_split``), and a rank given only empty ones would have nothing to train on.
     """
     rejects: Counter = Counter()
-    captions = []
+    captions: list[str] = []
+    holding: set[str] = set()
     for pair in read_pairs(shards, rejects):
         checked = open_checked(pair.sample, MAX_PIXELS)
         if isinstance(checked, Reject):
             rejects[checked.reason] += 1
         else:
             captions.append(pair.caption)
-    return len(captions), captions, rejects
+            holding.add(pair.sample.shard)
+    return PairCount(
+        len(captions),
+        captions,
+        rejects,
+        [url for url in shards if url in holding],
+        [url for url in shards if url not in holding],
+    )

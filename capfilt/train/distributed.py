@@ -3,6 +3,10 @@
 Every worker runs the same ``loop.train`` with its rank: DDP averages the gradients, the MED's queues
 all-gather the global batch, rank 0 writes the checkpoints into ``job.out`` (a local path here; on a
 multi-node cluster it must be storage every node sees). Backend gloo on CPU, nccl on GPU.
+
+A worker that dies (its node lost) fails the whole group; Ray Train then starts a new group of the same
+size wherever the resources are, and ``loop.train`` resumes it from the newest checkpoint. The world size
+never changes, so neither does the schedule nor the data order.
 """
 
 from __future__ import annotations
@@ -11,7 +15,12 @@ import dataclasses
 
 import torch
 
+from capfilt.config import TrainConfig
 from capfilt.train.loop import Job, train
+
+# Worker-group failures a job recovers from before it fails. A lost node is one; a bug fails every
+# attempt the same way, so more retries only cost a group start each.
+MAX_FAILURES = 3
 
 
 def _worker(config: dict) -> None:
@@ -21,20 +30,26 @@ def _worker(config: dict) -> None:
     train(Job(**config), rank=ctx.get_world_rank(), world=ctx.get_world_size())
 
 
-def run_job(job: Job, workers: int = 1) -> None:
-    """Train ``job`` to its last step, resuming from its newest checkpoint."""
-    if workers <= 1:
+def run_job(job: Job, stage: TrainConfig) -> None:
+    """Train ``job`` to its last step on ``stage.workers``, resuming from its newest checkpoint."""
+    if stage.workers <= 1:
         train(job)
         return
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     gpu = torch.cuda.is_available()
     trainer = TorchTrainer(
         _worker,
         train_loop_config=dataclasses.asdict(job),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu),
+        scaling_config=ScalingConfig(
+            num_workers=stage.workers, use_gpu=gpu, placement_strategy=stage.placement
+        ),
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
-        run_config=RunConfig(name=job.name, storage_path=f"{job.out}/ray"),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=f"{job.out}/ray",
+            failure_config=FailureConfig(max_failures=MAX_FAILURES),
+        ),
     )
     trainer.fit()

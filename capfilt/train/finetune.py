@@ -31,13 +31,19 @@ def finetune(cfg: Config, med_path: str | Path, shards: list[str], out: str | Pa
     """Write ``out/captioner`` and ``out/filter`` (HF folders) and ``out/finetune.json``; with ``remote``
     (the URL ``out`` mirrors) every training checkpoint is uploaded there as it is written."""
     out, shards = Path(out), expand_shards(shards)
-    n_pairs, _, rejects = count_pairs(shards)
+    counted = count_pairs(shards)
+    print(f"[finetune] {counted}", flush=True)
     stage = cfg.finetune
     jobs = {
         "captioner": dict(losses=["lm"], prompt=stage.prompt),
         "filter": dict(losses=["itc", "itm"], use_idx=True),
     }
-    report = {"config": cfg.to_dict(), "med": str(med_path), "n_pairs": n_pairs, "rejected": dict(rejects)}
+    report = {
+        "config": cfg.to_dict(),
+        "med": str(med_path),
+        "n_pairs": counted.n_pairs,
+        "rejected": dict(counted.rejects),
+    }
     models = {}
     for name, kind in jobs.items():
         job = Job(
@@ -45,13 +51,13 @@ def finetune(cfg: Config, med_path: str | Path, shards: list[str], out: str | Pa
             config=cfg.to_dict(),
             stage="finetune",
             init=str(med_path),
-            shards=shards,
+            shards=counted.shards,
             out=str(out / "train" / name),
-            n_pairs=n_pairs,
+            n_pairs=counted.n_pairs,
             remote=f"{remote}/train/{name}" if remote else "",
             **kind,
         )
-        run_job(job, stage.workers)
+        run_job(job, stage)
         ckpt = final_checkpoint(job.out)
         models[name] = load_med(ckpt / "med")
         state = json.loads((ckpt / "state.json").read_text())

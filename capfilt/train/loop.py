@@ -159,9 +159,8 @@ def train(job: Job, rank: int = 0, world: int = 1) -> dict:
         if wanted:
             raise RuntimeError(
                 f"[{job.name}] epoch {epoch} ran out of data {wanted} batches early on rank {rank}: its "
-                "shards hold no pair (with several workers, a rank reads only its own shards: a cleaned "
-                "shard whose every caption was dropped is empty), or images failed to decode after "
-                "counting (their rejects are counted by read_pairs/decoded)."
+                "images failed to decode after counting (their rejects are counted by read_pairs/decoded), "
+                "or its shards hold no pair (a job trains on count_pairs' shards, which all hold one)."
             )
     return state
 

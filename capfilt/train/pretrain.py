@@ -36,26 +36,26 @@ def pretrain(
     """Pretrain into ``out`` (checkpoints ``out/step-N``, final model ``out/med``); resumes if interrupted.
     With ``remote`` (the URL ``out`` mirrors) every checkpoint is uploaded there as it is written."""
     out, shards = Path(out), expand_shards(shards)
-    n_pairs, captions, rejects = count_pairs(shards)
-    print(f"[pretrain] {len(shards)} shards, {n_pairs} pairs, rejected {dict(rejects)}", flush=True)
+    counted = count_pairs(shards)
+    print(f"[pretrain] {counted}", flush=True)
     if init is None:
         init = out / "init"
         if not (init / "config.json").is_file():
             fresh_med(
-                cfg, captions, init
+                cfg, counted.captions, init
             )  # a pure function of the captions and the seed: a rerun rebuilds it
     job = Job(
         name="pretrain",
         config=cfg.to_dict(),
         stage="pretrain",
         init=str(init),
-        shards=shards,
+        shards=counted.shards,
         out=str(out),
-        n_pairs=n_pairs,
+        n_pairs=counted.n_pairs,
         losses=["itc", "itm", "lm"],
         remote=remote,
     )
-    run_job(job, cfg.pretrain.workers)
+    run_job(job, cfg.pretrain)
     final = out / "med"
     shutil.rmtree(final, ignore_errors=True)
     shutil.copytree(final_checkpoint(out) / "med", final)
