@@ -9,6 +9,7 @@ ones at the config's size), and peak memory against corpus size (opt-in: ``--par
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -71,14 +72,15 @@ def cycled_shards(world: Path, images: int, folder: Path) -> list[str]:
 
 
 def _peak_rss_child(part: str, cfg: Config, shards: list[str], models: tuple[str, str], out: str, q) -> None:
-    if part == "round":
-        from capfilt.run.round import run_round
+    with contextlib.redirect_stdout(sys.stderr):  # the training log must not mix into the bench's JSON
+        if part == "round":
+            from capfilt.run.round import run_round
 
-        run_round(cfg, shards, out, *models, local=True, progress=False)
-    else:
-        from capfilt.train.pretrain import pretrain
+            run_round(cfg, shards, out, *models, local=True, progress=False)
+        else:
+            from capfilt.train.pretrain import pretrain
 
-        pretrain(cfg, shards, out)
+            pretrain(cfg, shards, out)
     q.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 

@@ -6,8 +6,12 @@ sample's captions would then depend on its batch neighbours. Here each row's ran
 from (run seed, sample key, caption index) and drawn once per batch, before the loop, on the CPU: one
 uniform per step. Each step then filters all rows at once and draws by inverse CDF over the nucleus,
 with one host sync (how many rows are still going), so a sample gets the same captions whatever the
-batch size, order, worker or retry. (Until 2026-11-25 each row drew with its own ``torch.multinomial``
-call in a Python loop; the stream changed then, so a seed's captions differ from those of earlier runs.)
+batch size, order, worker or retry. (That holds on the CPU. On a GPU, matrix products of different row
+counts round differently, so in bf16 a caption can change with the batch size; the same batch, as in a
+rerun or a retry, gives the same captions: docs/BENCHMARKS.md, 'GPU path'.) Until 2026-11-25 each row
+drew with its own ``torch.multinomial`` call in a Python loop; the stream changed then, so a seed's
+captions differ from those of earlier runs. The fixed-shape decoder of the same evening left 511 of 512
+demo captions as they were (float rounding at one draw's boundary changed the last).
 
 The per-step processing mirrors what the reference gets from HF ``generate`` (BLIP passes
 ``do_sample=True, top_p=0.9, repetition_penalty=1.1, min_length, max_length`` and no ``top_k``, so HF's
