@@ -111,3 +111,22 @@ def test_text_ids_equal_for_equal_captions_whatever_the_padding():
     # as ids: identical captions are never ITM negatives of each other
     neg = L.sample_negatives(torch.zeros(4, 4), L.negative_mask(4, L.text_ids(ids, mask)))
     assert int(neg[0]) != 1 and int(neg[1]) != 0
+
+
+def test_swap_one_token_changes_exactly_one_inner_token():
+    torch.manual_seed(0)
+    ids = torch.tensor([[2, 10, 11, 12, 3, 0], [2, 20, 21, 3, 0, 0], [2, 3, 0, 0, 0, 0]])  # [CLS] .. [SEP]
+    mask = (ids != 0).long()
+    swapped, ok = L.swap_one_token(ids, mask)
+    assert ok.tolist() == [True, True, False]  # the last caption has no token to swap
+    changed = swapped != ids
+    assert changed.sum(dim=1).tolist() == [1, 1, 0]
+    assert not changed[:, 0].any() and (swapped[mask == 0] == 0).all()  # first token and padding kept
+    assert set(swapped[changed].tolist()) <= {10, 11, 12, 20, 21}  # drawn from the batch's captions
+    assert (swapped.gather(1, (mask.sum(1, keepdim=True) - 1)) == 3).all()  # [SEP] kept
+
+
+def test_itm_loss_with_extra_negatives():
+    logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [0.0, 0.0], [3.0, 0.0]])  # 1 positive, 3 negatives
+    labels = torch.tensor([1, 0, 0, 0])
+    assert torch.isclose(L.itm_loss(logits, positives=1), F.cross_entropy(logits, labels))

@@ -180,3 +180,18 @@ def test_same_text_positives_use_caption_ids_in_pretraining():
     med(pixels, ids, mask, alpha=0.4, losses=("itc", "itm"))
     queued = med.idx_queue[0, :8].tolist()
     assert queued == L.text_ids(ids, mask).tolist() and queued[0] == queued[1] and len(set(queued)) == 7
+
+
+def test_itm_swap_negatives_add_one_scored_negative_per_pair():
+    """model.itm_swap_negatives: the ITM head also sees each caption with one token swapped, as a
+    negative; the loss then differs from the reference's B positives + 2B negatives."""
+    losses = {}
+    for swap in (False, True):
+        med, tok = tiny_med(seed=4, itm_swap_negatives=swap)
+        pixels, ids, mask = tiny_batch(tok, med.cfg, 8)
+        calls = []
+        med.itm_head.register_forward_hook(lambda mod, inp, out: calls.append(out.shape[0]))
+        torch.manual_seed(0)
+        losses[swap] = med(pixels, ids, mask, alpha=0.4, losses=("itm",))["itm"]
+        assert calls == [8 * (4 if swap else 3)]  # every tiny caption has a token to swap
+    assert not torch.isclose(losses[False], losses[True])

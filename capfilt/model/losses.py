@@ -113,17 +113,50 @@ def sample_negatives(
     return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
-def itm_labels(batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """[1]·B (positives) + [0]·2B (negative image per text, negative text per image)."""
-    return torch.cat(
-        [torch.ones(batch_size, dtype=torch.long), torch.zeros(2 * batch_size, dtype=torch.long)]
-    ).to(device)
+@torch.no_grad()
+def swap_one_token(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, tries: int = 8
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each caption with one of its tokens (not the first, not [SEP]) replaced by a different token drawn
+    from the batch's captions: (ids, ok). ``ok`` is False for a row left unchanged (no inner token, or
+    ``tries`` draws all equal to the original). Uses torch's global RNG, seeded per step by the loop."""
+    lengths = attention_mask.sum(dim=1)
+    pos = torch.arange(input_ids.size(1), device=input_ids.device)
+    inner = (pos > 0) & (pos < lengths[:, None] - 1)  # between the first token and [SEP]
+    has_inner = inner.any(dim=1)
+    where = torch.multinomial((inner | ~has_inner[:, None]).float(), 1).squeeze(1)
+    pool = input_ids[inner]
+    if pool.numel() == 0:
+        return input_ids.clone(), torch.zeros_like(has_inner)
+    draws = pool[torch.randint(pool.numel(), (input_ids.size(0), tries), device=input_ids.device)]
+    original = input_ids.gather(1, where[:, None])
+    differs = draws != original
+    pick = draws.gather(1, differs.float().argmax(dim=1, keepdim=True))
+    ok = has_inner & differs.any(dim=1)
+    swapped = input_ids.clone()
+    swapped.scatter_(1, where[:, None], torch.where(ok[:, None], pick, original))
+    return swapped, ok
 
 
-def itm_loss(logits: torch.Tensor) -> torch.Tensor:
-    """Plain cross-entropy of the ITM head's (3B, 2) logits against :func:`itm_labels`."""
-    assert logits.size(0) % 3 == 0, "ITM logits come as B positives + 2B negatives"
-    return F.cross_entropy(logits, itm_labels(logits.size(0) // 3, logits.device))
+def itm_labels(
+    batch_size: int, device: torch.device | str | None = None, negatives: int | None = None
+) -> torch.Tensor:
+    """[1]·B (positives) + [0]·negatives (2B by default: a negative image per text, a negative text per
+    image)."""
+    negatives = 2 * batch_size if negatives is None else negatives
+    return torch.cat([torch.ones(batch_size, dtype=torch.long), torch.zeros(negatives, dtype=torch.long)]).to(
+        device
+    )
+
+
+def itm_loss(logits: torch.Tensor, positives: int | None = None) -> torch.Tensor:
+    """Plain cross-entropy of the ITM head's logits: the first ``positives`` rows are matches, the rest
+    negatives (by default the reference's (3B, 2): B positives + 2B negatives)."""
+    if positives is None:
+        assert logits.size(0) % 3 == 0, "ITM logits come as B positives + 2B negatives"
+        positives = logits.size(0) // 3
+    labels = itm_labels(positives, logits.device, logits.size(0) - positives)
+    return F.cross_entropy(logits, labels)
 
 
 def lm_targets(decoder_ids: torch.Tensor, pad_id: int, prompt_len: int = 0) -> torch.Tensor:

@@ -316,10 +316,16 @@ class MED(nn.Module):
                 mask = L.negative_mask(b, idx).to(pixels.device)
                 neg_image = L.sample_negatives(sim_i2t.t(), mask)  # per text, a negative image
                 neg_text = L.sample_negatives(sim_i2t, mask)  # per image, a negative text
-            ids_all = torch.cat([input_ids, input_ids, input_ids[neg_text]], dim=0)
-            atts_all = torch.cat([attention_mask, attention_mask, attention_mask[neg_text]], dim=0)
-            embeds_all = torch.cat([image_embeds, image_embeds[neg_image], image_embeds], dim=0)
-            out["itm"] = L.itm_loss(self.itm_logits(embeds_all, ids_all, atts_all))
+            ids_all = [input_ids, input_ids, input_ids[neg_text]]
+            atts_all = [attention_mask, attention_mask, attention_mask[neg_text]]
+            embeds_all = [image_embeds, image_embeds[neg_image], image_embeds]
+            if self.cfg.itm_swap_negatives:  # the image with its caption, one token swapped
+                swapped, ok = L.swap_one_token(input_ids, attention_mask)
+                ids_all.append(swapped[ok])
+                atts_all.append(attention_mask[ok])
+                embeds_all.append(image_embeds[ok])
+            logits = self.itm_logits(torch.cat(embeds_all), torch.cat(ids_all), torch.cat(atts_all))
+            out["itm"] = L.itm_loss(logits, positives=b)
 
         if "lm" in losses:
             labels = L.lm_targets(input_ids, self.special_ids["pad"], prompt_len)
