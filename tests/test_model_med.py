@@ -189,8 +189,8 @@ def test_itm_swap_negatives_add_one_scored_negative_per_pair():
     for swap in (False, True):
         med, tok = tiny_med(seed=4, itm_swap_negatives=swap)
         pixels, ids, mask = tiny_batch(tok, med.cfg, 8)
-        calls = []
-        med.itm_head.register_forward_hook(lambda mod, inp, out: calls.append(out.shape[0]))
+        calls: list[int] = []
+        med.itm_head.register_forward_hook(lambda mod, inp, out, calls=calls: calls.append(out.shape[0]))
         torch.manual_seed(0)
         losses[swap] = med(pixels, ids, mask, alpha=0.4, losses=("itm",))["itm"]
         assert calls == [8 * (4 if swap else 3)]  # every tiny caption has a token to swap
