@@ -71,6 +71,11 @@ def cycled_shards(world: Path, images: int, folder: Path) -> list[str]:
     return links
 
 
+def fixed_threshold(cfg: Config) -> Config:
+    """``cfg`` with ``filter.threshold`` used as it is: calibrating would time (or hold) the human split too."""
+    return dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, calibration="none"))
+
+
 def _peak_rss_child(part: str, cfg: Config, shards: list[str], models: tuple[str, str], out: str, q) -> None:
     with contextlib.redirect_stdout(sys.stderr):  # the training log must not mix into the bench's JSON
         if part == "round":
@@ -91,7 +96,7 @@ def bench_memory(cfg: Config, world: Path, sizes: list[int]) -> list[dict]:
     config's size and a fixed threshold: model memory and calibration are constants."""
     from capfilt.run import bench
 
-    cfg = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, calibration="none"))
+    cfg = fixed_threshold(cfg)
     ctx, rows = multiprocessing.get_context("spawn"), []
     with tempfile.TemporaryDirectory(prefix="capfilt-memory-") as tmp:
         model_cfg = dataclasses.replace(cfg.model, image_size=cfg.run.image_size)
@@ -162,9 +167,8 @@ def run_bench(
                 )
             truth = world / "truth.parquet"
             # The same fixed threshold as the HF script: calibrating first would time the human split too.
-            fixed = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, calibration="none"))
             result["round"] = bench.bench_round(
-                fixed, web, *paths, truth=str(truth) if truth.exists() else None
+                fixed_threshold(cfg), web, *paths, truth=str(truth) if truth.exists() else None
             )
     return result
 

@@ -38,6 +38,22 @@ def test_captions_do_not_depend_on_batch_size_order_or_worker(captioner, pixels,
     assert restarted.caption(many[:9], keys[:9]) == whole[:9]
 
 
+def test_the_cuda_row_policy_gives_the_same_captions(captioner, pixels, tiny_models):
+    """On CUDA a batch is padded to a power of two with spare rows, and rows leave when half have
+    finished (into captured graphs, which replay this same step). Run eagerly here, that policy must give
+    the captions of the CPU's, where rows leave as soon as they finish."""
+    many = pixels.repeat(4, 1, 1, 1) + 0.01 * torch.arange(32.0)[:, None, None, None]
+    keys = [f"img-{i}" for i in range(32)]
+    cuda_like = Captioner(tiny_models[0], CaptionConfig(num_captions=2), seed=7)
+    sampler = cuda_like.sampler
+    sampler.graphed = True  # its row policy, stepped eagerly:
+    sampler._step_on = lambda rows: (sampler._step(rows), rows)[1]
+    for size in (5, 32):  # 5 rows become 8, 3 of them spares; 32 rows shrink to 16, 8, ...
+        want = captioner.caption(many[:size], keys[:size])
+        assert cuda_like.caption(many[:size], keys[:size]) == want
+        assert len({len(c.split()) for caps in want for c in caps}) > 1  # rows finish at different steps
+
+
 def test_randomness_comes_from_seed_key_and_index(captioner, pixels, tiny_models):
     a = captioner.caption(pixels[:4], KEYS[:4])
     assert any(x[0] != x[1] for x in a)  # the two captions of an image are drawn independently

@@ -136,35 +136,34 @@ class Sampler:
         """Prefill the prompt for every row and draw its first token (outside any graph)."""
         batch, prompt = image_embeds.shape[0], len(self.prompt_ids)
         capacity = _pow2(batch) if self.graphed else batch
-        cross_shape = (len(self.layers), batch, self.heads, image_embeds.shape[1], self.head_dim)
+        rows = torch.arange(capacity, device=self.device)
+        if capacity > batch:  # spare rows repeat the last one, before anything is computed for them
+            last = rows.clamp(max=batch - 1)
+            image_embeds, uniforms = image_embeds[last], uniforms[last]
+        cross_shape = (len(self.layers), capacity, self.heads, image_embeds.shape[1], self.head_dim)
         cross_keys, cross_values = (image_embeds.new_empty(cross_shape) for _ in range(2))
         for i, layer in enumerate(self.layers):  # written in place: at BLIP-base size they are gigabytes
             cross_keys[i] = self._split(layer.crossattention.self.key(image_embeds))
             cross_values[i] = self._split(layer.crossattention.self.value(image_embeds))
-        shape = (len(self.layers), batch, self.heads, self.cfg.max_length, self.head_dim)
-        prompt_ids = torch.tensor([self.prompt_ids], device=self.device)
-        ids = prompt_ids.expand(batch, -1)
-        rows = Rows(
+        shape = (len(self.layers), capacity, self.heads, self.cfg.max_length, self.head_dim)
+        ids = torch.tensor([self.prompt_ids], device=self.device).expand(capacity, -1)
+        state = Rows(
             ids=ids[:, -1:].clone(),
             keys=torch.zeros(shape, device=self.device, dtype=self.dtype),
             values=torch.zeros(shape, device=self.device, dtype=self.dtype),
             cross_keys=cross_keys,
             cross_values=cross_values,
-            seen=torch.zeros(batch, self.vocab, dtype=torch.bool, device=self.device).scatter_(1, ids, True),
+            seen=torch.zeros(capacity, self.vocab, dtype=torch.bool, device=self.device).scatter_(
+                1, ids, True
+            ),
             uniforms=uniforms,
-            live=torch.ones(batch, dtype=torch.bool, device=self.device),
-            tokens=torch.full((batch, self.steps), -1, device=self.device),
-            origin=torch.arange(batch, device=self.device),
+            live=rows < batch,
+            tokens=torch.full((capacity, self.steps), -1, device=self.device),
+            origin=rows.clamp(max=batch),  # the spares' is the batch size
             pos=torch.tensor([prompt - 1], device=self.device),
         )
-        if capacity > batch:
-            index = torch.arange(capacity, device=self.device).clamp_(max=batch - 1)
-            rows = rows.select(index, batch, spare=batch)
-        logits = self._forward(
-            rows, prompt_ids.expand(capacity, -1), torch.arange(prompt, device=self.device)
-        )
-        self._draw(rows, logits)
-        return rows
+        self._draw(state, self._forward(state, ids, torch.arange(prompt, device=self.device)))
+        return state
 
     def _shrink(self, rows: Rows, live: int, result: torch.Tensor) -> Rows:
         """Drop finished rows: on the CPU as soon as any finishes; on CUDA when half have, into the next
