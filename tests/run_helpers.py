@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -159,7 +160,9 @@ def ray_node(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
     ]
     if "--head" in args:
         ports.append("ray-client-server-port")
-    return subprocess.Popen(
+    # The node's own output goes to a file, so that a node that exits early says why (wait_for_dashboard).
+    log = tempfile.NamedTemporaryFile(prefix="cfray-node-", suffix=".log", dir="/tmp", delete=False)
+    node = subprocess.Popen(
         [
             RAY_BIN,
             "start",
@@ -170,10 +173,13 @@ def ray_node(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
             *args,
         ],
         env=env or RAY_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
+    log.close()
+    node.log_path = log.name  # type: ignore[attr-defined]
+    return node
 
 
 def _kill_session(sid: int) -> None:
@@ -189,6 +195,7 @@ def stop_node(node: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """End a node that ``ray_node`` started: SIGTERM lets Ray shut it down; SIGKILL loses it as a machine
     would be lost, every process of its session at once. (Ray gives each worker a process group of its
     own: killing only the node's group leaves the workers running until they notice their raylet gone.)"""
+    Path(node.log_path).unlink(missing_ok=True)  # what it said matters only while it starts
     if node.returncode is not None:  # stopped already: its pid, the session's id, may be another's now
         return
     if sig == signal.SIGKILL:
@@ -212,7 +219,9 @@ def wait_for_dashboard(port: int, head: subprocess.Popen, timeout: float = 120) 
         except urllib.error.HTTPError:  # it answers (401 when token auth is on): it is up
             return
         except OSError:
-            assert time.time() < deadline and head.poll() is None, "the Ray head did not come up"
+            if time.time() > deadline or head.poll() is not None:
+                said = Path(head.log_path).read_text(errors="replace")[-3000:]
+                raise AssertionError(f"the Ray head did not come up (exit {head.poll()}):\n{said}") from None
             time.sleep(0.5)
 
 
