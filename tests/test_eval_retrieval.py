@@ -35,9 +35,25 @@ def test_recall_at_k_by_hand():
 
 def test_rerank_scores_only_the_top_k():
     sims = torch.tensor([[0.5, 0.4, 0.3, 0.1]])
-    # ITM prefers item 2, which ITC put third: with k=3 it is reranked to the top; item 3 is outside.
+    # ITM prefers text 2, which ITC put third: with k=3 it is reranked to the top; text 3 is outside.
     itm = torch.tensor([0.1, 0.1, 0.9, 1.0])
-    scores = rerank(sims, 3, lambda q, top: itm[top])
-    assert scores[0, 3] == OUTSIDE_TOP_K
-    assert scores[0].argmax() == 2
-    assert torch.allclose(scores[0, :3], torch.tensor([0.6, 0.5, 1.2]))
+    i2t, _ = rerank(sims, 3, lambda pairs: itm[pairs[:, 1]])
+    assert i2t[0, 3] == OUTSIDE_TOP_K
+    assert i2t[0].argmax() == 2
+    assert torch.allclose(i2t[0, :3], torch.tensor([0.6, 0.5, 1.2]))
+
+
+def test_rerank_scores_each_pair_once_for_both_directions():
+    sims = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.8, 0.7]])  # 2 images, 3 texts
+    itm = torch.tensor([[0.5, 0.0, 0.2], [0.1, 0.4, 0.6]])
+    scored = []
+
+    def score(pairs):
+        scored.extend(map(tuple, pairs.tolist()))
+        return itm[pairs[:, 0], pairs[:, 1]]
+
+    i2t, t2i = rerank(sims, 1, score)
+    # image tops: (0, 0), (1, 1); text tops: (0, 0), (1, 1), (1, 2); each pair scored once
+    assert sorted(scored) == [(0, 0), (1, 1), (1, 2)]
+    assert torch.allclose(i2t, torch.tensor([[1.4, -100, -100], [-100, 1.2, -100]]))
+    assert torch.allclose(t2i, torch.tensor([[1.4, -100], [-100, 1.2], [-100, 1.3]]))

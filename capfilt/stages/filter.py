@@ -62,14 +62,24 @@ class Filter:
     ) -> list[tuple[float, float]]:
         """(ITM match probability, ITC similarity) of each text against the image on its row; also what
         retrieval evaluation reranks with, given image embeddings it computed once."""
-        ids, mask = tokenize(self.tokenizer, [normalize_caption(t) for t in texts], MAX_TEXT_TOKENS)
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask = self._tokenize(texts)
         text_cls = self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
         itc = (image_feat * F.normalize(self.model.text_proj(text_cls), dim=-1)).sum(-1)
+        itm = self._itm(image_embeds, ids, mask)
+        return list(zip(itm.tolist(), itc.float().tolist()))
+
+    def match(self, image_embeds: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """ITM match probability (float32, on the CPU) of each text against the image embeddings on its row."""
+        return self._itm(image_embeds, *self._tokenize(texts)).cpu()
+
+    def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = tokenize(self.tokenizer, [normalize_caption(t) for t in texts], MAX_TEXT_TOKENS)
+        return ids.to(self.device), mask.to(self.device)
+
+    def _itm(self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         itm_ids = ids.clone()
         itm_ids[:, 0] = self.itm_first_id
         fused = self.model.text_encoder(
             input_ids=itm_ids, attention_mask=mask, encoder_hidden_states=image_embeds
         ).last_hidden_state[:, 0]
-        itm = self.model.itm_head(fused).float().softmax(-1)[:, 1]
-        return list(zip(itm.tolist(), itc.float().tolist()))
+        return self.model.itm_head(fused).float().softmax(-1)[:, 1]
