@@ -126,6 +126,37 @@ def test_swap_one_token_changes_exactly_one_inner_token():
     assert (swapped.gather(1, (mask.sum(1, keepdim=True) - 1)) == 3).all()  # [SEP] kept
 
 
+def test_swap_one_token_prefers_a_word_of_the_same_slot():
+    # "a small red circle", "a small blue circle", "a large red square", "hello world": a swap takes a
+    # token that another caption has between the same neighbours ([SEP] included); "hello world" has
+    # none, so it gets any other token.
+    a, small, large, red, blue, circle, square, hello, world = range(10, 19)
+    ids = torch.tensor(
+        [
+            [2, a, small, red, circle, 3],
+            [2, a, small, blue, circle, 3],
+            [2, a, large, red, square, 3],
+            [2, hello, world, 3, 0, 0],
+        ]
+    )
+    mask = (ids != 0).long()
+    same_slot = [  # per caption, every swap whose neighbours another caption shares
+        {(a, large, red, circle), (a, small, blue, circle), (a, small, red, square)},
+        {(a, small, red, circle)},  # blue sits between small and circle, as red does in the first
+        {(a, small, red, square), (a, large, red, circle)},
+    ]
+    seen = [set() for _ in same_slot]
+    for seed in range(40):
+        torch.manual_seed(seed)
+        swapped, ok = L.swap_one_token(ids, mask)
+        assert ok.all()
+        for i, options in enumerate(same_slot):
+            assert tuple(swapped[i, 1:5].tolist()) in options
+            seen[i].add(tuple(swapped[i, 1:5].tolist()))
+        assert (swapped[3] != ids[3]).sum() == 1
+    assert seen == same_slot  # every same-slot swap occurs
+
+
 def test_itm_loss_with_extra_negatives():
     logits = torch.tensor([[0.0, 2.0], [1.0, 0.0], [0.0, 0.0], [3.0, 0.0]])  # 1 positive, 3 negatives
     labels = torch.tensor([1, 0, 0, 0])

@@ -115,26 +115,41 @@ def sample_negatives(
 
 @torch.no_grad()
 def swap_one_token(
-    input_ids: torch.Tensor, attention_mask: torch.Tensor, tries: int = 8
+    input_ids: torch.Tensor, attention_mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each caption with one of its tokens (not the first, not [SEP]) replaced by a different token drawn
-    from the batch's captions: (ids, ok). ``ok`` is False for a row left unchanged (no inner token, or
-    ``tries`` draws all equal to the original). Uses torch's global RNG, seeded per step by the loop."""
-    lengths = attention_mask.sum(dim=1)
-    pos = torch.arange(input_ids.size(1), device=input_ids.device)
-    inner = (pos > 0) & (pos < lengths[:, None] - 1)  # between the first token and [SEP]
-    has_inner = inner.any(dim=1)
-    where = torch.multinomial((inner | ~has_inner[:, None]).float(), 1).squeeze(1)
-    pool = input_ids[inner]
-    if pool.numel() == 0:
-        return input_ids.clone(), torch.zeros_like(has_inner)
-    draws = pool[torch.randint(pool.numel(), (input_ids.size(0), tries), device=input_ids.device)]
-    original = input_ids.gather(1, where[:, None])
-    differs = draws != original
-    pick = draws.gather(1, differs.float().argmax(dim=1, keepdim=True))
-    ok = has_inner & differs.any(dim=1)
+    """Each caption with one inner token (not the first, not [SEP]) replaced by a token of the same kind:
+    (ids, ok).
+
+    "Same kind" is read off the batch, not a word list: a token that some caption of the batch has
+    between the same left and right neighbours ("a small [red] circle" → "a small [blue] circle"), so
+    the negative differs from a true caption in one word that fits its slot, the fine-grained mismatch
+    (a wrong colour, size or count) that random negatives rarely show. A caption with no such slot gets
+    any different token of the batch. ``ok`` is False for a row left unchanged (no inner token, or a
+    batch with one distinct token). Uses torch's global RNG, seeded per step by the loop.
+    """
+    b, n = input_ids.shape
+    pos = torch.arange(n, device=input_ids.device)
+    lengths = attention_mask.sum(dim=1, keepdim=True)
+    inner = (pos > 0) & (pos < lengths - 1)  # between the first token and [SEP]
+    row, col = inner.nonzero(as_tuple=True)
     swapped = input_ids.clone()
-    swapped.scatter_(1, where[:, None], torch.where(ok[:, None], pick, original))
+    if row.numel() == 0:
+        return swapped, torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+    token, left, right = input_ids[row, col], input_ids[row, col - 1], input_ids[row, col + 1]
+    other = token[:, None] != token[None, :]  # [slots, slots]
+    same_slot = other & (left[:, None] == left[None, :]) & (right[:, None] == right[None, :])
+    in_context = same_slot.any(dim=1)
+    candidates = torch.where(in_context[:, None], same_slot, other)
+    # per caption, a slot with a same-kind candidate if it has one, else any slot with a candidate
+    weight = torch.zeros(b, n, device=input_ids.device)
+    weight[row, col] = candidates.any(dim=1).float() * (1.0 + 1e6 * in_context.float())
+    ok = weight.sum(dim=1) > 0
+    slot_of = torch.full((b, n), -1, dtype=torch.long, device=input_ids.device)
+    slot_of[row, col] = torch.arange(row.numel(), device=input_ids.device)
+    where = torch.multinomial(weight[ok], 1).squeeze(1)
+    slots = slot_of[ok.nonzero().squeeze(1), where]
+    draw = torch.multinomial(candidates[slots].float(), 1).squeeze(1)
+    swapped[row[slots], col[slots]] = token[draw]
     return swapped, ok
 
 
