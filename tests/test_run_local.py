@@ -4,13 +4,15 @@ import json
 import os
 import socket
 import tarfile
+import time
 
 import pyarrow.parquet as pq
 import pytest
 from run_helpers import tiny_cfg
 
 from capfilt.data.decode import make_decoder
-from capfilt.run.pipeline import process_shard
+from capfilt.data.reader import ShardReader
+from capfilt.run.pipeline import decoded_batches, process_shard
 from capfilt.run.reselect import reselect
 from capfilt.run.round import run_round
 
@@ -74,6 +76,18 @@ def test_a_failing_sample_costs_only_itself(tmp_path, tiny_shards):
     assert stats.n_in == 10 and stats.kept == 8
     assert stats.rejected == {"undecodable_image": 1, "caption_failed": 1}
     assert [r["key"] for r in stats.rejects if r["reason"] == "caption_failed"] == ["s0-005"]
+
+
+def test_read_decode_time_leaves_out_the_time_the_model_holds_the_batch(tiny_shards):
+    """stats.json's read_decode is reading and decoding only: while the consumer works on a batch (and the
+    read-ahead queue is full) the generator is suspended, and that time is the model's."""
+    cfg = tiny_cfg()
+    batches = []
+    for batch in decoded_batches(ShardReader(tiny_shards[0]), make_decoder(cfg.run), 3):
+        batches.append(batch)
+        time.sleep(0.5)  # the model's turn
+    assert sum(b.n_in for b in batches) == 10 and len(batches) == 4
+    assert sum(b.seconds for b in batches) < 0.5  # before: 1.5 s, each batch after the first got 0.5
 
 
 @pytest.fixture(scope="module")

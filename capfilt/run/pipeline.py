@@ -41,20 +41,22 @@ class Batch:
 
 
 def decoded_batches(shard: reader.ShardReader, decoder: Any, batch_size: int) -> Iterator[Batch]:
-    """Read the shard and decode it batch by batch; every record read is counted in ``n_in``."""
+    """Read the shard and decode it batch by batch; every record read is counted in ``n_in``.
+
+    A batch's ``seconds`` is the time spent reading and decoding it, not the time the generator sat
+    suspended after the previous one (behind a full read-ahead queue, that is the model's time).
+    """
     pending: list[Sample] = []
     batch, t0 = Batch(), time.perf_counter()
 
     def flush() -> Batch:
-        nonlocal batch, t0
         if pending:
             batch.pixels, kept, rejects = decoder.decode_batch(pending)
             batch.samples = [pending[i] for i in kept]
             batch.rejects += rejects
         batch.seconds = time.perf_counter() - t0
-        out, batch, t0 = batch, Batch(), time.perf_counter()
         pending.clear()
-        return out
+        return batch
 
     for record in shard:
         batch.n_in += 1
@@ -64,6 +66,7 @@ def decoded_batches(shard: reader.ShardReader, decoder: Any, batch_size: int) ->
         pending.append(record)
         if len(pending) == batch_size:
             yield flush()
+            batch, t0 = Batch(), time.perf_counter()
     if pending or batch.n_in:
         yield flush()
 
