@@ -2,11 +2,12 @@
 
 ITC cosine similarities rank every image against every text; each query's top k (16 by default) are then
 reranked by ITM plus ITC, everything outside the top k keeps a score of −100 (the reference's
-``evaluation`` in train_retrieval.py). The reference scores each query's k pairs in its own ITM call; here
-the pairs of both directions are scored once each, in chunks of ``filter.batch_size`` (an image's top
-texts and those texts' top images overlap), which gives the same scores in a fraction of the time. The reference adds the ITM head's positive logit; we add the
-match probability, the number the filter stage computes and selects on, so the eval scores what the
-stage scores. Works from a FILTER folder, so ours and Salesforce's are measured by the same code.
+``evaluation`` in train_retrieval.py). The reference scores each query's k pairs in its own ITM call;
+here the pairs of both directions are scored once each, in chunks of ``filter.batch_size`` (an image's
+top texts and those texts' top images overlap): the same scores in a fraction of the time. The
+reference adds the ITM head's positive logit; we add the match probability, the number the filter
+stage computes and selects on, so the eval scores what the stage scores. Works from a FILTER folder, so
+ours and Salesforce's are measured by the same code.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.nn.functional as F
 from capfilt.config import FilterConfig
 from capfilt.eval.heldout import HeldOut
 from capfilt.model.tokenizer import normalize_caption, tokenize
-from capfilt.stages.filter import MAX_TEXT_TOKENS, Filter
+from capfilt.stages.filter import MAX_TEXT_TOKENS, Filter, length_chunks
 
 OUTSIDE_TOP_K = -100.0
 
@@ -87,13 +88,9 @@ def evaluate_retrieval(filter_path: str, data: HeldOut, cfg: FilterConfig, k: in
         text_feat.append(F.normalize(model.text_proj(cls), dim=-1))
     sims = (image_feat @ torch.cat(text_feat).t()).float().cpu()
 
-    lengths = torch.tensor([len(t) for t in texts])
-
     def itm(pairs: torch.Tensor) -> torch.Tensor:
-        order = lengths[pairs[:, 1]].argsort(stable=True)  # similar lengths share a chunk
         scores = torch.empty(len(pairs))
-        for start in range(0, len(order), cfg.batch_size):
-            chunk = order[start : start + cfg.batch_size]
+        for chunk in length_chunks([len(texts[t]) for t in pairs[:, 1].tolist()], cfg.batch_size):
             image, text = pairs[chunk].unbind(1)
             scores[chunk] = filt.match(image_embeds[image], [texts[t] for t in text])
         return scores

@@ -140,9 +140,11 @@ def swap_one_token(
     same_slot = other & (left[:, None] == left[None, :]) & (right[:, None] == right[None, :])
     in_context = same_slot.any(dim=1)
     candidates = torch.where(in_context[:, None], same_slot, other)
-    # per caption, a slot with a same-kind candidate if it has one, else any slot with a candidate
+    # per caption, its slots with a same-kind candidate if it has one, else its slots with any candidate
+    row_in_context = torch.zeros(b, device=input_ids.device).index_add_(0, row, in_context.float()) > 0
+    eligible = in_context | (~row_in_context[row] & candidates.any(dim=1))
     weight = torch.zeros(b, n, device=input_ids.device)
-    weight[row, col] = candidates.any(dim=1).float() * (1.0 + 1e6 * in_context.float())
+    weight[row, col] = eligible.float()
     ok = weight.sum(dim=1) > 0
     slot_of = torch.full((b, n), -1, dtype=torch.long, device=input_ids.device)
     slot_of[row, col] = torch.arange(row.numel(), device=input_ids.device)

@@ -11,6 +11,8 @@ Captions are normalised with BLIP's ``pre_caption`` first, as in training.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,14 @@ from capfilt.model.tokenizer import normalize_caption, tokenize
 from capfilt.model.vision import image_embeds
 
 MAX_TEXT_TOKENS = 35  # the reference ITM model's text length
+
+
+def length_chunks(lengths: list[int], size: int) -> Iterator[list[int]]:
+    """Indices into ``lengths`` in chunks of ``size``, shortest first (ties in order): a chunk is padded
+    to its longest text, so similar lengths share one."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    for start in range(0, len(order), size):
+        yield order[start : start + size]
 
 
 class Filter:
@@ -38,10 +48,8 @@ class Filter:
             raise ValueError(f"{pixels.shape[0]} images but {len(captions)} caption lists")
         image_embeds, image_feat = self.encode_images(pixels)
         pairs = [(b, text) for b, texts in enumerate(captions) for text in texts]
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][1]))  # similar lengths share a chunk
         scores: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
-        for start in range(0, len(order), self.cfg.batch_size):
-            chunk = order[start : start + self.cfg.batch_size]
+        for chunk in length_chunks([len(text) for _, text in pairs], self.cfg.batch_size):
             idx = torch.tensor([pairs[i][0] for i in chunk], device=self.device)
             texts = [pairs[i][1] for i in chunk]
             for i, score in zip(chunk, self.score_pairs(image_embeds[idx], image_feat[idx], texts)):
