@@ -92,19 +92,26 @@ def test_dali_agrees_with_pillow_on_the_demo_world(tiny_world):
         assert diffs.max() < AGREEMENT_TOL, (size, diffs.max())
 
 
-def test_dali_same_verdicts_and_pixels_on_hard_cases():
+ON_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="DALI mixed decodes on a GPU; no CUDA here")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("mixed", marks=ON_GPU)])
+def test_dali_same_verdicts_and_pixels_on_hard_cases(device):
     pillow = PillowDecoder(32, max_pixels=DECODE_MAX_PIXELS).decode(_samples())
-    dali = _dali(image_size=32, batch_size=8, max_pixels=DECODE_MAX_PIXELS).decode(_samples())
+    dali = _dali(image_size=32, batch_size=8, max_pixels=DECODE_MAX_PIXELS, device=device).decode(_samples())
     assert _verdicts(dali) == _expected()
     for key, p, d in zip(decode_cases(), pillow, dali):
         if not isinstance(p, Reject):
-            assert (p - d).abs().mean() < AGREEMENT_TOL, key
+            assert d.is_cuda == (device == "mixed") and (p - d.cpu()).abs().mean() < AGREEMENT_TOL, key
 
 
 def test_dali_batch_with_one_corrupt_image_rejects_only_it():
     good = encode(smooth_image())
+    bad = bytearray(good)
+    dht = good.find(b"\xff\xc4")  # a broken Huffman table: header and end marker intact, fails in DALI
+    bad[dht + 5 : dht + 25] = b"\xff" * 20
     samples = [Sample(f"k{i}", "m", good, "jpg", "c") for i in range(6)]
-    samples[3] = Sample("bad", "m", good[:400], "jpg", "c")  # passes the header check, fails in DALI
+    samples[3] = Sample("bad", "m", bytes(bad), "jpg", "c")
     dec = _dali(image_size=32, batch_size=6)
     results = dec.decode(samples)
     assert [isinstance(r, Reject) for r in results] == [False, False, False, True, False, False]
@@ -112,12 +119,14 @@ def test_dali_batch_with_one_corrupt_image_rejects_only_it():
     assert all(isinstance(r, torch.Tensor) for r in dec.decode(samples[:3]))  # the pipeline recovered
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="DALI mixed decodes on a GPU; no CUDA here")
-def test_dali_mixed_agrees_with_cpu():
+@ON_GPU
+def test_dali_mixed_agrees_with_cpu_and_stays_on_the_gpu():
     samples = [Sample(f"k{i}", "m", encode(smooth_image(seed=i)), "jpg", "c") for i in range(4)]
+    samples += [s for s in _samples() if s.key == "rgba"]  # decoded by Pillow, joins the batch on the GPU
     cpu = _dali(image_size=32, device="cpu").decode(samples)
-    gpu = _dali(image_size=32, device="mixed").decode(samples)
-    assert all((c - g).abs().mean() < AGREEMENT_TOL for c, g in zip(cpu, gpu))
+    batch, kept, _ = _dali(image_size=32, device="mixed").decode_batch(samples)
+    assert batch.is_cuda and kept == list(range(len(samples)))
+    assert all((c - g.cpu()).abs().mean() < AGREEMENT_TOL for c, g in zip(cpu, batch))
 
 
 def test_dali_mixed_without_cuda_is_a_clear_error():

@@ -8,6 +8,7 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 from run_helpers import tiny_cfg
 
 from capfilt.data.decode import make_decoder
@@ -17,6 +18,7 @@ from capfilt.run.reselect import reselect
 from capfilt.run.round import run_round
 
 pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
+CPU = torch.device("cpu")
 
 
 def test_round_accounts_for_every_sample_and_resumes(tmp_path, tiny_models, tiny_shards):
@@ -76,6 +78,28 @@ def test_a_failing_sample_costs_only_itself(tmp_path, tiny_shards):
     assert stats.n_in == 10 and stats.kept == 8
     assert stats.rejected == {"undecodable_image": 1, "caption_failed": 1}
     assert [r["key"] for r in stats.rejects if r["reason"] == "caption_failed"] == ["s0-005"]
+
+
+class RecordingCaptioner:
+    """Remembers where and in which dtype each batch's pixels reached it."""
+
+    def __init__(self):
+        self.seen = set()
+
+    def caption(self, pixels, keys):
+        self.seen.add((pixels.device.type, pixels.dtype))
+        return [["a synthetic caption"] for _ in keys]
+
+
+def test_the_models_get_each_batch_on_their_device_in_the_run_dtype(tmp_path, tiny_shards):
+    """The read-ahead thread moves a batch once for both models (they would each copy it otherwise)."""
+    cfg = tiny_cfg("run.dtype=bfloat16")
+    captioner = RecordingCaptioner()
+    decoder, provenance = make_decoder(cfg.run), {"test": True}
+    stats = process_shard(
+        tiny_shards[0], str(tmp_path), captioner, ConstantFilter(), decoder, cfg, provenance, device=CPU
+    )
+    assert captioner.seen == {("cpu", torch.bfloat16)} and stats.kept == 9
 
 
 def test_read_decode_time_leaves_out_the_time_the_model_holds_the_batch(tiny_shards):

@@ -28,12 +28,20 @@ class ShardWorker:
         self, cfg: Config, captioner: str, filter_: str, provenance: dict[str, Any], device: str | None = None
     ):
         device = device or default_device()
-        self.cfg, self.provenance = cfg, provenance
+        self.cfg, self.provenance, self.device = cfg, provenance, torch.device(device)
         self.captioner = Captioner(captioner, cfg.caption, device, cfg.run.seed, cfg.run.dtype)
         self.filter = Filter(filter_, cfg.filter, device, cfg.run.dtype)
         self.decoder = make_decoder(cfg.run)
 
     def run(self, url: str, name: str, out_dir: str) -> ShardStats:
         return process_shard(
-            url, out_dir, self.captioner, self.filter, self.decoder, self.cfg, self.provenance, name=name
+            url,
+            out_dir,
+            self.captioner,
+            self.filter,
+            self.decoder,
+            self.cfg,
+            self.provenance,
+            name=name,
+            device=self.device,
         )
