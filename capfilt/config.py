@@ -136,6 +136,14 @@ class RunConfig:
     # The captioner's and the filter's weights and activations: bfloat16 halves memory and is what a GPU's
     # tensor cores run fast; captions and scores then differ from float32's (resume stays byte-identical).
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # Shards one Ray actor works on at once, each with its own decoder; the models take one batch at a
+    # time. With 2, one shard's first batches and its write overlap the other's model work: on a GPU the
+    # models sat idle for a fifth of an actor's time at shard boundaries (docs/BENCHMARKS.md).
+    shards_in_flight: int = 1
+
+    def __post_init__(self):
+        if self.shards_in_flight < 1:
+            raise ConfigError(f"run.shards_in_flight must be >= 1, got {self.shards_in_flight}")
 
 
 @dataclass

@@ -26,6 +26,8 @@ def test_wrong_type_is_an_error():
         load_config("tiny", ["run.decoder=opencv"])
     with pytest.raises(ConfigError, match="not one of"):
         load_config("tiny", ["run.dtype=float16"])
+    with pytest.raises(ConfigError, match="shards_in_flight must be >= 1"):
+        load_config("tiny", ["run.shards_in_flight=0"])
 
 
 def test_overrides_and_int_to_float():

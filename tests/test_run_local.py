@@ -5,17 +5,20 @@ import os
 import socket
 import tarfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from run_helpers import tiny_cfg
+from run_helpers import outputs, tiny_cfg
 
+from capfilt.data import writer
 from capfilt.data.decode import make_decoder
 from capfilt.data.reader import ShardReader
 from capfilt.run.pipeline import decoded_batches, process_shard
 from capfilt.run.reselect import reselect
 from capfilt.run.round import run_round
+from capfilt.run.worker import ShardWorker
 
 pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
 CPU = torch.device("cpu")
@@ -100,6 +103,21 @@ def test_the_models_get_each_batch_on_their_device_in_the_run_dtype(tmp_path, ti
         tiny_shards[0], str(tmp_path), captioner, ConstantFilter(), decoder, cfg, provenance, device=CPU
     )
     assert captioner.seen == {("cpu", torch.bfloat16)} and stats.kept == 9
+
+
+def test_a_worker_serving_two_shards_at_once_writes_the_same_bytes(tmp_path, tiny_models, tiny_shards):
+    """Two shards in flight (as a Ray actor with run.shards_in_flight=2 runs them, from two threads) share
+    the models one batch at a time and write what one shard after the other writes."""
+    provenance = {"test": True}
+    one = ShardWorker(tiny_cfg(), *tiny_models, provenance, device="cpu")
+    for url in tiny_shards:
+        one.run(url, writer.output_name(url), str(tmp_path / "one"))
+    two = ShardWorker(tiny_cfg("run.shards_in_flight=2"), *tiny_models, provenance, device="cpu")
+    with ThreadPoolExecutor(2) as pool:
+        stats = list(
+            pool.map(lambda u: two.run(u, writer.output_name(u), str(tmp_path / "two")), tiny_shards)
+        )
+    assert sum(s.n_in for s in stats) == 30 and outputs(tmp_path / "two") == outputs(tmp_path / "one")
 
 
 def test_read_decode_time_leaves_out_the_time_the_model_holds_the_batch(tiny_shards):

@@ -72,6 +72,18 @@ def test_actors_killed_mid_shard_give_identical_outputs(reference, tiny_models, 
     assert outputs(tmp_path / "run") == outputs(reference)
 
 
+def test_two_shards_in_flight_survive_a_kill_with_identical_outputs(
+    reference, tiny_models, shards, kill_dir, tmp_path
+):
+    """One actor with two shards in flight, SIGKILLed in one of them: both are retried, nothing changes."""
+    (kill_dir / "web-000002.kill").write_text("1")
+    cfg = tiny_cfg("run.actors=1", "run.shards_in_flight=2")
+    summary = run_round(cfg, shards, str(tmp_path / "run"), *tiny_models, progress=False)
+    assert (kill_dir / "web-000002.kill").read_text() == "0"
+    assert summary["shards_done"] == 4 and not summary["failed_shards"]
+    assert outputs(tmp_path / "run") == outputs(reference)
+
+
 def test_auto_pool_fits_the_declared_resources():
     run = load_config(
         "tiny", ["run.actors=auto", "run.num_gpus_per_actor=0.5", "run.num_cpus_per_actor=4"]

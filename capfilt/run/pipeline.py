@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,18 +171,21 @@ def process_shard(
     provenance: dict[str, Any],
     name: str | None = None,
     device: torch.device | None = None,
+    models: AbstractContextManager = nullcontext(),
 ) -> ShardStats:
     """Clean one shard into ``out_dir/NAME.*`` and return its stats (also written, with the done marker).
 
     ``name`` defaults to ``writer.output_name(url)``; the round passes the name it got from the whole
     shard list, so that two inputs with the same file name do not collide. ``device``: the models'; the
-    read-ahead thread moves each batch there (in ``run.dtype``), so the models get it ready.
+    read-ahead thread moves each batch there (in ``run.dtype``), so the models get it ready. ``models``
+    is held while a batch is captioned and scored (a lock when other shards share the models); the time
+    spent waiting for it is ``wait_models``.
     """
     start = time.perf_counter()
     name = name or writer.output_name(url)
     results: list[ScoredSample] = []
     rejects: list[Reject] = []
-    timings = {"read_decode": 0.0, "wait_input": 0.0}
+    timings = {"read_decode": 0.0, "wait_input": 0.0, "wait_models": 0.0}
     n_in = 0
     shard = reader.ShardReader(url)
     batches = decoded_batches(shard, decoder, cfg.run.batch_size)
@@ -198,7 +202,10 @@ def process_shard(
         rejects += batch.rejects
         timings["read_decode"] += batch.seconds
         if batch.samples:
-            done, failed = score_batch(batch, captioner, filter_, cfg.filter.threshold, timings)
+            t0 = time.perf_counter()
+            with models:
+                timings["wait_models"] += time.perf_counter() - t0
+                done, failed = score_batch(batch, captioner, filter_, cfg.filter.threshold, timings)
             results += done
             rejects += failed
             faults.maybe_kill(name)

@@ -2,7 +2,8 @@
 
 Resources are declared per actor from ``cfg.run`` (``num_cpus_per_actor``, ``num_gpus_per_actor``; a
 fractional GPU such as 0.5 puts two actors on one GPU: Ray does not enforce memory, so size batches so
-two fit). Shards are handed out as actors free up (``ray.wait``).
+two fit). Shards are handed out as actors free up (``ray.wait``); an actor takes
+``run.shards_in_flight`` shards at once (a threaded actor: see ``capfilt.run.worker``).
 
 Pool size: ``run.actors: N`` places N actors (fewer when there are fewer shards). ``run.actors: auto``
 places as many as the cluster's total resources hold for the declared per-actor resources, and looks
@@ -74,6 +75,7 @@ def make_actors(cfg: Config, n: int, captioner: str, filter_: str, provenance: d
         num_gpus=cfg.run.num_gpus_per_actor,
         max_restarts=-1,
         max_task_retries=0,
+        max_concurrency=cfg.run.shards_in_flight,  # threads; each shard (or probe) holds one
     )
     return [actor_cls.remote(cfg, captioner, filter_, provenance) for _ in range(n)]
 
@@ -99,7 +101,8 @@ def run_ray(
     auto = cfg.run.actors == "auto"
     actors = make_actors(cfg, pool_size(cfg.run, len(jobs)), captioner, filter_, provenance)
     queue = deque((url, name, 0, None) for url, name in jobs)  # (url, name, failures so far, last actor)
-    free = list(actors)
+    slots = cfg.run.shards_in_flight
+    free = [a for a in actors for _ in range(slots)]  # an actor once per shard it can take now
     alive = list(actors)
     running: dict = {}  # ObjectRef → (actor, job) for shards, (actor, None) for probes
     next_check = time.monotonic() + GROW_CHECK_S
@@ -111,7 +114,7 @@ def run_ray(
                     cfg, pool_size(cfg.run, len(jobs)) - len(alive), captioner, filter_, provenance
                 )
                 actors += new
-                free += new
+                free += [a for a in new for _ in range(slots)]
                 alive += new
             while queue and free:
                 url, name, failures, last = queue.popleft()
@@ -130,7 +133,8 @@ def run_ray(
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as err:
                 if job is None:  # the probe failed: this actor is not coming back
-                    alive.remove(actor)
+                    alive = [a for a in alive if a is not actor]  # (each of its slots sent a probe)
+                    free = [a for a in free if a is not actor]
                     continue
                 url, name, failures = job
                 if failures < cfg.run.max_shard_retries:

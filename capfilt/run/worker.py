@@ -1,11 +1,15 @@
-"""What one process needs to clean shards: captioner, filter and decoder loaded once, many shards served.
+"""What one process needs to clean shards: captioner, filter and decoders loaded once, many shards served.
 
 The local runner holds one; each Ray actor holds one. Either way a shard goes through the same
-:func:`capfilt.run.pipeline.process_shard`.
+:func:`capfilt.run.pipeline.process_shard`. A worker can serve ``run.shards_in_flight`` shards at once
+(a Ray actor calls ``run`` from that many threads): each takes a decoder of its own, and a lock lets one
+batch at a time through the models, which hold per-call state (the sampler's CUDA graphs).
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from typing import Any
 
 import torch
@@ -31,17 +35,25 @@ class ShardWorker:
         self.cfg, self.provenance, self.device = cfg, provenance, torch.device(device)
         self.captioner = Captioner(captioner, cfg.caption, device, cfg.run.seed, cfg.run.dtype)
         self.filter = Filter(filter_, cfg.filter, device, cfg.run.dtype)
-        self.decoder = make_decoder(cfg.run)
+        self.models = threading.Lock()
+        self.decoders: queue.SimpleQueue = queue.SimpleQueue()
+        for _ in range(cfg.run.shards_in_flight):
+            self.decoders.put(make_decoder(cfg.run))
 
     def run(self, url: str, name: str, out_dir: str) -> ShardStats:
-        return process_shard(
-            url,
-            out_dir,
-            self.captioner,
-            self.filter,
-            self.decoder,
-            self.cfg,
-            self.provenance,
-            name=name,
-            device=self.device,
-        )
+        decoder = self.decoders.get()
+        try:
+            return process_shard(
+                url,
+                out_dir,
+                self.captioner,
+                self.filter,
+                decoder,
+                self.cfg,
+                self.provenance,
+                name=name,
+                device=self.device,
+                models=self.models,
+            )
+        finally:
+            self.decoders.put(decoder)

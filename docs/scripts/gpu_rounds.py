@@ -4,8 +4,9 @@ end over the world's web shards with DALI and Pillow, 1 and 2 actors, and once i
     capfilt synth /tmp/w384 --set synth.image_size=384 --set synth.n_web=4000   # then copy to 16 shards
     python docs/scripts/gpu_rounds.py /tmp/w384 rounds.json
 
-One row (marked) runs the actor with Python's GIL switch interval at 0.5 ms instead of 5 ms, through a
-sitecustomize that the actors' processes load (the driver's PYTHONPATH reaches them).
+One row runs the actor with Python's GIL switch interval at 0.5 ms instead of 5 ms, through a
+sitecustomize that the actors' processes load (the driver's PYTHONPATH reaches them). The last row,
+`run.shards_in_flight: 2`, was added after the 2026-11-26 run and has not been measured yet.
 """
 
 import copy
@@ -36,6 +37,7 @@ ROUNDS = [  # (what, decoder, actors, in-process, switch interval)
     ("1 actor, dali, switch interval 0.5 ms", "dali", 1, False, "0.0005"),
     ("in-process (no Ray), pillow", "pillow", 1, True, ""),
     ("2 actors, pillow", "pillow", 2, False, ""),
+    ("1 actor, dali, 2 shards in flight", "dali", 1, False, ""),
 ]
 
 world, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -63,6 +65,7 @@ for what, decoder, n, local, switch in ROUNDS:
     os.environ["PY_SWITCH_INTERVAL"] = switch
     run = copy.deepcopy(cfg)
     run.run.actors, run.run.decoder, run.run.num_gpus_per_actor = n, decoder, 1 / n
+    run.run.shards_in_flight = 2 if "in flight" in what else 1
     start = time.perf_counter()
     summary = run_round(run, web, f"{tmp}/round-{len(rows)}", cap, flt, local=local, progress=False)
     s = summary["this_invocation"]
