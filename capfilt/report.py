@@ -96,10 +96,11 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(v) -> str:
+def _fmt(v, places: int = 3) -> str:
+    """A number for people; a missing one (None or NaN: no ITC with ``filter.itc: false``) as —."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "—"
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
+    return f"{v:.{places}f}" if isinstance(v, float) else str(v)
 
 
 def _scores(run_dir: Path) -> list[dict]:
@@ -212,7 +213,7 @@ def _example_card(row: dict, sample: Sample, truth: dict[str, dict]) -> str:
         mark = "kept" if c["kept"] else "dropped"
         lines.append(
             f'<li class="{mark}"><b>{c["source"]}</b> {html.escape(c["text"])} '
-            f"<span>ITM {c['itm']:.2f} · ITC {c['itc']:.2f} · {mark}</span></li>"
+            f"<span>ITM {_fmt(c['itm'], 2)} · ITC {_fmt(c['itc'], 2)} · {mark}</span></li>"
         )
     t = truth.get(row["key"])
     label = ("noisy" + (f" ({t['noise_type']})" if t["noise_type"] else "")) if t and t["noisy"] else "clean"

@@ -49,7 +49,7 @@ def run_dir(tmp_path):
                     "text": f"a blue square {i}",
                     "source": "synthetic",
                     "itm": itm_syn,
-                    "itc": 0.3,
+                    "itc": None if i == 0 else 0.3,  # a run with filter.itc: false stores none
                     "kept": itm_syn >= 0.5,
                 },
             ]
@@ -79,6 +79,7 @@ def test_report_page_has_table_histograms_and_examples(run_dir):
     assert page.count('<figure class="example kept"') == 3
     assert page.count('<figure class="example dropped"') == 3
     assert "truth: noisy (swap)" in page
+    assert page.count("ITC —") == 1 and page.count("ITC 0.30") == 5  # all six samples are examples
     assert "0.500" in page  # kept rate in the table
 
 

@@ -53,6 +53,14 @@ def test_round_accounts_for_every_sample_and_resumes(tmp_path, tiny_models, tiny
         assert len([m for m in tar.getnames() if m.endswith(".png")]) == 10
 
 
+def test_a_round_without_itc_stores_null_itc_and_still_reselects(tmp_path, tiny_models, tiny_shards):
+    out = str(tmp_path / "run")
+    run_round(tiny_cfg("filter.itc=false"), tiny_shards[:1], out, *tiny_models, local=True, progress=False)
+    rows = pq.read_table(tmp_path / "run" / "web-000000.scores.parquet").to_pylist()
+    assert rows and all(c["itc"] is None and c["itm"] is not None for r in rows for c in r["candidates"])
+    assert reselect(out, str(tmp_path / "lax"), threshold=0.0)["kept"] == len(rows)
+
+
 class FlakyCaptioner:
     """Raises on any batch holding a poisoned key."""
 

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -47,6 +49,14 @@ def test_itm_uses_the_checkpoints_first_token_and_itc_is_unimodal(tiny_models, p
         itm_ref = m(input_ids=ids, pixel_values=pixels[:1], use_itm_head=True).itm_score.softmax(-1)[0, 1]
     assert itm == pytest.approx(float(itm_ref), abs=1e-5)
     assert itc == pytest.approx(float(itc_ref), abs=1e-5)
+
+
+def test_without_itc_the_itm_scores_stay_and_itc_is_nan(tiny_models, pixels):
+    both = Filter(tiny_models[1], FilterConfig()).score(pixels, CAPTIONS)
+    itm_only = Filter(tiny_models[1], FilterConfig(itc=False)).score(pixels, CAPTIONS)
+    for row, row_itm in zip(both, itm_only):
+        assert [itm for itm, _ in row] == pytest.approx([itm for itm, _ in row_itm], abs=1e-6)
+        assert all(math.isnan(itc) for _, itc in row_itm)
 
 
 def test_bfloat16_scores_track_float32(tiny_models, pixels):

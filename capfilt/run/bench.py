@@ -5,13 +5,15 @@ per batch, ``BlipForConditionalGeneration.generate(do_sample=True, top_p, repeti
 max_length)``, then ``BlipForImageTextRetrieval(use_itm_head=True)`` on the web and the synthetic
 captions. The one-image loop is the same script with batches of one. Both are compared with capfilt
 twice: model only (decoded batches in memory, ``Captioner.caption`` + ``Filter.score`` against the
-script's two calls) and end to end (read, decode, caption, score, select, write the same outputs:
+script's two calls; once more with ``filter.itc: false``, which does the script's work: capfilt also
+scores ITC by default) and end to end (read, decode, caption, score, select, write the same outputs:
 ``run_round``, as ``capfilt run`` does, against the script's sequential loop, model loading included in
 both). Used for docs/BENCHMARKS.md; not a test of speed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -165,9 +167,11 @@ def bench_round(
         if batch.samples and sum(len(k) for _, k, _ in batches) < model_images:
             batches.append((batch.pixels, [s.key for s in batch.samples], [s.caption for s in batch.samples]))
     ours = (Captioner(captioner, cfg.caption, seed=cfg.run.seed), Filter(filter_, cfg.filter))
+    itm_only = (ours[0], Filter(filter_, dataclasses.replace(cfg.filter, itc=False)))  # the script's work
     script = HFScript(cfg, captioner, filter_)
-    model = model_images_per_s({"capfilt": ours, "hf_script": (script, script)}, batches)
-    del ours, script
+    pairs = {"capfilt": ours, "capfilt_itm_only": itm_only, "hf_script": (script, script)}
+    model = model_images_per_s(pairs, batches)
+    del ours, itm_only, script
 
     tmp = tempfile.mkdtemp(prefix="capfilt-bench-")
     try:
@@ -198,6 +202,7 @@ def bench_round(
             "e2e_images_per_s": e2e,
             "ratios": {
                 "model_vs_hf_script": model["capfilt"] / model["hf_script"],
+                "model_itm_only_vs_hf_script": model["capfilt_itm_only"] / model["hf_script"],
                 "e2e_vs_hf_script": e2e["capfilt_run"] / e2e["hf_script"],
                 "e2e_vs_one_image": e2e["capfilt_run"] / e2e["one_image"],
                 "wall_over_model_time": ours_s / model_s if model_s else None,

@@ -5,7 +5,8 @@ chunks of ``filter.batch_size``, shortest captions first: a chunk is padded to i
 alt-texts range from a few tokens to the 35 kept, so sorting saves text-encoder work in both passes.
 ITM feeds the caption with its first token replaced by the one the checkpoint was trained with
 (``[ENC]`` for ours, ``[CLS]`` for Salesforce's: BLIP_REFERENCE.md, traps) and takes softmax(itm_head)[:, 1]. ITC is the cosine of the normalised projected CLS features of the
-image and of the unimodal text encoder (no cross-attention, ``[CLS]`` first), without temperature.
+image and of the unimodal text encoder (no cross-attention, ``[CLS]`` first), without temperature;
+``filter.itc: false`` skips that pass and gives NaN (the selection uses ITM only, as BLIP's filter does).
 Captions are normalised with BLIP's ``pre_caption`` first, as in training.
 """
 
@@ -71,10 +72,12 @@ class Filter:
         """(ITM match probability, ITC similarity) of each text against the image on its row; also what
         retrieval evaluation reranks with, given image embeddings it computed once."""
         ids, mask = self._tokenize(texts)
+        itm = self._itm(image_embeds, ids, mask).tolist()
+        if not self.cfg.itc:
+            return [(score, float("nan")) for score in itm]
         text_cls = self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
         itc = (image_feat * F.normalize(self.model.text_proj(text_cls), dim=-1)).sum(-1)
-        itm = self._itm(image_embeds, ids, mask)
-        return list(zip(itm.tolist(), itc.float().tolist()))
+        return list(zip(itm, itc.float().tolist()))
 
     def match(self, image_embeds: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """ITM match probability (float32, on the CPU) of each text against the image embeddings on its row."""
