@@ -6,6 +6,7 @@ them instead of scoring again, and ``capfilt select`` can re-derive a threshold 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -50,8 +51,9 @@ def resolve_threshold(
         from capfilt.stages.filter import Filter
 
         pixels, captions = human_pairs(human, cfg)
-        # The round's own device and dtype: its scores are what the threshold is compared with.
-        filt = Filter(filter_, cfg.filter, default_device(), cfg.run.dtype)
+        # The round's own device and dtype: its scores are what the threshold is compared with. ITM only:
+        # calibration reads no ITC, so it skips that text pass.
+        filt = Filter(filter_, dataclasses.replace(cfg.filter, itc=False), default_device(), cfg.run.dtype)
         cal = want | calibrate(filt, pixels, captions, cfg.run.seed)
         ledger.write_json(url, cal)
     return threshold_of(cal, mode, cfg.filter.keep_share), mode
