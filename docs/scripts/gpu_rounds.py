@@ -29,19 +29,18 @@ from capfilt.run.round import run_round
 from capfilt.stages.captioner import Captioner
 from capfilt.stages.filter import Filter
 
-SETTINGS = ["run.batch_size=256", "run.decode_threads=6", "run.num_cpus_per_actor=6", "run.dtype=bfloat16"]
 SWITCH = 'import os, sys\nif os.environ.get("PY_SWITCH_INTERVAL"):\n    sys.setswitchinterval(float(os.environ["PY_SWITCH_INTERVAL"]))\n'
-ROUNDS = [  # (what, decoder, actors, in-process, switch interval)
-    ("1 actor, dali", "dali", 1, False, ""),
-    ("2 actors, dali", "dali", 2, False, ""),
-    ("1 actor, dali, switch interval 0.5 ms", "dali", 1, False, "0.0005"),
-    ("in-process (no Ray), pillow", "pillow", 1, True, ""),
-    ("2 actors, pillow", "pillow", 2, False, ""),
-    ("1 actor, dali, 2 shards in flight", "dali", 1, False, ""),
+ROUNDS = [  # (what, decoder, actors, in-process, switch interval, shards in flight)
+    ("1 actor, dali", "dali", 1, False, "", 1),
+    ("2 actors, dali", "dali", 2, False, "", 1),
+    ("1 actor, dali, switch interval 0.5 ms", "dali", 1, False, "0.0005", 1),
+    ("in-process (no Ray), pillow", "pillow", 1, True, "", 1),
+    ("2 actors, pillow", "pillow", 2, False, "", 1),
+    ("1 actor, dali, 2 shards in flight", "dali", 1, False, "", 2),
 ]
 
 world, out = Path(sys.argv[1]), Path(sys.argv[2])
-cfg = load_config("blip-base", SETTINGS)
+cfg = load_config("blip-base")  # batch 256, 6 decode threads and CPUs per actor, bf16
 tmp = tempfile.mkdtemp()
 Path(tmp, "sitecustomize.py").write_text(SWITCH)
 os.environ["PYTHONPATH"] = os.pathsep.join([tmp, os.environ.get("PYTHONPATH", "")])
@@ -56,16 +55,21 @@ def add(what: str, images_per_s: float, detail: str = "") -> None:
     out.write_text(json.dumps(rows, indent=1))
 
 
-decoded = decoded_batches(ShardReader(expand_shards(web)[0]), PillowDecoder(384, 6), 256)
+pillow = PillowDecoder(cfg.run.image_size, cfg.run.decode_threads)
+decoded = decoded_batches(ShardReader(expand_shards(web)[0]), pillow, cfg.run.batch_size)
 batches = [(b.pixels.cuda(), [s.key for s in b.samples], [s.caption for s in b.samples]) for b in decoded]
-ours = (Captioner(cap, cfg.caption, "cuda", 0, "bfloat16"), Filter(flt, cfg.filter, "cuda", "bfloat16"))
-add("model only, batch 256, pixels on the GPU", bench.model_images_per_s({"ours": ours}, batches)["ours"])
+r = cfg.run
+ours = (Captioner(cap, cfg.caption, "cuda", r.seed, r.dtype), Filter(flt, cfg.filter, "cuda", r.dtype))
+add(
+    f"model only, batch {cfg.run.batch_size}, pixels on the GPU",
+    bench.model_images_per_s({"ours": ours}, batches)["ours"],
+)
 del ours, batches
-for what, decoder, n, local, switch in ROUNDS:
+for what, decoder, n, local, switch, in_flight in ROUNDS:
     os.environ["PY_SWITCH_INTERVAL"] = switch
     run = copy.deepcopy(cfg)
     run.run.actors, run.run.decoder, run.run.num_gpus_per_actor = n, decoder, 1 / n
-    run.run.shards_in_flight = 2 if "in flight" in what else 1
+    run.run.shards_in_flight = in_flight
     start = time.perf_counter()
     summary = run_round(run, web, f"{tmp}/round-{len(rows)}", cap, flt, local=local, progress=False)
     s = summary["this_invocation"]

@@ -4,22 +4,18 @@
     python docs/scripts/gpu_vit_compile.py
 """
 
+import dataclasses
 import time
 
 import torch
-from transformers import BlipVisionConfig, BlipVisionModel
+from transformers import BlipVisionModel
 
+from capfilt.config import load_config
+from capfilt.model.med import vision_config
 from capfilt.model.vision import image_embeds
 
 torch.set_grad_enabled(False)
-conf = BlipVisionConfig(
-    hidden_size=768,
-    intermediate_size=3072,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    image_size=384,
-    patch_size=16,
-)
+conf = vision_config(dataclasses.replace(load_config("blip-base").model, image_size=384))
 vision = BlipVisionModel(conf).cuda().bfloat16().eval()
 B = 512
 px = torch.randn(B, 3, 384, 384, device="cuda", dtype=torch.bfloat16)
