@@ -221,6 +221,9 @@ def test_inspect_input_and_output_shards(tmp_path):
     assert inspect_shards([str(tmp_path / "out" / "web-000000.tar")], samples=0).startswith(
         f"{tmp_path}/out/web-000000: output shard"
     )
+    cli = [sys.executable, "-m", "capfilt.cli", "inspect", str(tmp_path / "out" / "web-000000.tar")]
+    done = subprocess.run(cli, capture_output=True, text=True)  # the process must also exit cleanly
+    assert done.returncode == 0 and "kept synthetic" in done.stdout, done.stderr[-2000:]
     text = inspect_shards([f"{tmp_path}/{{bad,cut}}.tar"], samples=2)
     assert "missing_image=1" in text and "duplicate_key=2" in text and "TRUNCATED" in text
     assert "ok  48x40 jpg  'a red circle'" in text

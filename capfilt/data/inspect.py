@@ -65,8 +65,11 @@ def inspect_output(stats_url: str, samples: int) -> str:
     if rejected:
         lines.append("  rejected: " + ", ".join(f"{r}={c}" for r, c in sorted(stats["rejected"].items())))
     if fs.exists(base_path + ".parquet"):
-        with fs.open(base_path + ".parquet", "rb") as f:
-            rows = pq.read_table(f, columns=["key", "caption", "candidates"]).slice(0, samples).to_pylist()
+        # By path and filesystem, not a Python file object: pyarrow 26 aborts the process at exit after a
+        # column-projected read from one ("terminate called without an active exception").
+        columns = ["key", "caption", "candidates"]
+        table = pq.read_table(base_path + ".parquet", columns=columns, filesystem=fs)
+        rows = table.slice(0, samples).to_pylist()
         for row in rows:
             lines.append(f"  {row['key']}  {row['caption']!r}")
             for c in row["candidates"]:
