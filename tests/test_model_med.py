@@ -6,7 +6,8 @@ import torch
 from capfilt.model import losses as L
 from capfilt.model.info import count, unique_params
 from capfilt.model.losses import lm_targets
-from capfilt.model.testing import tiny_batch, tiny_med, torch_threads
+from capfilt.model.testing import tiny_batch, tiny_captions, tiny_med, torch_threads
+from capfilt.model.tokenizer import normalize_caption, tokenize
 
 
 @pytest.fixture(autouse=True)
@@ -195,3 +196,30 @@ def test_itm_swap_negatives_add_one_scored_negative_per_pair():
         losses[swap] = med(pixels, ids, mask, alpha=0.4, losses=("itm",))["itm"]
         assert calls == [8 * (4 if swap else 3)]  # every tiny caption has a token to swap
     assert not torch.isclose(losses[False], losses[True])
+
+
+def test_text_chunk_gives_the_losses_and_gradients_of_one_pass(med_tok):
+    """Chunks of similar-length rows, each cut to its longest text, then put back in row order: the same
+    losses and gradients as one padded pass (a misordered or mistrimmed row would change them)."""
+    med, tok = med_tok
+    pixels, _, _ = tiny_batch(tok, med.cfg, 8)
+    words = [normalize_caption(c).split() for c in tiny_captions()[:8]]
+    ids, mask = tokenize(tok, [" ".join(w[: 2 + i % 5]) for i, w in enumerate(words)], med.cfg.max_text_len)
+    assert len(set(mask.sum(1).tolist())) > 2, "the captions must differ in length for chunks to trim"
+    med.eval()  # no dropout, no momentum or queue update: two forwards see the same model
+    results = []
+    for chunk in (0, 3):
+        med.text_chunk = chunk
+        med.zero_grad()
+        torch.manual_seed(0)  # the same ITM negatives
+        out = med(pixels, ids, mask, alpha=0.4)
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in med.named_parameters() if p.grad is not None}
+        results.append(({k: v.item() for k, v in out.items()}, grads))
+    med.text_chunk = 0
+    med.zero_grad()
+    (one, one_grads), (chunked, chunked_grads) = results
+    assert chunked == pytest.approx(one, rel=1e-5, abs=1e-6)
+    assert one_grads.keys() == chunked_grads.keys()
+    for name, grad in one_grads.items():
+        assert torch.allclose(grad, chunked_grads[name], rtol=1e-4, atol=1e-6), name

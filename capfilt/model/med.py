@@ -14,7 +14,7 @@ schedule and alpha ramp. BLIP_REFERENCE.md, 'MED' and 'Losses'.
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +22,41 @@ from torch import nn
 from transformers import BlipTextConfig, BlipVisionConfig
 from transformers.models.blip.modeling_blip import BlipVisionModel
 from transformers.models.blip.modeling_blip_text import BlipTextLMHeadModel, BlipTextModel
+from transformers.utils import ModelOutput
 
 from capfilt.config import ModelConfig
 from capfilt.model import losses as L
 
 LOSSES = ("itc", "itm", "lm")
 TEXT_MAX_POSITIONS = 512  # BERT's; must be >= max_text_len
+
+
+def by_length(
+    text_pass: Callable[..., torch.Tensor],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *rows: torch.Tensor,
+    chunk: int,
+) -> torch.Tensor:
+    """``text_pass(ids, mask, *rows)`` on chunks of ``chunk`` rows of similar text length, each cut to
+    its longest text, put back in row order; a sequence output ([B, L, ...]) is padded back to L with
+    zeros. Padding never changes a real token's output (the mask hides it), so this equals one pass up to
+    float rounding. Why: a batch pads every text to its longest, and the demo's captions (10 tokens on
+    average, padded to 16) spend over a third of a text pass on padding (docs/BENCHMARKS.md). ``chunk``
+    0 is one pass, as the reference does it.
+    """
+    if chunk <= 0 or input_ids.shape[0] <= chunk:
+        return text_pass(input_ids, attention_mask, *rows)
+    lengths = attention_mask.sum(1)
+    order = torch.argsort(lengths, stable=True)
+    parts = []
+    for part in order.split(chunk):
+        n = int(lengths[part].max())
+        out = text_pass(input_ids[part, :n], attention_mask[part, :n], *(r[part] for r in rows))
+        if out.dim() > 2:
+            out = F.pad(out, (0, 0, 0, input_ids.shape[1] - n))
+        parts.append(out)
+    return torch.cat(parts)[torch.argsort(order)]
 
 
 def vision_config(cfg: ModelConfig) -> BlipVisionConfig:
@@ -132,6 +161,9 @@ class MED(nn.Module):
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
         self.register_buffer("idx_queue", torch.full((1, q), -100, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        # Rows per text pass (``by_length``); 0: one pass. A compute setting, not part of the model: the
+        # training loop sets it from the stage's ``text_chunk``.
+        self.text_chunk = 0
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, tokenizer) -> MED:
@@ -202,9 +234,16 @@ class MED(nn.Module):
         """ViT output (B, 1 + patches, vision_width), post-LayerNorm; [:, 0] is the CLS."""
         return self.vision(pixel_values=pixels).last_hidden_state
 
-    def text_embeds(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Unimodal text encoder output ([CLS] first, no image), (B, L, text_width)."""
-        return self.text_encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def text_cls(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, encoder: nn.Module | None = None
+    ) -> torch.Tensor:
+        """The unimodal text encoder's (or its momentum copy's) [CLS] output, no image: (B, text_width)."""
+        encoder = self.text_encoder if encoder is None else encoder
+
+        def text_pass(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            return _cls(encoder(input_ids=ids, attention_mask=mask))
+
+        return by_length(text_pass, input_ids, attention_mask, chunk=self.text_chunk)
 
     def image_feat(self, pixels: torch.Tensor | None = None, image_embeds: torch.Tensor | None = None):
         """L2-normalised ITC image features (B, embed_dim)."""
@@ -214,7 +253,7 @@ class MED(nn.Module):
 
     def text_feat(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """L2-normalised ITC text features (B, embed_dim)."""
-        return F.normalize(self.text_proj(self.text_embeds(input_ids, attention_mask)[:, 0, :]), dim=-1)
+        return F.normalize(self.text_proj(self.text_cls(input_ids, attention_mask)), dim=-1)
 
     def itm_logits(
         self,
@@ -226,14 +265,7 @@ class MED(nn.Module):
         """ITM head logits (B, 2), column 1 = match; the first token is replaced by [ENC] (or the given id)."""
         ids = input_ids.clone()
         ids[:, 0] = self.special_ids["enc"] if first_token_id is None else first_token_id
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = self.text_encoder(
-            input_ids=ids,
-            attention_mask=attention_mask,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_atts,
-        ).last_hidden_state
-        return self.itm_head(out[:, 0, :])
+        return self.itm_head(self._grounded(self.text_encoder, ids, attention_mask, image_embeds, _cls))
 
     def decoder_logits(
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -241,14 +273,31 @@ class MED(nn.Module):
         """Decoder logits (B, L, vocab) with [DEC] as first token, causal self-attention, image cross-attention."""
         ids = input_ids.clone()
         ids[:, 0] = self.special_ids["dec"]
-        image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        return self.text_decoder(
-            input_ids=ids,
-            attention_mask=attention_mask,
-            encoder_hidden_states=image_embeds,
-            encoder_attention_mask=image_atts,
-            use_cache=False,
-        ).logits
+        return self._grounded(self.text_decoder, ids, attention_mask, image_embeds, lambda out: out.logits)
+
+    def _grounded(
+        self,
+        module: nn.Module,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_embeds: torch.Tensor,
+        output: Callable[[ModelOutput], torch.Tensor],
+    ) -> torch.Tensor:
+        """``output`` of ``module`` (the text encoder or the decoder) on the texts, cross-attending to every
+        token of the image on their row; in chunks by length (``by_length``)."""
+
+        def text_pass(ids: torch.Tensor, mask: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
+            ones = torch.ones(embeds.shape[:-1], dtype=torch.long, device=embeds.device)
+            out = module(
+                input_ids=ids,
+                attention_mask=mask,
+                encoder_hidden_states=embeds,
+                encoder_attention_mask=ones,
+                use_cache=False,
+            )
+            return output(out)
+
+        return by_length(text_pass, input_ids, attention_mask, image_embeds, chunk=self.text_chunk)
 
     @torch.no_grad()
     def momentum_feats(
@@ -256,8 +305,8 @@ class MED(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         image_embeds_m = self.vision_m(pixel_values=pixels).last_hidden_state
         image_feat_m = F.normalize(self.vision_proj_m(image_embeds_m[:, 0, :]), dim=-1)
-        text_m = self.text_encoder_m(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        text_feat_m = F.normalize(self.text_proj_m(text_m[:, 0, :]), dim=-1)
+        text_m = self.text_cls(input_ids, attention_mask, self.text_encoder_m)
+        text_feat_m = F.normalize(self.text_proj_m(text_m), dim=-1)
         return image_feat_m, text_feat_m
 
     # ---- training forward ------------------------------------------------------------------------
@@ -361,3 +410,8 @@ class MED(nn.Module):
             vit.config.image_size = new_size
         self.vision_m.embeddings.position_embedding.requires_grad_(False)
         self.cfg.image_size = new_size
+
+
+def _cls(out: ModelOutput) -> torch.Tensor:
+    """The [CLS] position of a text encoder's last layer."""
+    return out.last_hidden_state[:, 0, :]

@@ -101,6 +101,7 @@ def train(job: Job, rank: int = 0, world: int = 1) -> dict:
         print(f"[{job.name}] resuming from {ckpt.name}", flush=True)
     med, tok, _ = load_med(ckpt / "med" if ckpt else job.init)
     med.resize_image(stage.image_size)
+    med.text_chunk = stage.text_chunk
     med.to(device).train()
     opt = make_optimizer(med, stage)
     state = load_state(ckpt, opt) if ckpt else {"step": 0, "history": []}
