@@ -299,11 +299,19 @@ def ablation(
     results: Annotated[Path, typer.Option(help="markdown file whose ablation table is replaced")] = Path(
         "docs/RESULTS.md"
     ),
+    parallel: Annotated[
+        int, typer.Option(help="seeds side by side, each a process of its own with its share of the cores")
+    ] = 1,
 ):
     """The paper's CapFilt ablation on the demo world: noisy, +captioner, +filter, both, beam, 2 rounds, oracle."""
-    from capfilt.ablation import run_ablation, update_results
+    from capfilt.ablation import ensure_world, run_ablation, run_side_by_side, update_results
 
-    table = run_ablation(_config(config, set_), world, out, [int(s) for s in seeds.split(",")])
+    cfg, seed_list = _config(config, set_), [int(s) for s in seeds.split(",")]
+    if parallel > 1:
+        ensure_world(cfg, world)
+        args = ["--config", config, *(a for s in set_ or [] for a in ("--set", s)), "--world", str(world)]
+        run_side_by_side([*args, "--out", str(out)], seed_list, parallel, out)
+    table = run_ablation(cfg, world, out, seed_list)
     update_results(results, table)
     typer.echo(table)
 

@@ -84,20 +84,40 @@ def test_gap_is_undefined_when_the_oracle_does_not_beat_noisy():
 
 
 @pytest.mark.slow
-def test_ablation_end_to_end_at_the_tiny_size(tmp_path):
-    """Every variant trains and evaluates, and RESULTS.md gets a row per variant."""
-    from capfilt.ablation import run_ablation
-    from capfilt.config import load_config
+def test_ablation_end_to_end_at_the_tiny_size_two_seeds_side_by_side(tmp_path):
+    """`capfilt ablation --parallel 2`: each seed in its own process, then the table from their finished
+    steps. Every variant trains and evaluates, and the results file gets a row per variant."""
+    from typer.testing import CliRunner
 
-    table = run_ablation(
-        load_config("tiny", ["run.actors=1"]), tmp_path / "world", tmp_path / "out", [0], log=lambda _: None
-    )
-    assert all(f"| {v} |" in table for v in ORDER)
+    from capfilt.cli import app
+
+    out, results = tmp_path / "out", tmp_path / "RESULTS.md"
+    args = ["ablation", "--config", "tiny", "--set", "run.actors=1", "--seeds", "0,1", "--parallel", "2"]
+    args += ["--world", str(tmp_path / "world"), "--out", str(out), "--results", str(results)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    for seed in (0, 1):  # each seed ran in its own process, which left its log and its own table
+        assert "| noisy |" in (out / f"seed-{seed}.md").read_text()
+        assert "round-0: pretrain ..." in (out / f"seed-{seed}.log").read_text()
+    table = results.read_text()
+    assert all(f"| {v} |" in table for v in ORDER) and "--seeds 0,1" in table
+    assert "pretrain already done" in result.output  # the table came from the seeds' finished steps
     variant_pairs = {
         d.name: json.loads((d / "data.done").read_text())["pairs"]
-        for d in (tmp_path / "out" / "seed-0").iterdir()
+        for d in (out / "seed-0").iterdir()
         if (d / "data.done").exists()
     }
     # +captioner keeps every web caption and every synthetic one: one of each per web image.
     assert variant_pairs["+captioner"] == 2 * 64 and variant_pairs["oracle"] == 64
     assert variant_pairs["+filter"] <= 64
+
+
+def test_a_failed_seed_process_is_a_clear_error(tmp_path, monkeypatch):
+    """A seed whose process fails stops the ablation with the seed and its log named."""
+    from capfilt import ablation
+    from capfilt.errors import UserError
+
+    monkeypatch.setattr(ablation, "POLL_S", 0.1)
+    with pytest.raises(UserError, match=r"seed 3 \(exit 2, log .*seed-3\.log\)"):
+        ablation.run_side_by_side(["--no-such-option"], [3], 2, tmp_path)
+    assert "No such option" in (tmp_path / "seed-3.log").read_text()
