@@ -6,6 +6,7 @@ import torch
 from capfilt.model import losses as L
 from capfilt.model.info import count, unique_params
 from capfilt.model.losses import lm_targets
+from capfilt.model.med import by_length as by_length
 from capfilt.model.testing import tiny_batch, tiny_captions, tiny_med, torch_threads
 from capfilt.model.tokenizer import normalize_caption, tokenize
 
@@ -223,3 +224,6 @@ def test_text_chunk_gives_the_losses_and_gradients_of_one_pass(med_tok):
     assert one_grads.keys() == chunked_grads.keys()
     for name, grad in one_grads.items():
         assert torch.allclose(grad, chunked_grads[name], rtol=1e-4, atol=1e-6), name
+    left_padded = torch.stack([m.roll(int((m == 0).sum())) for m in mask])
+    with pytest.raises(ValueError, match="right-padded"):
+        by_length(lambda ids, m: ids, ids, left_padded, chunk=3)

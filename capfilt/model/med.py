@@ -48,6 +48,9 @@ def by_length(
     if chunk <= 0 or input_ids.shape[0] <= chunk:
         return text_pass(input_ids, attention_mask, *rows)
     lengths = attention_mask.sum(1)
+    positions = torch.arange(attention_mask.shape[1], device=lengths.device)
+    if not torch.equal(attention_mask.bool(), positions < lengths[:, None]):
+        raise ValueError("text_chunk needs right-padded texts: a chunk is cut to its longest text")
     order = torch.argsort(lengths, stable=True)
     parts = []
     for part in order.split(chunk):
