@@ -161,6 +161,22 @@ def test_driver_killed_mid_run_resumes_without_recomputing(reference, tiny_model
             assert texts == ref
 
 
+def test_a_driver_with_a_fixed_threshold_imports_no_torch(reference, tiny_models, shards, tmp_path):
+    """The models live in the actors: a round's driver that needs no calibration imports neither torch
+    nor transformers, which cost 5-7 s of one core at start-up (docs/BENCHMARKS.md)."""
+    out, (cap, flt) = tmp_path / "run", tiny_models
+    code = (
+        "import sys; from capfilt.config import load_config; from capfilt.run.round import run_round; "
+        "cfg = load_config('tiny', ['run.actors=2', 'caption.num_captions=2']); "
+        f"s = run_round(cfg, {shards!r}, {str(out)!r}, {cap!r}, {flt!r}, address='auto', progress=False); "
+        "print(s['shards_done'], [m for m in ('torch', 'transformers') if m in sys.modules])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "4 []"
+    assert outputs(out) == outputs(reference)
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_pipeline(tiny_models, shards, tmp_path):
     """A real head node; the job goes in through pipelines/submit_round.sh, the cron example."""

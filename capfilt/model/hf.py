@@ -14,7 +14,6 @@ All safetensors, never pickle (DESIGN.md, 'Checkpoints'):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -33,7 +32,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from capfilt.config import ModelConfig, from_dict, to_dict
-from capfilt.model.hub import NotAModel, resolve_model
+from capfilt.model.hub import model_hash, resolve_model, weight_files
 from capfilt.model.med import MED
 
 # One log line per model load and progress only from the driver: no "Loading weights"/"Writing model
@@ -168,31 +167,6 @@ def export_filter(
 # ---- the one loader for ours and Salesforce's -------------------------------------------------------
 
 
-def _weight_files(path: Path) -> list[Path]:
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        if any(path.glob("pytorch_model*.bin")):
-            raise NotAModel(
-                f"{path} holds only pytorch_model.bin (a pickle); capfilt loads safetensors only. Convert it "
-                'once, on purpose: `python -c "import transformers as t; '
-                f"t.AutoModel.from_pretrained('{path}').save_pretrained('{path}')\"` (writes model.safetensors)"
-            )
-        raise NotAModel(f"{path}: no model.safetensors; pass a captioner/filter folder (capfilt finetune's)")
-    return files
-
-
-def model_hash(path: str | Path) -> str:
-    """sha256 over the safetensors weight file(s) and config.json: a model's identity for provenance."""
-    path = Path(path)
-    h = hashlib.sha256()
-    for f in [*_weight_files(path), path / CONFIG]:
-        h.update(f.name.encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def _capfilt_meta(config: BlipConfig) -> dict[str, Any]:
     meta = getattr(config, "capfilt", None)
     return dict(meta) if isinstance(meta, dict) else {}
@@ -203,7 +177,7 @@ def _load(
 ) -> tuple[Any, PreTrainedTokenizerBase, Path]:
     """Resolve ``ref``, load the model in eval mode in ``dtype`` and its tokenizer, and log one line."""
     path = resolve_model(ref).path
-    _weight_files(path)
+    weight_files(path)
     model = cls.from_pretrained(str(path), use_safetensors=True).to(device, dtype).eval()
     print(f"[model] loaded {cls.__name__} from {ref} on {device}", file=sys.stderr, flush=True)
     return model, AutoTokenizer.from_pretrained(str(path)), path

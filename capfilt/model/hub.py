@@ -9,6 +9,7 @@ the commit the cache resolved to, and the weight hash.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,3 +51,29 @@ def resolve_model(ref: str | Path) -> ModelRef:
             f"`hf download {repo_id}{' --revision ' + revision if revision else ''}` (or set HF_HOME)"
         ) from err
     return ModelRef(path, repo_id, path.name)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """A model folder's safetensors files; a clear error for a pickle-only folder or an empty one."""
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        if any(path.glob("pytorch_model*.bin")):
+            raise NotAModel(
+                f"{path} holds only pytorch_model.bin (a pickle); capfilt loads safetensors only. Convert it "
+                'once, on purpose: `python -c "import transformers as t; '
+                f"t.AutoModel.from_pretrained('{path}').save_pretrained('{path}')\"` (writes model.safetensors)"
+            )
+        raise NotAModel(f"{path}: no model.safetensors; pass a captioner/filter folder (capfilt finetune's)")
+    return files
+
+
+def model_hash(path: str | Path) -> str:
+    """sha256 over the safetensors weight file(s) and config.json: a model's identity for provenance."""
+    path = Path(path)
+    h = hashlib.sha256()
+    for f in [*weight_files(path), path / "config.json"]:
+        h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

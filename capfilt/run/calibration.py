@@ -2,26 +2,30 @@
 
 The calibration scores are stored in the run folder (``calibration.json``), so a resumed run reuses
 them instead of scoring again, and ``capfilt select`` can re-derive a threshold without any model.
+torch is imported only to score: a round's driver with a fixed or stored threshold stays without it
+(importing torch and transformers takes 5-7 s of one core).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from capfilt.config import Config, ConfigError
 from capfilt.data.specs import expand_shards
 from capfilt.errors import UserError
-from capfilt.eval.heldout import load_heldout
 from capfilt.run import ledger
 from capfilt.stages.calibrate import CALIBRATION, calibrate, threshold_of
+
+if TYPE_CHECKING:
+    import torch
 
 
 def human_pairs(human: list[str], cfg: Config) -> tuple[torch.Tensor, list[str]]:
     """The first ``filter.calibration_samples`` decodable human images with their (first) caption,
     decoded as a round decodes them."""
+    from capfilt.eval.heldout import load_heldout
+
     data = load_heldout(expand_shards(human), cfg.run, limit=cfg.filter.calibration_samples)
     rows = [i for i, refs in enumerate(data.references) if (refs[0] or "").strip()]
     if len(rows) < 2:

@@ -33,13 +33,14 @@ import ray
 
 from capfilt.config import Config, RunConfig
 from capfilt.data.sample import ShardStats
-from capfilt.run.worker import ShardWorker
 
 
 class ShardActor:
     """A Ray actor around one ShardWorker."""
 
     def __init__(self, cfg: Config, captioner: str, filter_: str, provenance: dict[str, Any]):
+        from capfilt.run.worker import ShardWorker  # torch and the models: the actor's, not the driver's
+
         self.worker = ShardWorker(cfg, captioner, filter_, provenance)
 
     @ray.method(max_task_retries=-1)

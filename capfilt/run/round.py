@@ -16,8 +16,7 @@ from typing import Any
 from capfilt.config import Config
 from capfilt.data.sample import ShardStats
 from capfilt.data.specs import expand_shards
-from capfilt.model.hf import model_hash
-from capfilt.model.hub import resolve_model
+from capfilt.model.hub import model_hash, resolve_model
 from capfilt.run import card, ledger
 from capfilt.run.calibration import resolve_threshold
 from capfilt.run.progress import RoundProgress, summarize

@@ -15,10 +15,12 @@ The threshold functions are pure; :func:`calibrate` scores the human split with 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 CALIBRATION = "calibration.json"
 MODES = ("none", "keep", "f1")
@@ -72,9 +74,9 @@ def threshold_of(cal: dict[str, Any], mode: str, keep_share: float) -> float:
     raise ValueError(f"calibration mode must be one of {MODES[1:]}, got {mode!r}")
 
 
-@torch.no_grad()
 def calibrate(filt, pixels: torch.Tensor, captions: list[str], seed: int = 0) -> dict[str, Any]:
-    """ITM scores of each human image with its own caption and with another image's caption."""
+    """ITM scores of each human image with its own caption and with another image's caption (``filt`` is a
+    stages.filter.Filter, which scores without gradients)."""
     perm = mismatch(len(captions), seed)
     human, mismatched = [], []
     for start in range(0, len(captions), filt.cfg.batch_size):
