@@ -116,14 +116,16 @@ def test_the_models_get_each_batch_on_their_device_in_the_run_dtype(tmp_path, ti
 def test_a_worker_serving_two_shards_at_once_writes_the_same_bytes(tmp_path, tiny_models, tiny_shards):
     """Two shards in flight (as a Ray actor with run.shards_in_flight=2 runs them, from two threads) share
     the models one batch at a time and write what one shard after the other writes."""
-    provenance = {"test": True}
-    one = ShardWorker(tiny_cfg(), *tiny_models, provenance, device="cpu")
+    selection = (0.5, {"test": True})  # threshold, provenance
+    one = ShardWorker(tiny_cfg(), *tiny_models, device="cpu")
     for url in tiny_shards:
-        one.run(url, writer.output_name(url), str(tmp_path / "one"))
-    two = ShardWorker(tiny_cfg("run.shards_in_flight=2"), *tiny_models, provenance, device="cpu")
+        one.run(url, writer.output_name(url), str(tmp_path / "one"), *selection)
+    two = ShardWorker(tiny_cfg("run.shards_in_flight=2"), *tiny_models, device="cpu")
     with ThreadPoolExecutor(2) as pool:
         stats = list(
-            pool.map(lambda u: two.run(u, writer.output_name(u), str(tmp_path / "two")), tiny_shards)
+            pool.map(
+                lambda u: two.run(u, writer.output_name(u), str(tmp_path / "two"), *selection), tiny_shards
+            )
         )
     assert sum(s.n_in for s in stats) == 30 and outputs(tmp_path / "two") == outputs(tmp_path / "one")
 

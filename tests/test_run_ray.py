@@ -31,6 +31,7 @@ from capfilt.config import ConfigError, load_config
 from capfilt.run.faults import KILL_DIR
 from capfilt.run.ray_pool import actors_that_fit
 from capfilt.run.round import run_round
+from capfilt.run.worker import ShardWorker
 
 pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
 
@@ -161,20 +162,28 @@ def test_driver_killed_mid_run_resumes_without_recomputing(reference, tiny_model
             assert texts == ref
 
 
-def test_a_driver_with_a_fixed_threshold_imports_no_torch(reference, tiny_models, shards, tmp_path):
-    """The models live in the actors: a round's driver that needs no calibration imports neither torch
-    nor transformers, which cost 5-7 s of one core at start-up (docs/BENCHMARKS.md)."""
-    out, (cap, flt) = tmp_path / "run", tiny_models
+def test_a_calibrating_driver_imports_no_torch_and_scores_on_an_actor(
+    local_ray, tiny_models, shards, tmp_path
+):
+    """The models live in the actors, calibration included: a round's driver imports neither torch nor
+    transformers (5-7 s of one core at start-up, docs/BENCHMARKS.md), and the actor's calibration scores
+    are those of the same worker in this process."""
+    out, (cap, flt), human = tmp_path / "run", tiny_models, shards[2:]
+    sets = ["run.actors=2", "filter.calibration=keep", "filter.keep_share=0.8"]
     code = (
         "import sys; from capfilt.config import load_config; from capfilt.run.round import run_round; "
-        "cfg = load_config('tiny', ['run.actors=2', 'caption.num_captions=2']); "
-        f"s = run_round(cfg, {shards!r}, {str(out)!r}, {cap!r}, {flt!r}, address='auto', progress=False); "
-        "print(s['shards_done'], [m for m in ('torch', 'transformers') if m in sys.modules])"
+        f"s = run_round(load_config('tiny', {sets!r}), {shards[:2]!r}, {str(out)!r}, {cap!r}, {flt!r}, "
+        f"address='auto', progress=False, human={human!r}); "
+        "print(s['shards_done'], s['threshold_mode'], [m for m in ('torch', 'transformers') if m in sys.modules])"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "4 []"
-    assert outputs(out) == outputs(reference)
+    assert done.stdout.strip().splitlines()[-1] == "2 keep []"
+    cal = json.loads((out / "calibration.json").read_text())
+    here = ShardWorker(load_config("tiny", sets), cap, flt, device="cpu").calibration(human)
+    assert cal["n_human"] == here["n_human"] == 20
+    for key in ("human_itm", "mismatched_itm"):  # an actor's one thread against this process's threads
+        assert cal[key] == pytest.approx(here[key], abs=1e-5)
 
 
 @pytest.mark.slow

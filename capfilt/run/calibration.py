@@ -2,20 +2,21 @@
 
 The calibration scores are stored in the run folder (``calibration.json``), so a resumed run reuses
 them instead of scoring again, and ``capfilt select`` can re-derive a threshold without any model.
-torch is imported only to score: a round's driver with a fixed or stored threshold stays without it
-(importing torch and transformers takes 5-7 s of one core).
+The scoring itself is a worker's (``ShardWorker.calibration``: a Ray actor, or the local runner's), on
+the round's own device and dtype with the filter it loaded anyway, so a round's driver never imports
+torch or transformers (5-7 s of one core) nor loads a model.
 """
 
 from __future__ import annotations
 
-import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from capfilt.config import Config, ConfigError
 from capfilt.data.specs import expand_shards
 from capfilt.errors import UserError
 from capfilt.run import ledger
-from capfilt.stages.calibrate import CALIBRATION, calibrate, threshold_of
+from capfilt.stages.calibrate import CALIBRATION, threshold_of
 
 if TYPE_CHECKING:
     import torch
@@ -34,9 +35,14 @@ def human_pairs(human: list[str], cfg: Config) -> tuple[torch.Tensor, list[str]]
 
 
 def resolve_threshold(
-    cfg: Config, out: str, filter_: str, filter_hash: str, human: list[str] | None
+    cfg: Config,
+    out: str,
+    filter_hash: str,
+    human: list[str] | None,
+    score: Callable[[list[str]], dict[str, Any]],
 ) -> tuple[float, str]:
-    """(threshold, mode) for a round writing into ``out``: the config's, or calibrated and stored there."""
+    """(threshold, mode) for a round writing into ``out``: the config's, or calibrated and stored there.
+    ``score(human)`` gives the calibration scores (``ShardWorker.calibration``) when none are stored."""
     mode = cfg.filter.calibration
     if mode == "none":
         return cfg.filter.threshold, "fixed"
@@ -51,14 +57,7 @@ def resolve_threshold(
         "dtype": cfg.run.dtype,
     }
     if cal is None or {k: cal.get(k) for k in want} != want:
-        from capfilt.run.worker import default_device
-        from capfilt.stages.filter import Filter
-
-        pixels, captions = human_pairs(human, cfg)
-        # The round's own device and dtype: its scores are what the threshold is compared with. ITM only:
-        # calibration reads no ITC, so it skips that text pass.
-        filt = Filter(filter_, dataclasses.replace(cfg.filter, itc=False), default_device(), cfg.run.dtype)
-        cal = want | calibrate(filt, pixels, captions, cfg.run.seed)
+        cal = want | score(expand_shards(human))  # a spec that matches nothing fails here, before any actor
         ledger.write_json(url, cal)
     return threshold_of(cal, mode, cfg.filter.keep_share), mode
 

@@ -14,26 +14,42 @@ from capfilt.data.sample import ShardStats
 from capfilt.run.worker import ShardWorker
 
 
-def run_local(
-    cfg: Config,
-    jobs: list[tuple[str, str]],
-    out: str,
-    captioner: str,
-    filter_: str,
-    provenance: dict[str, Any],
-    on_done: Callable[[str, ShardStats], None],
-    on_failed: Callable[[str, str], None],
-) -> None:
-    worker = ShardWorker(cfg, captioner, filter_, provenance)
-    for url, name in jobs:
-        error = ""
-        for _ in range(cfg.run.max_shard_retries + 1):
-            try:
-                stats = worker.run(url, name, out)
-            except Exception:
-                error = traceback.format_exc()
-                continue
-            on_done(url, stats)
-            break
-        else:
-            on_failed(url, error)
+class LocalPool:
+    """One ShardWorker in this process, loaded on first need (calibration or the first shard)."""
+
+    def __init__(self, cfg: Config, captioner: str, filter_: str):
+        self.cfg, self.captioner, self.filter = cfg, captioner, filter_
+        self.worker: ShardWorker | None = None
+
+    def _ensure(self) -> ShardWorker:
+        if self.worker is None:
+            self.worker = ShardWorker(self.cfg, self.captioner, self.filter)
+        return self.worker
+
+    def calibration(self, human: list[str]) -> dict[str, Any]:
+        return self._ensure().calibration(human)
+
+    def close(self) -> None:
+        self.worker = None
+
+    def run(
+        self,
+        jobs: list[tuple[str, str]],
+        out: str,
+        threshold: float,
+        provenance: dict[str, Any],
+        on_done: Callable[[str, ShardStats], None],
+        on_failed: Callable[[str, str], None],
+    ) -> None:
+        for url, name in jobs:
+            error = ""
+            for _ in range(self.cfg.run.max_shard_retries + 1):
+                try:
+                    stats = self._ensure().run(url, name, out, threshold, provenance)
+                except Exception:
+                    error = traceback.format_exc()
+                    continue
+                on_done(url, stats)
+                break
+            else:
+                on_failed(url, error)

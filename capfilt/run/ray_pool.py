@@ -3,7 +3,9 @@
 Resources are declared per actor from ``cfg.run`` (``num_cpus_per_actor``, ``num_gpus_per_actor``; a
 fractional GPU such as 0.5 puts two actors on one GPU: Ray does not enforce memory, so size batches so
 two fit). Shards are handed out as actors free up (``ray.wait``); an actor takes
-``run.shards_in_flight`` shards at once (a threaded actor: see ``capfilt.run.worker``).
+``run.shards_in_flight`` shards at once (a threaded actor: see ``capfilt.run.worker``). A round that
+calibrates its threshold builds the actors first and has the first one score the human pairs, so the
+models load while the round starts and the driver needs no torch.
 
 Pool size: ``run.actors: N`` places N actors (fewer when there are fewer shards). ``run.actors: auto``
 places as many as the cluster's total resources hold for the declared per-actor resources, and looks
@@ -38,18 +40,32 @@ from capfilt.data.sample import ShardStats
 class ShardActor:
     """A Ray actor around one ShardWorker."""
 
-    def __init__(self, cfg: Config, captioner: str, filter_: str, provenance: dict[str, Any]):
+    def __init__(self, cfg: Config, captioner: str, filter_: str):
         from capfilt.run.worker import ShardWorker  # torch and the models: the actor's, not the driver's
 
-        self.worker = ShardWorker(cfg, captioner, filter_, provenance)
+        self.worker = ShardWorker(cfg, captioner, filter_)
 
     @ray.method(max_task_retries=-1)
     def pid(self) -> int:
         """Readiness probe: retried by Ray until the (restarted) actor answers, so the pool can wait for it."""
         return os.getpid()
 
-    def run(self, url: str, name: str, out: str) -> ShardStats:
-        return self.worker.run(url, name, out)
+    def calibration(self, human: list[str]) -> dict[str, Any]:
+        return self.worker.calibration(human)
+
+    def run(self, url: str, name: str, out: str, threshold: float, provenance: dict[str, Any]) -> ShardStats:
+        return self.worker.run(url, name, out, threshold, provenance)
+
+
+def connect_ray(address: str | None) -> bool:
+    """Join ``address`` ("auto" under ``ray job submit``) or start a local Ray; True if we started it."""
+    if ray.is_initialized():
+        return False
+    if address is None:
+        ray.init(include_dashboard=False)
+    else:
+        ray.init(address=address)
+    return True
 
 
 GROW_CHECK_S = 2.0  # how often an "auto" pool looks for new cluster capacity while shards are queued
@@ -70,7 +86,7 @@ def pool_size(run: RunConfig, n_jobs: int) -> int:
     return max(1, min(n, n_jobs))
 
 
-def make_actors(cfg: Config, n: int, captioner: str, filter_: str, provenance: dict[str, Any]) -> list:
+def make_actors(cfg: Config, n: int, captioner: str, filter_: str) -> list:
     actor_cls = ray.remote(ShardActor).options(
         num_cpus=cfg.run.num_cpus_per_actor,
         num_gpus=cfg.run.num_gpus_per_actor,
@@ -78,41 +94,67 @@ def make_actors(cfg: Config, n: int, captioner: str, filter_: str, provenance: d
         max_task_retries=0,
         max_concurrency=cfg.run.shards_in_flight,  # threads; each shard (or probe) holds one
     )
-    return [actor_cls.remote(cfg, captioner, filter_, provenance) for _ in range(n)]
+    return [actor_cls.remote(cfg, captioner, filter_) for _ in range(n)]
 
 
-def run_ray(
-    cfg: Config,
-    jobs: list[tuple[str, str]],
-    out: str,
-    captioner: str,
-    filter_: str,
-    provenance: dict[str, Any],
-    on_done: Callable[[str, ShardStats], None],
-    on_failed: Callable[[str, str], None],
-) -> None:
-    """Feed ``jobs`` (url, name) to a pool of actors; report each shard through on_done or on_failed.
+class RayPool:
+    """Actors built on first need: for calibration, before the threshold is known, so that they load
+    their models while the round starts; else when the shards are known, as many as there are."""
 
-    After a failed shard its actor gets a readiness probe instead of work: a restarting actor rejects
-    new tasks at once, which would burn the shard's retries. An actor whose probe fails is gone for good
-    (it could not even be constructed) and leaves the pool; with no actor left, what is queued fails.
-    """
-    if not jobs:
-        return
-    auto = cfg.run.actors == "auto"
-    actors = make_actors(cfg, pool_size(cfg.run, len(jobs)), captioner, filter_, provenance)
-    queue = deque((url, name, 0, None) for url, name in jobs)  # (url, name, failures so far, last actor)
-    slots = cfg.run.shards_in_flight
-    free = [a for a in actors for _ in range(slots)]  # an actor once per shard it can take now
-    alive = list(actors)
-    running: dict = {}  # ObjectRef → (actor, job) for shards, (actor, None) for probes
-    next_check = time.monotonic() + GROW_CHECK_S
-    try:
+    def __init__(self, cfg: Config, captioner: str, filter_: str, n_shards: int, address: str | None = None):
+        self.cfg, self.captioner, self.filter, self.n_shards = cfg, captioner, filter_, n_shards
+        self.address, self.started_ray = address, False
+        self.actors: list = []
+
+    def _ensure(self, n_jobs: int) -> list:
+        if not self.actors:
+            self.started_ray = connect_ray(self.address)
+            self.actors = make_actors(self.cfg, pool_size(self.cfg.run, n_jobs), self.captioner, self.filter)
+        return self.actors
+
+    def calibration(self, human: list[str]) -> dict[str, Any]:
+        """The calibration scores, from the first actor (on the round's device, its filter loaded)."""
+        return ray.get(self._ensure(self.n_shards)[0].calibration.remote(human))
+
+    def close(self) -> None:
+        """Kill the actors, and stop Ray if this pool started it."""
+        for actor in self.actors:
+            ray.kill(actor)
+        if self.started_ray:
+            ray.shutdown()
+
+    def run(
+        self,
+        jobs: list[tuple[str, str]],
+        out: str,
+        threshold: float,
+        provenance: dict[str, Any],
+        on_done: Callable[[str, ShardStats], None],
+        on_failed: Callable[[str, str], None],
+    ) -> None:
+        """Feed ``jobs`` (url, name) to the actors; report each shard through on_done or on_failed.
+
+        After a failed shard its actor gets a readiness probe instead of work: a restarting actor rejects
+        new tasks at once, which would burn the shard's retries. An actor whose probe fails is gone for
+        good (it could not even be constructed) and leaves the pool; with no actor left, what is queued
+        fails.
+        """
+        if not jobs:
+            return
+        cfg = self.cfg
+        auto = cfg.run.actors == "auto"
+        actors = self._ensure(len(jobs))
+        queue = deque((url, name, 0, None) for url, name in jobs)  # (url, name, failures so far, last actor)
+        slots = cfg.run.shards_in_flight
+        free = [a for a in actors for _ in range(slots)]  # an actor once per shard it can take now
+        alive = list(actors)
+        running: dict = {}  # ObjectRef → (actor, job) for shards, (actor, None) for probes
+        next_check = time.monotonic() + GROW_CHECK_S
         while queue or any(job is not None for _, job in running.values()):
             if auto and queue and time.monotonic() >= next_check:
                 next_check = time.monotonic() + GROW_CHECK_S
                 new = make_actors(
-                    cfg, pool_size(cfg.run, len(jobs)) - len(alive), captioner, filter_, provenance
+                    cfg, pool_size(cfg.run, len(jobs)) - len(alive), self.captioner, self.filter
                 )
                 actors += new
                 free += [a for a in new for _ in range(slots)]
@@ -121,7 +163,8 @@ def run_ray(
                 url, name, failures, last = queue.popleft()
                 actor = next((a for a in free if a is not last), free[0])  # another actor when possible
                 free.remove(actor)
-                running[actor.run.remote(url, name, out)] = (actor, (url, name, failures))
+                ref = actor.run.remote(url, name, out, threshold, provenance)
+                running[ref] = (actor, (url, name, failures))
             if not running:  # work left but no actor alive
                 url, name, _, _ = queue.popleft()
                 on_failed(url, "no live actor left in the pool")
@@ -147,6 +190,3 @@ def run_ray(
             free.append(actor)
             if job is not None:
                 on_done(job[0], result)
-    finally:
-        for actor in actors:
-            ray.kill(actor)

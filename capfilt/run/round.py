@@ -41,19 +41,6 @@ def provenance_of(
     }
 
 
-def connect_ray(address: str | None) -> bool:
-    """Join ``address`` ("auto" under ``ray job submit``) or start a local Ray; True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address is None:
-        ray.init(include_dashboard=False)
-    else:
-        ray.init(address=address)
-    return True
-
-
 def run_round(
     cfg: Config,
     shards: list[str],
@@ -77,42 +64,38 @@ def run_round(
     }
     captioner, filter_ = str(refs["captioner"].path), str(refs["filter"].path)
     hashes = {role: m["hash"] for role, m in models.items()}
-    threshold, mode = resolve_threshold(cfg, out, filter_, hashes["filter"], human)
-    cfg = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, threshold=threshold))
-    ledger.open_run(out, ledger.make_manifest(expand_shards(shards), cfg, hashes), new_run=new_run)
-    manifest = ledger.read_manifest(out)
-    urls = manifest["shards"]
-    names = ledger.shard_names(urls)
-    jobs = ledger.pending_shards(out, names, urls)
-    done: dict[str, ShardStats] = {}
-    failed: dict[str, str] = {}
-    with RoundProgress(len(urls), len(urls) - len(jobs), enabled=progress) as bar:
+    if local:
+        from capfilt.run.local import LocalPool
 
-        def on_done(url: str, stats: ShardStats) -> None:
-            done[url] = stats
-            bar.shard_done(stats)
+        pool = LocalPool(cfg, captioner, filter_)
+    else:
+        from capfilt.run.ray_pool import RayPool
 
-        def on_failed(url: str, error: str) -> None:
-            failed[url] = error
-            bar.shard_failed(url, error)
-
+        pool = RayPool(cfg, captioner, filter_, len(expand_shards(shards)), address)
+    try:
+        threshold, mode = resolve_threshold(cfg, out, hashes["filter"], human, pool.calibration)
+        cfg = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, threshold=threshold))
+        ledger.open_run(out, ledger.make_manifest(expand_shards(shards), cfg, hashes), new_run=new_run)
+        manifest = ledger.read_manifest(out)
+        urls = manifest["shards"]
+        names = ledger.shard_names(urls)
+        jobs = ledger.pending_shards(out, names, urls)
+        done: dict[str, ShardStats] = {}
+        failed: dict[str, str] = {}
         provenance = provenance_of(cfg, models, mode)
-        args = (cfg, jobs, out, captioner, filter_, provenance, on_done, on_failed)
-        if local:
-            from capfilt.run.local import run_local
+        with RoundProgress(len(urls), len(urls) - len(jobs), enabled=progress) as bar:
 
-            run_local(*args)
-        else:
-            import ray
+            def on_done(url: str, stats: ShardStats) -> None:
+                done[url] = stats
+                bar.shard_done(stats)
 
-            from capfilt.run.ray_pool import run_ray
+            def on_failed(url: str, error: str) -> None:
+                failed[url] = error
+                bar.shard_failed(url, error)
 
-            started = connect_ray(address)
-            try:
-                run_ray(*args)
-            finally:
-                if started:
-                    ray.shutdown()
+            pool.run(jobs, out, threshold, provenance, on_done, on_failed)
+    finally:
+        pool.close()
     committed = [done[u] if u in done else ledger.read_stats(out, names[u]) for u in urls if u not in failed]
     summary = summarize(committed, failed, list(done.values()), time.perf_counter() - start)
     summary |= {"threshold": threshold, "threshold_mode": mode}

@@ -1,13 +1,16 @@
 """What one process needs to clean shards: captioner, filter and decoders loaded once, many shards served.
 
 The local runner holds one; each Ray actor holds one. Either way a shard goes through the same
-:func:`capfilt.run.pipeline.process_shard`. A worker can serve ``run.shards_in_flight`` shards at once
+:func:`capfilt.run.pipeline.process_shard`. The threshold and the provenance come with each shard, not
+with the worker: a calibrated threshold is scored by a worker (on the round's own device and dtype), so
+it is known only once the workers are up. A worker can serve ``run.shards_in_flight`` shards at once
 (a Ray actor calls ``run`` from that many threads): each takes a decoder of its own, and a lock lets one
 batch at a time through the models, which hold per-call state (the sampler's CUDA graphs).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 from typing import Any
@@ -17,7 +20,9 @@ import torch
 from capfilt.config import Config
 from capfilt.data.decode import make_decoder
 from capfilt.data.sample import ShardStats
+from capfilt.run.calibration import human_pairs
 from capfilt.run.pipeline import process_shard
+from capfilt.stages.calibrate import calibrate
 from capfilt.stages.captioner import Captioner
 from capfilt.stages.filter import Filter
 
@@ -28,11 +33,9 @@ def default_device() -> str:
 
 
 class ShardWorker:
-    def __init__(
-        self, cfg: Config, captioner: str, filter_: str, provenance: dict[str, Any], device: str | None = None
-    ):
+    def __init__(self, cfg: Config, captioner: str, filter_: str, device: str | None = None):
         device = device or default_device()
-        self.cfg, self.provenance, self.device = cfg, provenance, torch.device(device)
+        self.cfg, self.device = cfg, torch.device(device)
         self.captioner = Captioner(captioner, cfg.caption, device, cfg.run.seed, cfg.run.dtype)
         self.filter = Filter(filter_, cfg.filter, device, cfg.run.dtype)
         self.models = threading.Lock()
@@ -40,7 +43,15 @@ class ShardWorker:
         for _ in range(cfg.run.shards_in_flight):
             self.decoders.put(make_decoder(cfg.run))
 
-    def run(self, url: str, name: str, out_dir: str) -> ShardStats:
+    def calibration(self, human: list[str]) -> dict[str, Any]:
+        """ITM scores of the human pairs, matched and mismatched (stages.calibrate), by this worker's filter."""
+        with self.models:
+            return calibrate(self.filter.itm_only(), *human_pairs(human, self.cfg), self.cfg.run.seed)
+
+    def run(
+        self, url: str, name: str, out_dir: str, threshold: float, provenance: dict[str, Any]
+    ) -> ShardStats:
+        cfg = dataclasses.replace(self.cfg, filter=dataclasses.replace(self.cfg.filter, threshold=threshold))
         decoder = self.decoders.get()
         try:
             return process_shard(
@@ -49,8 +60,8 @@ class ShardWorker:
                 self.captioner,
                 self.filter,
                 decoder,
-                self.cfg,
-                self.provenance,
+                cfg,
+                provenance,
                 name=name,
                 device=self.device,
                 models=self.models,

@@ -12,6 +12,8 @@ Captions are normalised with BLIP's ``pre_caption`` first, as in training.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Iterator
 
 import torch
@@ -41,6 +43,12 @@ class Filter:
         self.model, self.tokenizer, self.info = load_filter(path, device, self.dtype)
         self.cfg, self.device = cfg, torch.device(device)
         self.itm_first_id = self.info["itm_first_token_id"]
+
+    def itm_only(self) -> Filter:
+        """This filter without the ITC pass, sharing its loaded model (calibration reads ITM only)."""
+        view = copy.copy(self)
+        view.cfg = dataclasses.replace(self.cfg, itc=False)
+        return view
 
     @torch.no_grad()
     def score(self, pixels: torch.Tensor, captions: list[list[str]]) -> list[list[tuple[float, float]]]:
