@@ -10,28 +10,13 @@ torch or transformers (5-7 s of one core) nor loads a model.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from capfilt.config import Config, ConfigError
 from capfilt.data.specs import expand_shards
 from capfilt.errors import UserError
 from capfilt.run import ledger
 from capfilt.stages.calibrate import CALIBRATION, threshold_of
-
-if TYPE_CHECKING:
-    import torch
-
-
-def human_pairs(human: list[str], cfg: Config) -> tuple[torch.Tensor, list[str]]:
-    """The first ``filter.calibration_samples`` decodable human images with their (first) caption,
-    decoded as a round decodes them."""
-    from capfilt.eval.heldout import load_heldout
-
-    data = load_heldout(expand_shards(human), cfg.run, limit=cfg.filter.calibration_samples)
-    rows = [i for i, refs in enumerate(data.references) if (refs[0] or "").strip()]
-    if len(rows) < 2:
-        raise UserError(f"calibrating the threshold needs at least 2 human pairs; {human} gave {len(rows)}")
-    return data.pixels[rows], [data.references[i][0] for i in rows]
 
 
 def resolve_threshold(

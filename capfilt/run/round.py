@@ -64,6 +64,7 @@ def run_round(
     }
     captioner, filter_ = str(refs["captioner"].path), str(refs["filter"].path)
     hashes = {role: m["hash"] for role, m in models.items()}
+    urls_given = expand_shards(shards)
     if local:
         from capfilt.run.local import LocalPool
 
@@ -71,11 +72,11 @@ def run_round(
     else:
         from capfilt.run.ray_pool import RayPool
 
-        pool = RayPool(cfg, captioner, filter_, len(expand_shards(shards)), address)
+        pool = RayPool(cfg, captioner, filter_, len(urls_given), address)
     try:
         threshold, mode = resolve_threshold(cfg, out, hashes["filter"], human, pool.calibration)
         cfg = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, threshold=threshold))
-        ledger.open_run(out, ledger.make_manifest(expand_shards(shards), cfg, hashes), new_run=new_run)
+        ledger.open_run(out, ledger.make_manifest(urls_given, cfg, hashes), new_run=new_run)
         manifest = ledger.read_manifest(out)
         urls = manifest["shards"]
         names = ledger.shard_names(urls)

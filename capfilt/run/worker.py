@@ -20,7 +20,8 @@ import torch
 from capfilt.config import Config
 from capfilt.data.decode import make_decoder
 from capfilt.data.sample import ShardStats
-from capfilt.run.calibration import human_pairs
+from capfilt.errors import UserError
+from capfilt.eval.heldout import load_heldout
 from capfilt.run.pipeline import process_shard
 from capfilt.stages.calibrate import calibrate
 from capfilt.stages.captioner import Captioner
@@ -30,6 +31,16 @@ from capfilt.stages.filter import Filter
 def default_device() -> str:
     """The GPU Ray (or CUDA_VISIBLE_DEVICES) gave this process, else the CPU."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def human_pairs(human: list[str], cfg: Config) -> tuple[torch.Tensor, list[str]]:
+    """The first ``filter.calibration_samples`` decodable images of the ``human`` shard URLs with their
+    (first) caption, decoded as a round decodes them."""
+    data = load_heldout(human, cfg.run, limit=cfg.filter.calibration_samples)
+    rows = [i for i, refs in enumerate(data.references) if (refs[0] or "").strip()]
+    if len(rows) < 2:
+        raise UserError(f"calibrating the threshold needs at least 2 human pairs; {human} gave {len(rows)}")
+    return data.pixels[rows], [data.references[i][0] for i in rows]
 
 
 class ShardWorker:
@@ -44,7 +55,8 @@ class ShardWorker:
             self.decoders.put(make_decoder(cfg.run))
 
     def calibration(self, human: list[str]) -> dict[str, Any]:
-        """ITM scores of the human pairs, matched and mismatched (stages.calibrate), by this worker's filter."""
+        """ITM scores of the human pairs (shard URLs), matched and mismatched (stages.calibrate), by this
+        worker's filter."""
         with self.models:
             return calibrate(self.filter.itm_only(), *human_pairs(human, self.cfg), self.cfg.run.seed)
 
