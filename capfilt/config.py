@@ -56,6 +56,12 @@ class ModelConfig:
     # another caption of the batch has in the same slot (losses.swap_one_token), so that ITM must check
     # each word (one-wrong-attribute noise). Measured on the demo: no gain in attribute recall.
     itm_swap_negatives: bool = False
+    # Pretraining's start, as the reference's (BLIP never trains its ViT or BERT from scratch): a pretrained
+    # ViT (timm layout, e.g. timm/deit_base_patch16_224.fb_in1k, or an HF ViT) and an HF BERT (e.g.
+    # google-bert/bert-base-uncased, whose tokenizer then replaces a trained one), each a folder or a
+    # cached hub id. "": a seeded random start (the demo: no pretrained model of its size exists).
+    vision_init: str = ""
+    text_init: str = ""
 
 
 @dataclass

@@ -26,6 +26,7 @@ from transformers.utils import ModelOutput
 
 from capfilt.config import ModelConfig
 from capfilt.model import losses as L
+from capfilt.model.init import interpolate_positions
 
 LOSSES = ("itc", "itm", "lm")
 TEXT_MAX_POSITIONS = 512  # BERT's; must be >= max_text_len
@@ -398,14 +399,9 @@ class MED(nn.Module):
         for vit in (self.vision, self.vision_m):
             emb = vit.embeddings
             pos = emb.position_embedding
-            dim = pos.size(-1)
-            old = int(round((pos.size(1) - 1) ** 0.5))
             new = new_size // self.cfg.patch_size
-            grid = pos[:, 1:].reshape(1, old, old, dim).permute(0, 3, 1, 2)
-            grid = F.interpolate(grid.float(), size=(new, new), mode="bicubic", align_corners=False)
-            grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, dim).to(pos.dtype)
             emb.position_embedding = nn.Parameter(
-                torch.cat([pos[:, :1], grid], dim=1), requires_grad=pos.requires_grad
+                interpolate_positions(pos, new), requires_grad=pos.requires_grad
             )
             emb.image_size = new_size
             emb.num_patches = new * new

@@ -1,8 +1,9 @@
 """``capfilt pretrain``: a MED on cleaned + human pairs with ITC + ITM + LM.
 
-From scratch, the tokenizer is trained on the training captions and a seeded MED is written to
-``OUT/init`` first, so that every Ray worker (and every resume) starts from the same folder; with
-``init`` the given checkpoint is the start, with its own tokenizer. The finished model is ``OUT/med``.
+Without ``init``, a seeded MED (with the configured pretrained ViT and BERT, as the reference starts) is
+written to ``OUT/init`` first, so that every Ray worker (and every resume) starts from the same folder;
+its tokenizer is BERT's or one trained on the training captions. With ``init`` the given checkpoint is
+the start, with its own tokenizer. The finished model is ``OUT/med``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import torch
 from capfilt.config import Config
 from capfilt.data.specs import expand_shards
 from capfilt.model.hf import save_med
+from capfilt.model.hub import resolve_model
+from capfilt.model.init import bert_tokenizer, load_text, load_vision
 from capfilt.model.med import MED
 from capfilt.model.tokenizer import train_tokenizer
 from capfilt.train.data import count_pairs
@@ -23,11 +26,22 @@ from capfilt.train.loop import Job, final_checkpoint
 
 
 def fresh_med(cfg: Config, captions: list[str], path: Path) -> Path:
-    """Train a tokenizer on ``captions``, build a MED seeded from the pretrain seed, save it at ``path``."""
-    # The prompts go in too: a tokenizer that cannot spell "a picture of" turns it into [UNK].
-    tok = train_tokenizer([*captions, cfg.finetune.prompt, cfg.caption.prompt], cfg.model.vocab_size)
+    """The MED pretraining starts from, saved at ``path``: seeded from the pretrain seed, with the
+    configured pretrained ViT and BERT loaded (``model/init.py``). Its tokenizer is BERT's with
+    ``model.text_init``, else one trained on ``captions``."""
+    if cfg.model.text_init:
+        tok = bert_tokenizer(cfg.model.text_init)
+    else:  # the prompts go in too: a tokenizer that cannot spell "a picture of" turns it into [UNK]
+        tok = train_tokenizer([*captions, cfg.finetune.prompt, cfg.caption.prompt], cfg.model.vocab_size)
     torch.manual_seed(cfg.pretrain.seed)
-    return save_med(MED.from_config(cfg.model, tok), tok, path, {"config": cfg.to_dict()})
+    med = MED.from_config(cfg.model, tok)
+    with torch.no_grad():
+        if cfg.model.vision_init:
+            load_vision(med.vision, cfg.model.vision_init)
+        if cfg.model.text_init:
+            load_text(med, cfg.model.text_init)
+    med.copy_to_momentum()
+    return save_med(med, tok, path, {"config": cfg.to_dict()})
 
 
 def pretrain(
@@ -36,6 +50,10 @@ def pretrain(
     """Pretrain into ``out`` (checkpoints ``out/step-N``, final model ``out/med``); resumes if interrupted.
     With ``remote`` (the URL ``out`` mirrors) every checkpoint is uploaded there as it is written."""
     out, shards = Path(out), expand_shards(shards)
+    if init is None:  # an uncached pretrained model fails now, not after a scan of the whole corpus
+        for ref in (cfg.model.vision_init, cfg.model.text_init):
+            if ref:
+                resolve_model(ref)
     counted = count_pairs(shards)
     print(f"[pretrain] {counted}", flush=True)
     if init is None:
@@ -43,7 +61,7 @@ def pretrain(
         if not (init / "config.json").is_file():
             fresh_med(
                 cfg, counted.captions, init
-            )  # a pure function of the captions and the seed: a rerun rebuilds it
+            )  # a pure function of the captions, the seed and the inits: a rerun rebuilds it
     job = Job(
         name="pretrain",
         config=cfg.to_dict(),
