@@ -32,29 +32,34 @@ import pyarrow.parquet as pq
 from capfilt.bootstrap import bootstrap, clean, train_and_evaluate
 from capfilt.config import Config
 from capfilt.data.reader import iter_shard
-from capfilt.data.sample import Sample
+from capfilt.data.sample import Candidate, Sample
 from capfilt.data.specs import expand_shards
 from capfilt.data.writer import output_name, write_samples_shard
 from capfilt.demo import world_plan
 from capfilt.errors import UserError
 from capfilt.run.calibration import threshold_used
+from capfilt.stages.select import passes
 
 Policy = Callable[[list[dict], float], list[str]]
 
 
+def _passes(candidate: dict, threshold: float) -> bool:
+    return passes(Candidate(candidate["text"], candidate["source"], candidate["itm"]), threshold)
+
+
 def keep_all(candidates: list[dict], threshold: float) -> list[str]:
-    """+captioner: the web caption and every synthetic caption, unfiltered."""
-    return [c["text"] for c in candidates]
+    """+captioner: the web caption and every synthetic caption, unfiltered (but never an empty one)."""
+    return [c["text"] for c in candidates if c["text"].strip()]
 
 
 def keep_web_matched(candidates: list[dict], threshold: float) -> list[str]:
     """+filter: the web caption when the filter keeps it; synthetic captions are not used."""
-    return [c["text"] for c in candidates if c["source"] == "web" and c["itm"] >= threshold]
+    return [c["text"] for c in candidates if c["source"] == "web" and _passes(c, threshold)]
 
 
 def keep_matched(candidates: list[dict], threshold: float) -> list[str]:
-    """CapFilt: every caption, web or synthetic, the filter keeps."""
-    return [c["text"] for c in candidates if c["itm"] >= threshold]
+    """CapFilt: every caption, web or synthetic, the filter keeps (stages/select.py's rule)."""
+    return [c["text"] for c in candidates if _passes(c, threshold)]
 
 
 def write_caption_shards(shards: list[str], captions: dict[str, list[str]], out: Path) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pyarrow.parquet as pq
 import pytest
 
 from capfilt.ablation import (
@@ -25,6 +26,8 @@ CANDS = [
 
 def test_policies_keep_what_each_variant_says():
     assert keep_all(CANDS, 0.5) == ["web ok", "syn ok", "syn bad"]
+    assert keep_all([*CANDS, {"text": "", "source": "synthetic", "itm": 0.9}], 0.5) == keep_all(CANDS, 0.5)
+    assert keep_matched([{"text": " ", "source": "synthetic", "itm": 0.9}], 0.5) == []
     assert keep_web_matched(CANDS, 0.5) == ["web ok"]
     assert keep_web_matched(CANDS, 0.8) == []
     assert keep_matched(CANDS, 0.5) == ["web ok", "syn ok"]  # the threshold is inclusive, as BLIP's
@@ -107,8 +110,18 @@ def test_ablation_end_to_end_at_the_tiny_size_two_seeds_side_by_side(tmp_path):
         for d in (out / "seed-0").iterdir()
         if (d / "data.done").exists()
     }
-    # +captioner keeps every web caption and every synthetic one: one of each per web image.
-    assert variant_pairs["+captioner"] == 2 * 64 and variant_pairs["oracle"] == 64
+    # +captioner keeps every web caption and every synthetic one that says something (one of each per web
+    # image; a tiny captioner sometimes stops right after the prompt).
+    written = [
+        c["text"]
+        for path in (out / "seed-0" / "boot" / "round-1" / "run").glob("*.scores.parquet")
+        for row in pq.read_table(path, columns=["candidates"]).to_pylist()
+        for c in row["candidates"]
+        if c["source"] == "synthetic"
+    ]
+    assert len(written) == 64
+    assert variant_pairs["+captioner"] == 64 + sum(bool(t.strip()) for t in written)
+    assert variant_pairs["oracle"] == 64
     assert variant_pairs["+filter"] <= 64
 
 

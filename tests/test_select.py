@@ -20,6 +20,16 @@ def test_nothing_kept_gives_empty_caption_and_nan_never_passes():
     assert kept == [] and best == ""
 
 
+def test_an_empty_caption_is_never_kept():
+    """A captioner that stops right after the prompt writes "": at a low calibrated threshold it must not
+    become the sample's caption (the check fails if select keeps by score alone)."""
+    kept, best = select([c("web", "web", 0.1), c("", "synthetic", 0.9), c(" ", "synthetic", 0.8)], 0.05)
+    assert [k.text for k in kept] == ["web"] and best == "web"
+    sample = Sample(key="k", shard="x", image=b"", image_ext="jpg", caption="")
+    scored = decide(sample, [c("", "synthetic", 0.9)], 0.5)
+    assert not scored.kept and [m.kept for m in scored.candidates] == [False]
+
+
 def test_ties_prefer_web_then_order():
     assert select([c("s1", "synthetic", 0.8), c("web", "web", 0.8)], 0.5)[1] == "web"
     assert select([c("s1", "synthetic", 0.8), c("s2", "synthetic", 0.8)], 0.5)[1] == "s1"
