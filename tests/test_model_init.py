@@ -101,11 +101,24 @@ def test_a_vit_of_another_grid_is_interpolated_like_hf(tmp_path):
         torch.testing.assert_close(blip_vit_output(med, pixels), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_a_vit_of_another_width_is_a_clear_error(tmp_path):
-    _, folder = hf_vit(tmp_path, width=48)
+def test_a_vit_of_another_width_or_variant_is_a_clear_error(tmp_path):
+    vit, folder = hf_vit(tmp_path, width=48)
     med, _ = tiny_med()
     with pytest.raises(InitMismatch, match=r"model.vision_\*.*shape"):
         load_vision(med.vision, str(folder))
+
+    def saved(name: str, state: dict) -> str:
+        (tmp_path / name).mkdir()
+        save_file(state, str(tmp_path / name / "model.safetensors"))
+        return str(tmp_path / name)
+
+    timm = timm_layout(vit)
+    distilled = saved("distilled", timm | {"dist_token": timm["cls_token"].clone()})
+    with pytest.raises(InitMismatch, match="distilled"):
+        load_vision(med.vision, distilled)
+    pooled = saved("pooled", {k: v for k, v in timm.items() if k != "norm.weight"})
+    with pytest.raises(InitMismatch, match="without 'norm.weight'"):
+        load_vision(med.vision, pooled)
 
 
 def bert(tmp_path):

@@ -96,7 +96,12 @@ def vision_state(ref: str) -> dict[str, torch.Tensor]:
     for f in weight_files(path):
         state.update(load_file(f))
     if "cls_token" in state and "patch_embed.proj.weight" in state:
-        return _from_timm(state)
+        if "dist_token" in state:
+            raise InitMismatch(f"{ref}: a distilled DeiT (two class tokens); BLIP starts from the plain one")
+        try:
+            return _from_timm(state)
+        except KeyError as err:
+            raise InitMismatch(f"{ref}: timm ViT weights without {err} (another ViT variant)") from None
     config = path / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("model_type") == "vit":
         return _from_hf_vit(ViTModel.from_pretrained(str(path), add_pooling_layer=False))
