@@ -6,7 +6,10 @@
         --test 's3://bucket/test-000.tar' --rounds 2
 
 Thin on purpose: it joins the cluster it was submitted to and calls the library, so the job does exactly
-what `capfilt bootstrap` does on a laptop.
+what `capfilt bootstrap` does on a laptop. Round 0 starts from DeiT-base and bert-base-uncased, as the
+reference does (blip-base's `model.vision_init`/`text_init`): the driver reads them from its HF cache
+(`hf download` them once there) and writes the initial MED into the output folder, which the training
+workers load.
 """
 
 from __future__ import annotations
