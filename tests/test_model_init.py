@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from transformers import BertConfig, BertForMaskedLM, BertTokenizer, ViTConfig, ViTModel
 
 from capfilt.config import load_config
-from capfilt.model.hf import load_med
+from capfilt.model.hf import export_captioner, load_med
 from capfilt.model.init import InitMismatch, load_vision
 from capfilt.model.testing import tiny_med, torch_threads
 from capfilt.model.tokenizer import special_ids
@@ -87,6 +87,17 @@ def test_the_med_vit_computes_the_pretrained_vit(tmp_path, layout):
         with torch.no_grad():
             expected = vit(pixel_values=pixels).last_hidden_state
         torch.testing.assert_close(blip_vit_output(med, pixels), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_blip_checkpoints_vit_is_taken_as_it_is(tmp_path):
+    """A BLIP captioner (HF BlipForConditionalGeneration, as Salesforce's and ours): its vision_model."""
+    with torch_threads():
+        source, tok = tiny_med(seed=3)
+        folder = export_captioner(source, tok, tmp_path / "captioner")
+        med, _ = tiny_med()
+        pixels = torch.randn(2, 3, 32, 32)
+        load_vision(med.vision, str(folder))
+        torch.testing.assert_close(blip_vit_output(med, pixels), blip_vit_output(source, pixels))
 
 
 def test_a_vit_of_another_grid_is_interpolated_like_hf(tmp_path):

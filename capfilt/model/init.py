@@ -4,9 +4,10 @@ BLIP never pretrains from scratch: ``blip_pretrain.py`` loads DeiT-base (ImageNe
 ``bert-base-uncased`` into its text encoder and its decoder (which it then ties to the encoder), with
 BERT's tokenizer plus [DEC] and [ENC]. ``model.vision_init`` and ``model.text_init`` do the same from a
 local folder or a cached hub id (``model/hub.py``: never a download). Vision weights may come in timm's
-layout (``timm/deit_base_patch16_224.fb_in1k``: the reference's DeiT) or as an HF ``ViTModel``
-(``google/vit-base-patch16-224``); text weights are an HF BERT. Shapes must match the config: a ViT of
-another width or depth is a clear error, another input grid is interpolated like ``MED.resize_image``.
+layout (``timm/deit_base_patch16_224.fb_in1k``: the reference's DeiT), as an HF ``ViTModel``
+(``google/vit-base-patch16-224``) or as a BLIP ViT (a checkpoint's ``vision_model``); text weights are
+an HF BERT. Shapes must match the config: a ViT of another width or depth is a clear error, another
+input grid is interpolated like ``MED.resize_image``.
 """
 
 from __future__ import annotations
@@ -90,11 +91,15 @@ def _from_hf_vit(vit: ViTModel) -> dict[str, torch.Tensor]:
 
 
 def vision_state(ref: str) -> dict[str, torch.Tensor]:
-    """A pretrained ViT's weights under ``BlipVisionModel``'s names (timm layout or an HF ViT)."""
+    """A pretrained ViT's weights under ``BlipVisionModel``'s names: timm's layout, an HF ViT, or BLIP's own
+    (a ``BlipVisionModel``, or the ``vision_model`` of a BLIP checkpoint such as Salesforce's)."""
     path = resolve_model(ref).path
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
         state.update(load_file(f))
+    blip = {k.removeprefix("vision_model."): v for k, v in state.items() if k.startswith("vision_model.")}
+    if "embeddings.class_embedding" in (blip or state):  # a BLIP checkpoint's ViT, or a BlipVisionModel
+        return blip or state
     if "cls_token" in state and "patch_embed.proj.weight" in state:
         if "dist_token" in state:
             raise InitMismatch(f"{ref}: a distilled DeiT (two class tokens); BLIP starts from the plain one")
@@ -105,7 +110,7 @@ def vision_state(ref: str) -> dict[str, torch.Tensor]:
     config = path / "config.json"
     if config.is_file() and json.loads(config.read_text()).get("model_type") == "vit":
         return _from_hf_vit(ViTModel.from_pretrained(str(path), add_pooling_layer=False))
-    raise NotAModel(f"{ref}: neither timm ViT weights (cls_token, blocks.N) nor an HF ViT (model_type vit)")
+    raise NotAModel(f"{ref}: not a ViT in timm's, HF's (model_type vit) or BLIP's layout")
 
 
 def load_vision(vision: torch.nn.Module, ref: str) -> None:

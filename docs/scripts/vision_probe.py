@@ -6,7 +6,10 @@ reports test-split accuracy. Labels are truth, so this bounds what any caption o
 the same steps; it is a diagnosis, never a recipe. ``patch=0`` swaps in a small CNN (4 stride-2 3x3
 convolutions) to show whether the images carry the information.
 
-    OMP_NUM_THREADS=1 python docs/scripts/vision_probe.py IMAGE_SIZE PATCH STEPS [LR]
+    OMP_NUM_THREADS=1 python docs/scripts/vision_probe.py IMAGE_SIZE PATCH STEPS [LR [OUT]]
+
+With OUT the trained ViT is saved there (``save_pretrained``), a folder ``model.vision_init`` takes: the
+oracle start of RESULTS.md, which tells how far a vision encoder that sees shapes would carry the demo.
 """
 
 import glob
@@ -31,6 +34,7 @@ from capfilt.train.data import random_resized_crop
 
 size, patch, steps = (int(a) for a in sys.argv[1:4])
 lr = float(sys.argv[4]) if len(sys.argv) > 4 else 1e-3
+out = sys.argv[5] if len(sys.argv) > 5 else None
 torch.manual_seed(0)
 rng = np.random.default_rng(0)
 scenes = {
@@ -105,6 +109,8 @@ for step in range(steps):
         print(step, {t: round(v.item(), 3) for t, v in zip(TASKS, losses)}, flush=True)
 seconds = time.time() - start
 body.eval()
+if out and patch:
+    vit.save_pretrained(out)
 with torch.no_grad():
     pixels = torch.stack(
         [normalize(np.asarray(im.resize((size, size), Image.BICUBIC))) for im in test_images]
