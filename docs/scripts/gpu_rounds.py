@@ -2,11 +2,11 @@
 end over the world's web shards with DALI and Pillow, 1 and 2 actors, and once in-process without Ray.
 
     capfilt synth /tmp/w384 --set synth.image_size=384 --set synth.n_web=4000   # then copy to 16 shards
-    python docs/scripts/gpu_rounds.py /tmp/w384 rounds.json
+    python docs/scripts/gpu_rounds.py /tmp/w384 rounds.json [ROWS]   # ROWS: e.g. 2,3 of ROUNDS, from 0
 
 One row runs the actor with Python's GIL switch interval at 0.5 ms instead of 5 ms, through a
-sitecustomize that the actors' processes load (the driver's PYTHONPATH reaches them). The last row,
-`run.shards_in_flight: 2`, was added after the 2026-11-26 run and has not been measured yet.
+sitecustomize that the actors' processes load (the driver's PYTHONPATH reaches them). Every row is printed
+as it is measured, so a run that a time limit stops keeps the rows it reached; the most wanted run first.
 """
 
 import copy
@@ -32,11 +32,12 @@ from capfilt.stages.filter import Filter
 SWITCH = 'import os, sys\nif os.environ.get("PY_SWITCH_INTERVAL"):\n    sys.setswitchinterval(float(os.environ["PY_SWITCH_INTERVAL"]))\n'
 ROUNDS = [  # (what, decoder, actors, in-process, switch interval, shards in flight)
     ("1 actor, dali", "dali", 1, False, "", 1),
-    ("2 actors, dali", "dali", 2, False, "", 1),
-    ("1 actor, dali, switch interval 0.5 ms", "dali", 1, False, "0.0005", 1),
-    ("in-process (no Ray), pillow", "pillow", 1, True, "", 1),
-    ("2 actors, pillow", "pillow", 2, False, "", 1),
     ("1 actor, dali, 2 shards in flight", "dali", 1, False, "", 2),
+    ("2 actors, dali", "dali", 2, False, "", 1),
+    ("2 actors, dali, 2 shards in flight", "dali", 2, False, "", 2),
+    ("in-process (no Ray), pillow", "pillow", 1, True, "", 1),
+    ("1 actor, dali, switch interval 0.5 ms", "dali", 1, False, "0.0005", 1),
+    ("2 actors, pillow", "pillow", 2, False, "", 1),
 ]
 
 world, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -65,7 +66,8 @@ add(
     bench.model_images_per_s({"ours": ours}, batches)["ours"],
 )
 del ours, batches
-for what, decoder, n, local, switch, in_flight in ROUNDS:
+rows_wanted = [int(i) for i in sys.argv[3].split(",")] if len(sys.argv) > 3 else range(len(ROUNDS))
+for what, decoder, n, local, switch, in_flight in [ROUNDS[i] for i in rows_wanted]:
     os.environ["PY_SWITCH_INTERVAL"] = switch
     run = copy.deepcopy(cfg)
     run.run.actors, run.run.decoder, run.run.num_gpus_per_actor = n, decoder, 1 / n
