@@ -31,6 +31,7 @@ def test_a_rerun_over_a_grown_list_processes_only_the_new_shards(grown_run):
     assert first["this_invocation"]["shards"] == 10 and first["shards_already_done"] == 0
     assert second["this_invocation"]["shards"] == 5 and second["shards_already_done"] == 10
     assert second["shards_done"] == 15 and second["n_in"] == 60 and not second["failed_shards"]
+    assert len(second["this_invocation"]["startup_seconds"]["workers"]) == 1  # one in-process worker
     info = json.loads((out / card.DATASET_INFO).read_text())
     counts = info["counts"]
     assert (counts["shards_processed_this_time"], counts["shards_already_done"]) == (5, 10)

@@ -60,6 +60,9 @@ def reference(local_ray, tiny_models, shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("reference") / "run"
     summary = run_round(tiny_cfg(), shards, str(out), *tiny_models, progress=False)
     assert summary["shards_done"] == 4 and not summary["failed_shards"]
+    this = summary["this_invocation"]  # the fixed costs, each actor's build (imports, models) apart
+    assert len(this["startup_seconds"]["workers"]) == 2 and min(this["startup_seconds"]["workers"]) > 0
+    assert 0 <= this["startup_seconds"]["ray"] < this["seconds"] and this["close_seconds"] >= 0
     return out
 
 

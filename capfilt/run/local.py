@@ -5,6 +5,7 @@ Same worker, same shard function, same retry bound as the Ray pool; only where t
 
 from __future__ import annotations
 
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -20,11 +21,18 @@ class LocalPool:
     def __init__(self, cfg: Config, captioner: str, filter_: str):
         self.cfg, self.captioner, self.filter = cfg, captioner, filter_
         self.worker: ShardWorker | None = None
+        self.build_seconds: list[float] = []
 
     def _ensure(self) -> ShardWorker:
         if self.worker is None:
+            start = time.perf_counter()
             self.worker = ShardWorker(self.cfg, self.captioner, self.filter)
+            self.build_seconds = [round(time.perf_counter() - start, 3)]
         return self.worker
+
+    def startup(self) -> dict[str, Any]:
+        """Loading the worker's models (this process has imported them already)."""
+        return {"workers": self.build_seconds}
 
     def calibration(self, human: list[str]) -> dict[str, Any]:
         return self._ensure().calibration(human)

@@ -41,9 +41,14 @@ class ShardActor:
     """A Ray actor around one ShardWorker."""
 
     def __init__(self, cfg: Config, captioner: str, filter_: str):
+        start = time.perf_counter()
         from capfilt.run.worker import ShardWorker  # torch and the models: the actor's, not the driver's
 
         self.worker = ShardWorker(cfg, captioner, filter_)
+        self.seconds_to_build = time.perf_counter() - start  # imports and model loading: a fixed cost
+
+    def build_seconds(self) -> float:
+        return self.seconds_to_build
 
     @ray.method(max_task_retries=-1)
     def pid(self) -> int:
@@ -105,12 +110,29 @@ class RayPool:
         self.cfg, self.captioner, self.filter, self.n_shards = cfg, captioner, filter_, n_shards
         self.address, self.started_ray = address, False
         self.actors: list = []
+        self.ray_seconds = 0.0
 
     def _ensure(self, n_jobs: int) -> list:
         if not self.actors:
+            start = time.perf_counter()
             self.started_ray = connect_ray(self.address)
+            self.ray_seconds = time.perf_counter() - start
             self.actors = make_actors(self.cfg, pool_size(self.cfg.run, n_jobs), self.captioner, self.filter)
         return self.actors
+
+    def startup(self) -> dict[str, Any]:
+        """Where the pool's start went: starting (or joining) Ray, and each live actor's build (imports and
+        model loading, its latest if it was restarted). An actor that does not answer in a few seconds is
+        left out rather than waited for."""
+        refs = [actor.build_seconds.remote() for actor in self.actors]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0) if refs else ([], [])
+        workers = []
+        for ref in ready:
+            try:
+                workers.append(round(ray.get(ref), 3))
+            except ray.exceptions.RayError:
+                continue
+        return {"ray": round(self.ray_seconds, 3), "workers": workers}
 
     def calibration(self, human: list[str]) -> dict[str, Any]:
         """The calibration scores, from the first actor (on the round's device, its filter loaded)."""

@@ -95,10 +95,14 @@ def run_round(
                 bar.shard_failed(url, error)
 
             pool.run(jobs, out, threshold, provenance, on_done, on_failed)
+        startup = pool.startup()
     finally:
+        closing = time.perf_counter()
         pool.close()
+    closed = round(time.perf_counter() - closing, 3)
     committed = [done[u] if u in done else ledger.read_stats(out, names[u]) for u in urls if u not in failed]
     summary = summarize(committed, failed, list(done.values()), time.perf_counter() - start)
+    summary["this_invocation"] |= {"startup_seconds": startup, "close_seconds": closed}
     summary |= {"threshold": threshold, "threshold_mode": mode}
     ledger.write_json(out.rstrip("/") + "/" + ledger.SUMMARY, summary)
     committed_names = [names[u] for u in urls if u not in failed]
