@@ -6,12 +6,8 @@ import pytest
 import torch
 from safetensors import safe_open
 from transformers import (
-    BertTokenizer,
-    BlipConfig,
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
-    BlipTextConfig,
-    BlipVisionConfig,
 )
 
 from capfilt.model.hf import (
@@ -20,11 +16,11 @@ from capfilt.model.hf import (
     load_captioner,
     load_filter,
     load_med,
-    model_hash,
     save_med,
     unique_state,
 )
-from capfilt.model.testing import tiny_batch, tiny_med, torch_threads
+from capfilt.model.hub import model_hash
+from capfilt.model.testing import salesforce_like, tiny_batch, tiny_med, torch_threads
 from capfilt.model.vision import image_embeds as fused_image_embeds
 
 
@@ -125,35 +121,8 @@ def test_exports_equal_the_med(trained, tmp_path):
     assert model_hash(tmp_path / "cap") == cap_info["model_hash"] != info["model_hash"]
 
 
-def _salesforce_like(tmp_path):
-    """A tiny random checkpoint laid out like Salesforce/blip-itm-base-coco: BlipConfig + BertTokenizer."""
-    words = ["a", "red", "circle", "dog", "on", "the", "grass"]
-    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
-    vocab["[DEC]"], vocab["[ENC]"] = len(vocab), len(vocab) + 1
-    tok = BertTokenizer(vocab=vocab, bos_token="[DEC]", extra_special_tokens=["[ENC]"])
-    text = BlipTextConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        bos_token_id=vocab["[DEC]"], sep_token_id=3, eos_token_id=3, pad_token_id=0,
-    )  # fmt: skip
-    vision = BlipVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-    )
-    config = BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_text_hidden_size=16)
-    torch.manual_seed(0)
-    BlipForImageTextRetrieval(config).save_pretrained(tmp_path / "itm")
-    tok.save_pretrained(tmp_path / "itm")
-    BlipForConditionalGeneration(config).save_pretrained(tmp_path / "cap")
-    tok.save_pretrained(tmp_path / "cap")
-    return tok
-
-
 def test_salesforce_format_loads_through_the_same_path(tmp_path):
-    tok = _salesforce_like(tmp_path)
+    tok = salesforce_like(tmp_path)
     filt, ftok, info = load_filter(tmp_path / "itm")
     assert info["source"] == "external" and info["itm_first_token"] == "[CLS]"
     assert info["itm_first_token_id"] == tok.cls_token_id and info["itc_temp"] is None

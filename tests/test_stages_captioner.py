@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from capfilt.config import CaptionConfig
+from capfilt.model.hf import load_captioner
 from capfilt.model.vision import image_embeds
 from capfilt.stages.captioner import Captioner, caption_tokens, row_seed
 from capfilt.stages.sampler import draw, nucleus
@@ -102,7 +103,7 @@ def test_draw_is_inverse_cdf():
 
 
 def test_lengths_count_the_prompt(captioner, pixels):
-    embeds = captioner.model.vision_model(pixel_values=pixels).last_hidden_state
+    embeds = image_embeds(captioner.model.vision_model, pixels)
     rows = captioner._sample(embeds, [captioner._generator(k, 0) for k in KEYS])
     for row in rows:
         assert row[: len(captioner.prompt_ids)] == captioner.prompt_ids
@@ -130,7 +131,7 @@ def test_prompt_is_cut_by_tokens_even_when_the_tokenizer_cannot_spell_it(tiny_mo
     """The fragment captions' cause: "zebra" is [UNK] to this tokenizer, decoding drops it, and the
     reference's character cut (len(prompt)) then removed the first letters of the caption."""
     cap = Captioner(tiny_models[0], CaptionConfig(prompt="a zebra picture of "))
-    assert cap.tokenizer.unk_token_id in cap.prompt_ids
+    assert cap.tokenizer.get_vocab()["[UNK]"] in cap.prompt_ids
     words = cap.tokenizer("red circle near the big square", add_special_tokens=False)["input_ids"]
     assert cap._text([*cap.prompt_ids, *words, cap.eos]) == "red circle near the big square"
 
@@ -152,13 +153,15 @@ def test_bfloat16_captioner_writes_whole_captions(tiny_models, pixels):
     assert first == half.caption(pixels, KEYS) and all(len(caps) == 2 for caps in first)
 
 
-def test_sampler_decoder_computes_what_hf_text_decoder_does(captioner, pixels):
-    """The fixed-shape decoder (prompt prefill, then one cached position per step) gives HF's logits."""
+def test_sampler_decoder_computes_what_hf_text_decoder_does(captioner, pixels, tiny_models):
+    """The fixed-shape decoder (prompt prefill, then one cached position per step) over capfilt's modules
+    gives the logits of transformers' BLIP decoder loaded from the same folder."""
     sampler, prompt = captioner.sampler, len(captioner.prompt_ids)
     embeds = image_embeds(captioner.model.vision_model, pixels)
     tokens = [10, 11, 12]
     ids = torch.tensor([captioner.prompt_ids + tokens] * len(pixels))
-    want = captioner.model.text_decoder(input_ids=ids, encoder_hidden_states=embeds).logits
+    hf_decoder = load_captioner(tiny_models[0])[0].text_decoder
+    want = hf_decoder(input_ids=ids, encoder_hidden_states=embeds).logits
     with torch.no_grad():
         rows = sampler._start(embeds, torch.rand(len(pixels), sampler.steps))  # prefills the prompt
         for j, token in enumerate(tokens):

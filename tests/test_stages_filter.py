@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from capfilt.config import FilterConfig
+from capfilt.model.hf import load_filter
 from capfilt.model.tokenizer import normalize_caption
 from capfilt.stages.filter import Filter
 
@@ -27,8 +28,7 @@ def test_scores_shape_ranges_and_chunking(tiny_models, pixels):
             assert itm == pytest.approx(itm2, abs=1e-5) and itc == pytest.approx(itc2, abs=1e-5)
     f = Filter(tiny_models[1], FilterConfig())  # chunks go shortest first; scores come back in place
     with torch.no_grad():
-        embeds = f.model.vision_model(pixel_values=pixels).last_hidden_state
-        feats = torch.nn.functional.normalize(f.model.vision_proj(embeds[:, 0]), dim=-1)
+        embeds, feats = f.encode_images(pixels)
         alone = [
             [f.score_pairs(embeds[b : b + 1], feats[b : b + 1], [t])[0] for t in ts]
             for b, ts in enumerate(CAPTIONS)
@@ -41,7 +41,7 @@ def test_itm_uses_the_checkpoints_first_token_and_itc_is_unimodal(tiny_models, p
     f = Filter(tiny_models[1], FilterConfig())
     assert f.info["itm_first_token"] == "[ENC]"
     [[(itm, itc)]] = f.score(pixels[:1], [["A red square!"]])
-    m, tok = f.model, f.tokenizer
+    m, tok, _ = load_filter(tiny_models[1])  # transformers' BlipForImageTextRetrieval, the same folder
     ids = tok([normalize_caption("A red square!")], return_tensors="pt").input_ids
     with torch.no_grad():
         itc_ref = m(input_ids=ids, pixel_values=pixels[:1], use_itm_head=False).itm_score[0, 0]

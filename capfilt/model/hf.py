@@ -7,9 +7,11 @@ All safetensors, never pickle (DESIGN.md, 'Checkpoints'):
   Holds the momentum copies and queues too, so training resumes exactly.
 - ``export_captioner`` → a ``BlipForConditionalGeneration`` folder; ``export_filter`` → a
   ``BlipForImageTextRetrieval`` folder with ``config.capfilt = {"itm_first_token", "itc_temp"}``.
-- ``load_captioner``/``load_filter``: the one loader for our exports and Salesforce's published BLIP
-  checkpoints (which lack ``config.capfilt``: their ITM scores with ``[CLS]`` first, BLIP_REFERENCE.md).
-  Both take a model reference (a folder or an HF hub id, ``hub.resolve_model``) and log one line.
+- ``load_captioner``/``load_filter``: our exports and Salesforce's published BLIP checkpoints (which lack
+  ``config.capfilt``: their ITM scores with ``[CLS]`` first, BLIP_REFERENCE.md) as transformers' classes,
+  for beam search, the batched HF baseline and tests. A round's workers load the same folders with
+  ``capfilt.model.blip``, which does not import transformers. Both take a model reference (a folder or an
+  HF hub id, ``hub.resolve_model``) and log one line.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from capfilt.config import ModelConfig, from_dict, to_dict
-from capfilt.model.hub import model_hash, resolve_model, weight_files
+from capfilt.model.blip import captioner_info, filter_info
+from capfilt.model.hub import resolve_model, weight_files
 from capfilt.model.med import MED
 
 # One log line per model load and progress only from the driver: no "Loading weights"/"Writing model
@@ -42,7 +45,6 @@ hf_logging.disable_progress_bar()
 MED_FORMAT = "capfilt-med/1"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-DEFAULT_ITM_FIRST_TOKEN = "[CLS]"  # what Salesforce's HF ITM checkpoints (and transformers) feed
 
 
 # ---- MED checkpoints ------------------------------------------------------------------------------
@@ -164,12 +166,7 @@ def export_filter(
     return path
 
 
-# ---- the one loader for ours and Salesforce's -------------------------------------------------------
-
-
-def _capfilt_meta(config: BlipConfig) -> dict[str, Any]:
-    meta = getattr(config, "capfilt", None)
-    return dict(meta) if isinstance(meta, dict) else {}
+# ---- transformers' classes for ours and Salesforce's (training checks, beam search, the HF baseline) -----
 
 
 def _load(
@@ -186,44 +183,16 @@ def _load(
 def load_captioner(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[BlipForConditionalGeneration, PreTrainedTokenizerBase, dict]:
-    """A captioner folder (ours or Salesforce's) → (model in eval mode, tokenizer, info).
-
-    info: source ("capfilt"/"external"), dec_token_id (the decoder's first token, from the config),
-    sep_token_id (eos), pad_token_id, model_hash.
-    """
+    """A captioner folder (ours or Salesforce's) as transformers' class → (model in eval mode, tokenizer,
+    ``blip.captioner_info``). The round loads the same folder with ``capfilt.model.blip``."""
     model, tokenizer, path = _load(BlipForConditionalGeneration, path, device, dtype)
-    meta = _capfilt_meta(model.config)
-    tc = model.config.text_config
-    info = {
-        "source": "capfilt" if meta else "external",
-        "dec_token_id": int(tc.bos_token_id),
-        "sep_token_id": int(tc.sep_token_id),
-        "pad_token_id": int(tc.pad_token_id),
-        "model_hash": model_hash(path),
-    }
-    return model, tokenizer, info
+    return model, tokenizer, captioner_info(model.config.to_dict(), path)
 
 
 def load_filter(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
 ) -> tuple[BlipForImageTextRetrieval, PreTrainedTokenizerBase, dict]:
-    """A filter folder (ours or Salesforce's) → (model in eval mode, tokenizer, info).
-
-    info: source, itm_first_token (ours: "[ENC]"; Salesforce's: "[CLS]"), itm_first_token_id (replace
-    ids[:, 0] with it before ``model(..., use_itm_head=True)``), itc_temp (None for Salesforce's),
-    model_hash.
-    """
+    """A filter folder (ours or Salesforce's) as transformers' class → (model in eval mode, tokenizer,
+    ``blip.filter_info``)."""
     model, tokenizer, path = _load(BlipForImageTextRetrieval, path, device, dtype)
-    meta = _capfilt_meta(model.config)
-    first = meta.get("itm_first_token", DEFAULT_ITM_FIRST_TOKEN)
-    vocab = tokenizer.get_vocab()
-    if first not in vocab:
-        raise ValueError(f"{path}: the ITM first token {first} is not in the tokenizer")
-    info = {
-        "source": "capfilt" if meta else "external",
-        "itm_first_token": first,
-        "itm_first_token_id": int(vocab[first]),
-        "itc_temp": meta.get("itc_temp"),
-        "model_hash": model_hash(path),
-    }
-    return model, tokenizer, info
+    return model, tokenizer, filter_info(model.config.to_dict(), tokenizer.get_vocab(), path)

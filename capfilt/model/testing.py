@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 
@@ -55,3 +56,40 @@ def torch_threads(n: int = 1):
         yield
     finally:
         torch.set_num_threads(old)
+
+
+def salesforce_like(folder: Path):
+    """Tiny random ``folder/itm`` and ``folder/cap`` laid out like Salesforce/blip-itm-base-coco and
+    blip-image-captioning-base: transformers' classes and config, a BertTokenizer with [DEC] as bos."""
+    from transformers import (
+        BertTokenizer,
+        BlipConfig,
+        BlipForConditionalGeneration,
+        BlipForImageTextRetrieval,
+        BlipTextConfig,
+        BlipVisionConfig,
+    )
+
+    words = ["a", "red", "circle", "dog", "on", "the", "grass"]
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    vocab["[DEC]"], vocab["[ENC]"] = len(vocab), len(vocab) + 1
+    tok = BertTokenizer(vocab=vocab, bos_token="[DEC]", extra_special_tokens=["[ENC]"])
+    text = BlipTextConfig(
+        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        bos_token_id=vocab["[DEC]"], sep_token_id=3, eos_token_id=3, pad_token_id=0,
+    )  # fmt: skip
+    vision = BlipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    config = BlipConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), image_text_hidden_size=16)
+    torch.manual_seed(0)
+    BlipForImageTextRetrieval(config).save_pretrained(folder / "itm")
+    tok.save_pretrained(folder / "itm")
+    BlipForConditionalGeneration(config).save_pretrained(folder / "cap")
+    tok.save_pretrained(folder / "cap")
+    return tok

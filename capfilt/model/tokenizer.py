@@ -4,16 +4,24 @@ BLIP_REFERENCE.md, 'MED' and 'Preprocessing'. Our tokenizer uses BERT's special-
 [UNK], [CLS], [SEP], [MASK]) plus [DEC] (bos, first token of the decoder) and [ENC] (first token of
 the image-grounded encoder, ITM). It is a ``transformers.BertTokenizer`` (the tokenizers-backed one), so
 it saves with ``save_pretrained`` and loads with ``AutoTokenizer.from_pretrained``, like Salesforce's.
+A round's workers read the saved ``tokenizer.json`` with :class:`FolderTokenizer` instead, without
+importing transformers.
 """
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
-from transformers import BertTokenizer, PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # transformers is imported where a tokenizer is trained: a round's workers never need it
+    from transformers import BertTokenizer, PreTrainedTokenizerBase
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]", "[ENC]"]
 DEC_TOKEN = "[DEC]"
@@ -60,6 +68,8 @@ def wordpiece_vocab(captions: Iterable[str], vocab_size: int) -> dict[str, int]:
 
 def train_tokenizer(captions: Iterable[str], vocab_size: int) -> BertTokenizer:
     """A BERT-style WordPiece tokenizer on :func:`wordpiece_vocab`; [PAD]=0 ... [DEC]=5 (bos), [ENC]=6."""
+    from transformers import BertTokenizer
+
     # BertTokenizer builds BERT's normalizer, pre-tokenizer and `[CLS] $A [SEP]` post-processor itself.
     return BertTokenizer(
         vocab=wordpiece_vocab(captions, vocab_size), bos_token=DEC_TOKEN, extra_special_tokens=[ENC_TOKEN]
@@ -121,3 +131,84 @@ def prompt_length(tokenizer: PreTrainedTokenizerBase, prompt: str) -> int:
     ``prompt_length = len(tokenizer(prompt).input_ids) - 1 = 4`` positions masked.
     """
     return len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+
+
+# transformers' ``clean_up_tokenization``, for folders whose tokenizer_config.json turns it on
+_CLEAN_UP = [(" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
+             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")]  # fmt: skip
+
+
+class FolderTokenizer:
+    """A model folder's ``tokenizer.json`` through the ``tokenizers`` library, answering the calls the round
+    makes of a transformers tokenizer (encode with or without padding and truncation, decode, vocabulary).
+
+    Why: importing transformers costs each worker seconds at start (``capfilt.model.blip``). The ids and the
+    text equal transformers' for the same folder (tests/test_model_blip.py).
+    """
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer
+
+        self.backend = Tokenizer.from_file(str(path / "tokenizer.json"))
+        config_file = path / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        self.clean_up = bool(config.get("clean_up_tokenization_spaces", False))
+        named = [config.get(f"{k}_token") for k in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")]
+        extra = config.get("extra_special_tokens") or config.get("additional_special_tokens") or []
+        specials = [t if isinstance(t, str) else (t or {}).get("content") for t in [*named, *extra]]
+        self.special = {self.backend.token_to_id(t) for t in specials if t} - {None}
+        self.pad_token = config.get("pad_token") or "[PAD]"
+        self.lock = threading.Lock()  # the backend's padding and truncation are settings, set per call
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def convert_ids_to_tokens(self, token_id: int) -> str:
+        return self.backend.id_to_token(token_id)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        if skip_special_tokens:
+            ids = [i for i in ids if i not in self.special]
+        text = self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        for before, after in _CLEAN_UP if self.clean_up else []:
+            text = text.replace(before, after)
+        return text
+
+    def __call__(
+        self,
+        text: str | list[str],
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool = False,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        return_token_type_ids: bool | None = None,
+    ) -> dict[str, Any]:
+        texts = [text] if isinstance(text, str) else list(text)
+        with self.lock:
+            if truncation and max_length:
+                self.backend.enable_truncation(max_length)
+            else:
+                self.backend.no_truncation()
+            if padding:
+                pad_id = self.backend.token_to_id(self.pad_token)
+                self.backend.enable_padding(pad_id=pad_id, pad_token=self.pad_token)
+            else:
+                self.backend.no_padding()
+            encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
+        out = {
+            "input_ids": [e.ids for e in encodings],
+            "attention_mask": [e.attention_mask for e in encodings],
+        }
+        if return_tensors == "pt":
+            return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
+        return {k: v[0] for k, v in out.items()} if isinstance(text, str) else out
+
+
+def load_tokenizer(path: Path) -> FolderTokenizer | PreTrainedTokenizerBase:
+    """A model folder's tokenizer: its tokenizer.json without transformers, else transformers' loader."""
+    if (path / "tokenizer.json").exists():
+        return FolderTokenizer(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))

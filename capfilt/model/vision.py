@@ -1,4 +1,5 @@
-"""BLIP's ViT forward for inference with fused attention, over an HF ``BlipVisionModel``'s own weights.
+"""BLIP's ViT forward for inference with fused attention, over the weights of a ``BlipVisionModel``
+(transformers') or of ``capfilt.model.blip.VisionModel``, which keeps HF's names.
 
 Why: HF writes BLIP's vision attention out (matmul, softmax, matmul) and so materialises every
 token-by-token attention map; at BLIP-base size (577 tokens at 384 px) on a GPU that ViT was about

@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 from capfilt.config import CaptionConfig
-from capfilt.model.hf import load_captioner
+from capfilt.model import blip
 from capfilt.model.vision import image_embeds
 from capfilt.stages.sampler import Sampler
 
@@ -72,6 +72,10 @@ class Captioner:
         self, path: str, cfg: CaptionConfig, device: str = "cpu", seed: int = 0, dtype: str = "float32"
     ):
         self.dtype = getattr(torch, dtype)
+        if cfg.method == "beam":  # transformers' generate; sampling runs on capfilt's own modules
+            from capfilt.model.hf import load_captioner
+        else:
+            load_captioner = blip.load_captioner
         self.model, self.tokenizer, self.info = load_captioner(path, device, self.dtype)
         self.cfg, self.device, self.seed = cfg, torch.device(device), seed
         self.bos, self.eos = self.info["dec_token_id"], self.info["sep_token_id"]

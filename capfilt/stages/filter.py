@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from capfilt.config import FilterConfig
-from capfilt.model.hf import load_filter
+from capfilt.model.blip import load_filter
 from capfilt.model.tokenizer import normalize_caption, tokenize
 from capfilt.model.vision import image_embeds
 

@@ -92,7 +92,8 @@ class Rows:
 
 
 class Sampler:
-    """Draws captions with an HF ``BlipTextLMHeadModel`` (the captioner's ``text_decoder``)."""
+    """Draws captions with the captioner's ``text_decoder``: ``capfilt.model.blip.TextDecoder`` in a round,
+    transformers' ``BlipTextLMHeadModel`` (same names, same weights) where a test compares the two."""
 
     def __init__(self, text_decoder: torch.nn.Module, cfg: CaptionConfig, prompt_ids: list[int], eos: int):
         conf = text_decoder.config
