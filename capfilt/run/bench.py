@@ -208,6 +208,8 @@ def bench_round(
                 "wall_over_model_time": ours_s / model_s if model_s else None,
             },
             "stage_seconds": stage,
+            "startup_seconds": run["startup_seconds"],
+            "close_seconds": run["close_seconds"],
             "kept_rate": summary["kept_rate"],
             "kept_rate_by_source": summary["kept_rate_by_source"],
         }

@@ -79,5 +79,5 @@ for what, decoder, n, local, switch, in_flight in [ROUNDS[i] for i in rows_wante
     add(
         f"end to end, {s['n_in']:,} images, {what}",
         s["images_per_s"],
-        f"{stages} wall {time.perf_counter() - start:.1f} s",
+        f"{stages} startup {s['startup_seconds']} close {s['close_seconds']} wall {time.perf_counter() - start:.1f} s",
     )
