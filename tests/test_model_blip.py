@@ -138,3 +138,17 @@ def test_a_worker_loads_its_models_without_importing_transformers(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_folder_tokenizer_cleans_up_spaces_when_the_folder_says_so(tmp_path):
+    """Older BERT tokenizer folders set clean_up_tokenization_spaces: " ." becomes "." on decode."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", ".", ",", "'", "s", "it", "n", "t"]
+    BertTokenizer(
+        vocab={w: i for i, w in enumerate(words)}, clean_up_tokenization_spaces=True
+    ).save_pretrained(tmp_path)
+    ours, theirs = FolderTokenizer(tmp_path), AutoTokenizer.from_pretrained(str(tmp_path))
+    assert ours.clean_up and theirs.clean_up_tokenization_spaces
+    ids = theirs("a dog , it ' s a dog .", add_special_tokens=False)["input_ids"]
+    assert ours.decode(ids) == theirs.decode(ids) == "a dog, it's a dog."

@@ -54,7 +54,7 @@ VISION_DEFAULTS: dict[str, Any] = {
 }
 BLIP_DEFAULTS: dict[str, Any] = {"image_text_hidden_size": 256}
 DEFAULT_ITM_FIRST_TOKEN = "[CLS]"  # what Salesforce's HF ITM checkpoints (and transformers) feed
-ACTIVATIONS = {"gelu": F.gelu, "relu": F.relu}  # what BLIP's configs use
+ACTIVATIONS = {"gelu": F.gelu}  # what BLIP's configs use (transformers' "gelu" is the exact, erf one)
 
 
 def _activation(name: str):
@@ -313,18 +313,21 @@ def filter_info(config: dict[str, Any], vocab: dict[str, int], path: Path) -> di
     }
 
 
+def _load_ref(cls: type[BlipCaptioner] | type[BlipFilter], ref: str | Path, device, dtype):
+    """Resolve ``ref`` (a folder or a cached hub id), load the model and its tokenizer, log one line."""
+    path = resolve_model(ref).path
+    model, tokenizer = load(cls, path, device, dtype), load_tokenizer(path)
+    print(f"[model] loaded {cls.__name__} from {ref} on {device}", file=sys.stderr, flush=True)
+    return model, tokenizer, path
+
+
 def load_captioner(ref: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """A captioner folder or hub id (ours or Salesforce's) → (BlipCaptioner in eval mode, tokenizer, info)."""
-    path = resolve_model(ref).path
-    model = load(BlipCaptioner, path, device, dtype)
-    print(f"[model] loaded the captioner {ref} on {device}", file=sys.stderr, flush=True)
-    return model, load_tokenizer(path), captioner_info(model.config, path)
+    model, tokenizer, path = _load_ref(BlipCaptioner, ref, device, dtype)
+    return model, tokenizer, captioner_info(model.config, path)
 
 
 def load_filter(ref: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """A filter folder or hub id (ours or Salesforce's) → (BlipFilter in eval mode, tokenizer, info)."""
-    path = resolve_model(ref).path
-    model = load(BlipFilter, path, device, dtype)
-    tokenizer = load_tokenizer(path)
-    print(f"[model] loaded the filter {ref} on {device}", file=sys.stderr, flush=True)
+    model, tokenizer, path = _load_ref(BlipFilter, ref, device, dtype)
     return model, tokenizer, filter_info(model.config, tokenizer.get_vocab(), path)

@@ -158,6 +158,7 @@ class FolderTokenizer:
         specials = [t if isinstance(t, str) else (t or {}).get("content") for t in [*named, *extra]]
         self.special = {self.backend.token_to_id(t) for t in specials if t} - {None}
         self.pad_token = config.get("pad_token") or "[PAD]"
+        self.pad_id = self.backend.token_to_id(self.pad_token)
         self.lock = threading.Lock()  # the backend's padding and truncation are settings, set per call
 
     def get_vocab(self) -> dict[str, int]:
@@ -191,8 +192,7 @@ class FolderTokenizer:
             else:
                 self.backend.no_truncation()
             if padding:
-                pad_id = self.backend.token_to_id(self.pad_token)
-                self.backend.enable_padding(pad_id=pad_id, pad_token=self.pad_token)
+                self.backend.enable_padding(pad_id=self.pad_id, pad_token=self.pad_token)
             else:
                 self.backend.no_padding()
             encodings = self.backend.encode_batch(texts, add_special_tokens=add_special_tokens)
