@@ -27,14 +27,21 @@ def test_scores_shape_ranges_and_chunking(tiny_models, pixels):
             assert 0.0 <= itm <= 1.0 and -1.0 <= itc <= 1.0
             assert itm == pytest.approx(itm2, abs=1e-5) and itc == pytest.approx(itc2, abs=1e-5)
     f = Filter(tiny_models[1], FilterConfig())  # chunks go shortest first; scores come back in place
-    with torch.no_grad():
-        embeds, feats = f.encode_images(pixels)
-        alone = [
-            [f.score_pairs(embeds[b : b + 1], feats[b : b + 1], [t])[0] for t in ts]
-            for b, ts in enumerate(CAPTIONS)
-        ]
+    alone = [[f.score(pixels[b : b + 1], [[t]])[0][0] for t in ts] for b, ts in enumerate(CAPTIONS)]
     for row, row_alone in zip(small, alone):
         assert sum(row, ()) == pytest.approx(sum(row_alone, ()), abs=1e-5)
+
+
+def test_itm_from_each_images_keys_and_values_equals_itm_from_its_embeddings(tiny_models, pixels):
+    """score projects each image once for the cross-attention and gathers it per caption; match (retrieval
+    evaluation) cross-attends to the embeddings repeated per caption: the same ITM."""
+    f = Filter(tiny_models[1], FilterConfig(batch_size=2))  # chunks mix the images
+    scores = f.score(pixels, CAPTIONS)
+    with torch.no_grad():
+        embeds, _ = f.encode_images(pixels)
+    rows = [b for b, ts in enumerate(CAPTIONS) for _ in ts]
+    match = f.match(embeds[rows], [t for ts in CAPTIONS for t in ts])
+    assert [itm for row in scores for itm, _ in row] == pytest.approx(match.tolist(), abs=1e-6)
 
 
 def test_itm_uses_the_checkpoints_first_token_and_itc_is_unimodal(tiny_models, pixels):

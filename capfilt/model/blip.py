@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -89,8 +90,16 @@ class TextAttention(nn.Module):
         self.heads = c.num_attention_heads
 
     def forward(self, x: torch.Tensor, kv: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        a = self.self
-        q, k, v = self._heads(a.query(x)), self._heads(a.key(kv)), self._heads(a.value(kv))
+        return self.attend(x, *self.keys_values(kv), mask)
+
+    def keys_values(self, kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of ``kv`` [B, N, D], split into heads: [B, heads, N, head_dim] each."""
+        return self._heads(self.self.key(kv)), self._heads(self.self.value(kv))
+
+    def attend(
+        self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        q = self._heads(self.self.query(x))
         att = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
         return self.output(att, x)
 
@@ -118,6 +127,30 @@ class TextLayer(nn.Module):
         self.output = PostNorm(c.intermediate_size, c.hidden_size, c.layer_norm_eps)
 
 
+@dataclass
+class ImageKeysValues:
+    """Every text layer's cross-attention keys and values of a batch of images, computed once per image.
+
+    Why: an image's candidate captions (its alt-text and its synthetic ones) attend to the same image, and at
+    BLIP-base size (577 image tokens against a caption's 10 to 35) projecting the image is most of an ITM
+    pass: computed per caption, it is done once per candidate (docs/BENCHMARKS.md, 'Cross-attention keys
+    and values once per image'). ``rows`` gives each text's image; the keys and values are gathered for one
+    layer at a time, so no copy of all layers for all texts is held.
+    """
+
+    layers: list[
+        tuple[torch.Tensor, torch.Tensor]
+    ]  # per layer: keys, values [images, heads, tokens, head_dim]
+    rows: torch.Tensor | None = None  # the image of each text (None: text i is image i's)
+
+    def for_rows(self, rows: torch.Tensor) -> ImageKeysValues:
+        return ImageKeysValues(self.layers, rows)
+
+    def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.layers[i]
+        return (k, v) if self.rows is None else (k[self.rows], v[self.rows])
+
+
 class TextModel(nn.Module):
     """BLIP's BERT with cross-attention (``text_encoder``, or ``text_decoder.bert``)."""
 
@@ -136,18 +169,29 @@ class TextModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None = None,
+        image_kv: ImageKeysValues | None = None,
     ) -> SimpleNamespace:
-        """Bidirectional over the text (padding masked), cross-attending to the image when it is given."""
+        """Bidirectional over the text (padding masked), cross-attending to the image when it is given:
+        its embeddings (``encoder_hidden_states``, one row per text), or their projections from
+        :meth:`image_keys_values`."""
         emb = self.embeddings
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         x = emb.LayerNorm(emb.word_embeddings(input_ids) + emb.position_embeddings(positions))
         mask = attention_mask[:, None, None, :].bool()
-        for layer in self.encoder.layer:
+        for i, layer in enumerate(self.encoder.layer):
             x = layer.attention(x, x, mask)
             if encoder_hidden_states is not None:
                 x = layer.crossattention(x, encoder_hidden_states, None)
+            elif image_kv is not None:
+                x = layer.crossattention.attend(x, *image_kv.layer(i), None)
             x = layer.output(layer.intermediate(x), x)
         return SimpleNamespace(last_hidden_state=x)
+
+    def image_keys_values(self, image_embeds: torch.Tensor) -> ImageKeysValues:
+        """Each layer's cross-attention keys and values of ``image_embeds`` [B, N, D], one row per image."""
+        return ImageKeysValues(
+            [layer.crossattention.keys_values(image_embeds) for layer in self.encoder.layer]
+        )
 
 
 class LMHead(nn.Module):

@@ -1,7 +1,7 @@
 """The filter stage: ITM match probability and ITC similarity of every candidate caption of an image.
 
-Each image is encoded once; its embeddings are repeated for each of its candidates, which are scored in
-chunks of ``filter.batch_size``, shortest captions first: a chunk is padded to its longest caption, and
+Each image is encoded once, and so are the text layers' cross-attention keys and values of it, which its
+candidates share; the candidates are scored in chunks of ``filter.batch_size``, shortest captions first: a chunk is padded to its longest caption, and
 alt-texts range from a few tokens to the 35 kept, so sorting saves text-encoder work in both passes.
 ITM feeds the caption with its first token replaced by the one the checkpoint was trained with
 (``[ENC]`` for ours, ``[CLS]`` for Salesforce's: BLIP_REFERENCE.md, traps) and takes softmax(itm_head)[:, 1]. ITC is the cosine of the normalised projected CLS features of the
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from capfilt.config import FilterConfig
-from capfilt.model.blip import load_filter
+from capfilt.model.blip import ImageKeysValues, load_filter
 from capfilt.model.tokenizer import normalize_caption, tokenize
 from capfilt.model.vision import image_embeds
 
@@ -56,12 +56,13 @@ class Filter:
         if len(captions) != pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} images but {len(captions)} caption lists")
         image_embeds, image_feat = self.encode_images(pixels)
+        image_kv = self.model.text_encoder.image_keys_values(image_embeds)  # once per image, not per caption
         pairs = [(b, text) for b, texts in enumerate(captions) for text in texts]
         scores: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
         for chunk in length_chunks([len(text) for _, text in pairs], self.cfg.batch_size):
             idx = torch.tensor([pairs[i][0] for i in chunk], device=self.device)
             texts = [pairs[i][1] for i in chunk]
-            for i, score in zip(chunk, self.score_pairs(image_embeds[idx], image_feat[idx], texts)):
+            for i, score in zip(chunk, self.score_pairs(image_kv.for_rows(idx), image_feat[idx], texts)):
                 scores[i] = score
         out, i = [], 0
         for texts in captions:
@@ -75,12 +76,12 @@ class Filter:
         return embeds, F.normalize(self.model.vision_proj(embeds[:, 0]), dim=-1)
 
     def score_pairs(
-        self, image_embeds: torch.Tensor, image_feat: torch.Tensor, texts: list[str]
+        self, image_kv: ImageKeysValues, image_feat: torch.Tensor, texts: list[str]
     ) -> list[tuple[float, float]]:
-        """(ITM match probability, ITC similarity) of each text against the image on its row; also what
-        retrieval evaluation reranks with, given image embeddings it computed once."""
+        """(ITM match probability, ITC similarity) of each text against its image: ``image_kv`` (its rows
+        one image per text) and ``image_feat`` [texts, E]."""
         ids, mask = self._tokenize(texts)
-        itm = self._itm(image_embeds, ids, mask).tolist()
+        itm = self._itm(ids, mask, image_kv=image_kv).tolist()
         if not self.cfg.itc:
             return [(score, float("nan")) for score in itm]
         text_cls = self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
@@ -89,16 +90,23 @@ class Filter:
 
     def match(self, image_embeds: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """ITM match probability (float32, on the CPU) of each text against the image embeddings on its row."""
-        return self._itm(image_embeds, *self._tokenize(texts)).cpu()
+        return self._itm(*self._tokenize(texts), image_embeds=image_embeds).cpu()
 
     def _tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = tokenize(self.tokenizer, [normalize_caption(t) for t in texts], MAX_TEXT_TOKENS)
         return ids.to(self.device), mask.to(self.device)
 
-    def _itm(self, image_embeds: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _itm(
+        self,
+        ids: torch.Tensor,
+        mask: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        image_kv: ImageKeysValues | None = None,
+    ) -> torch.Tensor:
+        """ITM match probabilities against the image of each row: its embeddings or their projections."""
         itm_ids = ids.clone()
         itm_ids[:, 0] = self.itm_first_id
         fused = self.model.text_encoder(
-            input_ids=itm_ids, attention_mask=mask, encoder_hidden_states=image_embeds
+            input_ids=itm_ids, attention_mask=mask, encoder_hidden_states=image_embeds, image_kv=image_kv
         ).last_hidden_state[:, 0]
         return self.model.itm_head(fused).float().softmax(-1)[:, 1]
