@@ -135,8 +135,10 @@ def run_bench(
     parts: list[str],
     random_models: bool = False,
     memory_sizes: tuple[int, ...] = (10_000, 100_000),
+    address: str | None = None,
 ) -> dict:
-    """The requested parts ("decode", "train", "round", "memory") on a demo world folder."""
+    """The requested parts ("decode", "train", "round", "memory") on a demo world folder; the round joins
+    the Ray cluster at ``address`` when given, else starts a local Ray as ``capfilt run`` does."""
     from capfilt.data.bench_decode import bench_decode
 
     world = Path(world)
@@ -168,7 +170,11 @@ def run_bench(
             truth = world / "truth.parquet"
             # The same fixed threshold as the HF script: calibrating first would time the human split too.
             result["round"] = bench.bench_round(
-                fixed_threshold(cfg), web, *paths, truth=str(truth) if truth.exists() else None
+                fixed_threshold(cfg),
+                web,
+                *paths,
+                truth=str(truth) if truth.exists() else None,
+                address=address,
             )
     return result
 

@@ -338,6 +338,10 @@ def bench(
     images: Annotated[int, typer.Option(help="--device: images per decode and model measurement")] = 1024,
     actors: Annotated[str, typer.Option(help="--device: actors sharing the device, per round")] = "1,2",
     table: Annotated[Path | None, typer.Option(help="--device: also write the markdown table here")] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="round: join this Ray cluster (auto: a running one) instead of starting one"),
+    ] = None,
 ):
     """Measure decode, training and round throughput (against the batched HF script and the one-image
     loop) on the demo world and print JSON; with --device, the GPU path's table."""
@@ -348,7 +352,7 @@ def bench(
     cfg = _config(config, set_)
     if device is None:
         sizes = tuple(int(x) for x in memory_sizes.split(","))
-        result = run_bench(cfg, world, models, parts.split(","), random_models, sizes)
+        result = run_bench(cfg, world, models, parts.split(","), random_models, sizes, address)
         typer.echo(json.dumps(result, indent=1))
         for name, value in result.get("round", {}).get("ratios", {}).items():
             typer.echo(f"{name}: {value:.2f}" if value is not None else f"{name}: -")

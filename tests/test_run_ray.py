@@ -189,6 +189,19 @@ def test_a_calibrating_driver_imports_no_torch_and_scores_on_an_actor(
         assert cal[key] == pytest.approx(here[key], abs=1e-5)
 
 
+def test_bench_round_joins_a_running_cluster(local_ray, tiny_world, tmp_path):
+    """`capfilt bench --parts round --address auto`: the round joins the running Ray (as a scheduled job
+    does; ``ray.init(address="auto")`` fails where none runs) instead of starting its own."""
+    args = ["bench", "-c", "tiny", "--world", tiny_world, "--parts", "round", "--random-models"]
+    argv = [sys.executable, "-m", "capfilt.cli", *args, "--address", "auto"]
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout[: done.stdout.rindex("}") + 1])["round"]
+    assert result["ray"] == "joined auto" and result["images"] == 64
+    assert len(result["startup_seconds"]["workers"]) == 1  # the tiny config's one actor, built in that Ray
+    assert all(v > 0 for v in result["ratios"].values())
+
+
 @pytest.mark.slow
 def test_ray_job_submit_runs_the_pipeline(tiny_models, shards, tmp_path):
     """A real head node; the job goes in through pipelines/submit_round.sh, the cron example."""

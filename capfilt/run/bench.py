@@ -155,10 +155,13 @@ def bench_round(
     model_images: int = 1024,
     one_image: list[str] | None = None,
     local: bool = False,
+    address: str | None = None,
 ) -> dict[str, Any]:
     """Model-only and end-to-end images/s of capfilt, the batched HF script and the one-image loop, their
     ratios, capfilt's wall time against its model time, and the filter's precision/recall given ``truth``.
-    The one-image loop, the slowest, runs on ``one_image`` (default: the first shard) for its rate."""
+    The one-image loop, the slowest, runs on ``one_image`` (default: the first shard) for its rate.
+    capfilt's round starts a local Ray, or joins the cluster at ``address`` (``auto``: a running one), where
+    a scheduled job pays neither Ray's start nor its shutdown."""
     if cfg.run.actors == "auto":
         raise ConfigError("bench_round compares per-actor model time: set a fixed run.actors")
     urls, bs = expand_shards(shards), cfg.run.batch_size
@@ -176,7 +179,7 @@ def bench_round(
     tmp = tempfile.mkdtemp(prefix="capfilt-bench-")
     try:
         summary, ours_s = timed(
-            run_round, cfg, shards, f"{tmp}/capfilt", captioner, filter_, local, progress=False
+            run_round, cfg, shards, f"{tmp}/capfilt", captioner, filter_, local, address, progress=False
         )
         run = summary["this_invocation"]
         n_script, script_s = timed(
@@ -197,6 +200,7 @@ def bench_round(
         }
         result: dict[str, Any] = {
             "images": run["n_in"],
+            "ray": "in-process" if local else f"joined {address}" if address else "started locally",
             "model_images": sum(len(k) for _, k, _ in batches),
             "model_images_per_s": model,
             "e2e_images_per_s": e2e,
