@@ -128,16 +128,22 @@ def script_round(cfg: Config, urls: list[str], out: str, script: Any, batch_size
 
 
 def model_images_per_s(pairs: dict[str, tuple[Any, Any]], batches: list) -> dict[str, float]:
-    """Images/s of each (captioner, filter) pair on the same decoded batches, after one warm-up batch."""
-    out = {}
-    for name, (cap, flt) in pairs.items():
-        for i, (pixels, keys, web) in enumerate([batches[0], *batches]):
-            if i == 1:
-                start = time.perf_counter()
+    """Images/s of each (captioner, filter) pair on the same decoded batches, after one warm-up batch each.
+
+    The pairs take turns batch by batch, so a change in the machine's speed during the measurement (this
+    project's 2-core machine drifts by 10-20 % within minutes) falls on all of them alike; timed one after
+    the other, the ratio between two pairs moved by half between runs (docs/BENCHMARKS.md).
+    """
+    seconds = dict.fromkeys(pairs, 0.0)
+    for i, (pixels, keys, web) in enumerate([batches[0], *batches]):
+        for name, (cap, flt) in pairs.items():
+            start = time.perf_counter()
             caps = cap.caption(pixels, keys)
             flt.score(pixels, [[w, *c] for w, c in zip(web, caps)])
-        out[name] = sum(len(keys) for _, keys, _ in batches) / (time.perf_counter() - start)
-    return out
+            if i > 0:
+                seconds[name] += time.perf_counter() - start
+    images = sum(len(keys) for _, keys, _ in batches)
+    return {name: images / s for name, s in seconds.items()}
 
 
 def timed(fn, *args, **kwargs) -> tuple[Any, float]:
