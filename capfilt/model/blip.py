@@ -133,14 +133,13 @@ class ImageKeysValues:
 
     Why: an image's candidate captions (its alt-text and its synthetic ones) attend to the same image, and at
     BLIP-base size (577 image tokens against a caption's 10 to 35) projecting the image is most of an ITM
-    pass: computed per caption, it is done once per candidate (docs/BENCHMARKS.md, 'Cross-attention keys
+    pass's arithmetic: computed per caption, it is done once per candidate (docs/BENCHMARKS.md, 'Cross-attention keys
     and values once per image'). ``rows`` gives each text's image; the keys and values are gathered for one
     layer at a time, so no copy of all layers for all texts is held.
     """
 
-    layers: list[
-        tuple[torch.Tensor, torch.Tensor]
-    ]  # per layer: keys, values [images, heads, tokens, head_dim]
+    # per layer: keys and values, each [images, heads, tokens, head_dim]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
     rows: torch.Tensor | None = None  # the image of each text (None: text i is image i's)
 
     def for_rows(self, rows: torch.Tensor) -> ImageKeysValues:

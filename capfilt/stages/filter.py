@@ -1,8 +1,9 @@
 """The filter stage: ITM match probability and ITC similarity of every candidate caption of an image.
 
 Each image is encoded once, and so are the text layers' cross-attention keys and values of it, which its
-candidates share; the candidates are scored in chunks of ``filter.batch_size``, shortest captions first: a chunk is padded to its longest caption, and
-alt-texts range from a few tokens to the 35 kept, so sorting saves text-encoder work in both passes.
+candidates share. The candidates are scored in chunks of ``filter.batch_size``, shortest captions first:
+a chunk is padded to its longest caption, and alt-texts range from a few tokens to the 35 kept, so
+sorting saves text-encoder work in both passes.
 ITM feeds the caption with its first token replaced by the one the checkpoint was trained with
 (``[ENC]`` for ours, ``[CLS]`` for Salesforce's: BLIP_REFERENCE.md, traps) and takes softmax(itm_head)[:, 1]. ITC is the cosine of the normalised projected CLS features of the
 image and of the unimodal text encoder (no cross-attention, ``[CLS]`` first), without temperature;
@@ -78,8 +79,8 @@ class Filter:
     def score_pairs(
         self, image_kv: ImageKeysValues, image_feat: torch.Tensor, texts: list[str]
     ) -> list[tuple[float, float]]:
-        """(ITM match probability, ITC similarity) of each text against its image: ``image_kv`` (its rows
-        one image per text) and ``image_feat`` [texts, E]."""
+        """(ITM match probability, ITC similarity) of each text against its image, given as ``image_kv``
+        with one row per text (:meth:`ImageKeysValues.for_rows`) and ``image_feat`` [texts, E]."""
         ids, mask = self._tokenize(texts)
         itm = self._itm(ids, mask, image_kv=image_kv).tolist()
         if not self.cfg.itc:
