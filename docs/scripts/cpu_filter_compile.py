@@ -8,23 +8,16 @@ import sys
 import time
 
 import torch
+from filter_batches import filter_batches  # noqa: E402  (beside this script)
 
 import capfilt.stages.filter as filter_stage
 from capfilt.config import load_config
-from capfilt.data.decode import PillowDecoder
-from capfilt.data.reader import ShardReader
 from capfilt.model.vision import image_embeds
-from capfilt.run.pipeline import decoded_batches
 
 torch.set_num_threads(1)
 models, shard = sys.argv[1], sys.argv[2]
 cfg = load_config("demo")
-synthetic = "a small red circle to the left of a large blue square"
-batches = []
-for b in decoded_batches(ShardReader(shard), PillowDecoder(64, 1, cfg.run.max_pixels), 64):
-    batches.append((b.pixels, [[s.caption or "image", synthetic] for s in b.samples]))
-    if len(batches) == 8:
-        break
+batches = filter_batches(shard, cfg.run.max_pixels)
 eager = filter_stage.Filter(f"{models}/filter", cfg.filter)
 compiled = filter_stage.Filter(f"{models}/filter", cfg.filter)
 compiled.model.text_encoder.forward = torch.compile(compiled.model.text_encoder.forward, dynamic=True)

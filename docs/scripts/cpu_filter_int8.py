@@ -14,22 +14,16 @@ from torch import nn
 from torch.ao.quantization import quantize_dynamic
 
 from capfilt.config import load_config
-from capfilt.data.decode import PillowDecoder
-from capfilt.data.reader import ShardReader
-from capfilt.run.pipeline import decoded_batches
 from capfilt.stages.filter import Filter
 
 warnings.filterwarnings("ignore")  # torch: quantized tensors are deprecated (see the note in BENCHMARKS)
+from filter_batches import filter_batches  # noqa: E402  (beside this script)
+
 torch.set_num_threads(1)
 models, shard = sys.argv[1], sys.argv[2]
 threshold = float(sys.argv[3]) if len(sys.argv) > 3 else 0.5
 cfg = load_config("demo")
-synthetic = "a small red circle to the left of a large blue square"
-batches = []
-for b in decoded_batches(ShardReader(shard), PillowDecoder(64, 1, cfg.run.max_pixels), 64):
-    batches.append((b.pixels, [[s.caption or "image", synthetic] for s in b.samples]))
-    if len(batches) == 8:
-        break
+batches = filter_batches(shard, cfg.run.max_pixels)
 float_filter, int8_filter = Filter(f"{models}/filter", cfg.filter), Filter(f"{models}/filter", cfg.filter)
 int8_filter.model = quantize_dynamic(int8_filter.model, {nn.Linear}, dtype=torch.qint8)
 
