@@ -141,10 +141,20 @@ RAY_ENV = {  # throwaway loopback clusters: no token to share; the project's `ra
 }
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port never handed out before in this process. The OS may give a port it just gave again
+    once its socket closes: a node's ports are chosen one after the other and all close before Ray binds
+    them, and a CI run once gave the head's client server and dashboard the same one."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def ray_node(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:

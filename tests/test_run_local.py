@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pyarrow.parquet as pq
 import pytest
 import torch
-from run_helpers import outputs, tiny_cfg
+from run_helpers import free_port, outputs, tiny_cfg
 
 from capfilt.data import writer
 from capfilt.data.decode import make_decoder
@@ -147,9 +146,7 @@ def s3(tiny_shards):
     """A moto S3 server with the input shards uploaded; yields the bucket URL."""
     from moto.server import ThreadedMotoServer
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     env = {
