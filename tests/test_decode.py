@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import DECODE_MAX_PIXELS, decode_cases, encode, smooth_image
 from PIL import Image
 
 from capfilt.config import RunConfig
-from capfilt.data.decode import MEAN, STD, PillowDecoder, make_decoder
+from capfilt.data.decode import MEAN, STD, PillowDecoder, make_decoder, normalize
 from capfilt.data.reader import iter_shard
 from capfilt.data.sample import Reject, Sample
 from capfilt.data.specs import expand_shards
@@ -39,6 +40,17 @@ def test_normalisation_matches_blip():
     assert t.shape == (3, 16, 16) and t.dtype == torch.float32
     want = torch.tensor([(c / 255 - m) / s for c, m, s in zip(colour, MEAN, STD)])
     torch.testing.assert_close(t[:, 5, 5], want, atol=1e-5, rtol=0)
+
+
+def test_normalize_is_bit_for_bit_the_broadcast_formula():
+    """The channel-plane normalisation gives the float32 values of (x - 255·mean) / (255·std) broadcast over
+    the last axis, as outputs written before it did, so captions and scores stay the same bytes."""
+    rgb = np.random.default_rng(0).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    mean, std = (np.array(v, dtype=np.float32) * 255 for v in (MEAN, STD))
+    want = ((rgb.astype(np.float32) - mean) / std).transpose(2, 0, 1)
+    got = normalize(rgb)
+    assert got.shape == (3, 37, 53) and got.dtype == torch.float32 and got.is_contiguous()
+    assert np.array_equal(got.numpy(), want)
 
 
 def test_pillow_handles_every_hard_case():
