@@ -96,6 +96,8 @@ def test_the_filter_scores_what_transformers_modules_score(folders):
             a = ours.text_encoder(input_ids=itm_ids, attention_mask=mask, **kwargs).last_hidden_state
             b = theirs.text_encoder(input_ids=itm_ids, attention_mask=mask, **kwargs).last_hidden_state
             assert torch.allclose(a, b, atol=1e-5)
+            first = ours.text_encoder(itm_ids, mask, first_token_only=True, **kwargs).last_hidden_state
+            assert first.shape == (3, 1, a.shape[-1]) and torch.allclose(first, a[:, :1], atol=1e-6)
             assert torch.allclose(ours.itm_head(a[:, 0]), theirs.itm_head(b[:, 0]), atol=1e-5)
             assert torch.allclose(ours.text_proj(a[:, 0]), theirs.text_proj(b[:, 0]), atol=1e-5)
 

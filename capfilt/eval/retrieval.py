@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from capfilt.config import FilterConfig
 from capfilt.eval.heldout import HeldOut
@@ -71,7 +70,7 @@ def rerank(sims: torch.Tensor, k: int, score_pairs) -> tuple[torch.Tensor, torch
 def evaluate_retrieval(filter_path: str, data: HeldOut, cfg: FilterConfig, k: int = 16) -> dict[str, float]:
     """R@k of a filter folder on held-out images, each with its references as the relevant texts."""
     filt = Filter(str(filter_path), cfg)
-    model, dev = filt.model, filt.device
+    dev = filt.device
     texts = [normalize_caption(t) for refs in data.references for t in refs]
     txt2img = np.array([i for i, refs in enumerate(data.references) for _ in refs])
 
@@ -84,8 +83,7 @@ def evaluate_retrieval(filter_path: str, data: HeldOut, cfg: FilterConfig, k: in
     text_feat = []
     for start in range(0, len(texts), cfg.batch_size):
         ids, mask = tokenize(filt.tokenizer, texts[start : start + cfg.batch_size], MAX_TEXT_TOKENS)
-        cls = model.text_encoder(input_ids=ids.to(dev), attention_mask=mask.to(dev)).last_hidden_state[:, 0]
-        text_feat.append(F.normalize(model.text_proj(cls), dim=-1))
+        text_feat.append(filt.text_features(ids.to(dev), mask.to(dev)))
     sims = (image_feat @ torch.cat(text_feat).t()).float().cpu()
 
     def itm(pairs: torch.Tensor) -> torch.Tensor:

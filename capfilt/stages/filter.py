@@ -85,9 +85,13 @@ class Filter:
         itm = self._itm(ids, mask, image_kv=image_kv).tolist()
         if not self.cfg.itc:
             return [(score, float("nan")) for score in itm]
-        text_cls = self.model.text_encoder(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0]
-        itc = (image_feat * F.normalize(self.model.text_proj(text_cls), dim=-1)).sum(-1)
+        itc = (image_feat * self.text_features(ids, mask)).sum(-1)
         return list(zip(itm, itc.float().tolist()))
+
+    def text_features(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC text features [texts, E]: the unimodal text encoder's first token, projected."""
+        cls = self.model.text_encoder(ids, mask, first_token_only=True).last_hidden_state[:, 0]
+        return F.normalize(self.model.text_proj(cls), dim=-1)
 
     def match(self, image_embeds: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """ITM match probability (float32, on the CPU) of each text against the image embeddings on its row."""
@@ -108,6 +112,6 @@ class Filter:
         itm_ids = ids.clone()
         itm_ids[:, 0] = self.itm_first_id
         fused = self.model.text_encoder(
-            input_ids=itm_ids, attention_mask=mask, encoder_hidden_states=image_embeds, image_kv=image_kv
+            itm_ids, mask, encoder_hidden_states=image_embeds, image_kv=image_kv, first_token_only=True
         ).last_hidden_state[:, 0]
         return self.model.itm_head(fused).float().softmax(-1)[:, 1]
