@@ -1,6 +1,7 @@
 """The filter's passes at BLIP-base size (defaults of transformers' BlipConfig, random weights) on the CPU:
 the ViT, the unimodal text pass (ITC), and the ITM pass with the image's cross-attention keys and values
-projected per caption (before 2026-11-26) or once per image (``ImageKeysValues``, now). IMAGES images
+projected per caption (before 2026-11-26) or once per image (``ImageKeysValues``), and both text passes with
+the last layer computing the first token alone (``first_token_only``, what the filter runs now). IMAGES images
 (default 8) at 384 px, CAPTIONS candidates each (default 2: the alt-text and one synthetic), 20 tokens.
 
     python docs/scripts/cpu_filter_base.py [IMAGES] [CAPTIONS]
@@ -51,4 +52,14 @@ print(
 print(
     "ITM pass, image projected once (ms)",
     ms(lambda: text(ids, mask, image_kv=text.image_keys_values(embeds).for_rows(rows))),
+)
+print(
+    "unimodal text pass, first token only in the last layer (ms)",
+    ms(lambda: text(ids, mask, first_token_only=True)),
+)
+print(
+    "ITM pass, image projected once, first token only in the last layer (ms)",
+    ms(
+        lambda: text(ids, mask, image_kv=text.image_keys_values(embeds).for_rows(rows), first_token_only=True)
+    ),
 )
