@@ -8,7 +8,7 @@ import sys
 import time
 
 import torch
-from filter_batches import filter_batches  # noqa: E402  (beside this script)
+from filter_batches import filter_batches  # beside this script
 
 import capfilt.stages.filter as filter_stage
 from capfilt.config import load_config
