@@ -120,3 +120,43 @@ def test_tiny_world_reads_clean(tiny_world):
             counts[type(item).__name__] += 1
         assert not reader.truncated
     assert counts == {"Sample": 64 + 16 + 16}
+
+
+def test_parse_header_reads_what_tarfile_reads():
+    """Name, size and type as tarfile's frombuf reads them, on its fast path and off it (GNU and pax
+    headers, a name prefix, a bad checksum, a corrupt size), for every header of three formats' archives."""
+    import io
+    import random
+    import tarfile
+
+    import pytest
+
+    from capfilt.data.reader import parse_header
+
+    rng = random.Random(0)
+    blocks = []
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+            for name in ("k0.jpg", "dir/0001.txt", "p" * 60 + "/" + "q" * 60 + ".json", "caf\u00e9.jpg"):
+                info = tarfile.TarInfo(name)
+                info.size = rng.randrange(0, 3000)
+                tar.addfile(info, io.BytesIO(bytes(info.size)))
+        data = buf.getvalue()
+        pos = 0
+        while pos + 512 <= len(data) and data[pos : pos + 512] != bytes(512):
+            block = data[pos : pos + 512]
+            blocks.append(block)
+            size = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape").size
+            pos += 512 + -(-size // 512) * 512
+    blocks += [b[:130] + b"9" + b[131:] for b in blocks]  # a digit that is not octal in the size
+    blocks += [b[:5] + bytes([b[5] ^ 1]) + b[6:] for b in blocks]  # a changed name: bad checksum
+    assert len(blocks) >= 60
+    for block in blocks:
+        try:
+            info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        except tarfile.HeaderError as err:
+            with pytest.raises(type(err)):
+                parse_header(block)
+        else:
+            assert parse_header(block) == (info.name, info.size, info.type)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import DECODE_MAX_PIXELS, bad_shard_members, make_sample
 
+from capfilt.data import writer
 from capfilt.data.decode import PillowDecoder
 from capfilt.data.reader import ShardReader, iter_shard
 from capfilt.data.sample import Candidate, Reject, ScoredSample, ShardStats
@@ -109,6 +111,35 @@ def test_parquet_image_bytes_and_bytes_reproducible(tmp_path):
         assert {(m.mtime, m.uid, m.gid, m.mode, m.uname) for m in tar.getmembers()} == {(0, 0, 0, 0o644, "")}
 
 
+def tarfile_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """What Python's tarfile writes for the members, as write_tar did before it wrote headers itself."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            tar.addfile(writer._tarinfo(name, len(data)), io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_write_tar_writes_what_tarfile_writes(tmp_path):
+    """Byte for byte, for names on the template (ASCII, up to 100 bytes) and off it (longer, non-ASCII:
+    a pax header first), data sizes around the 512-byte block, and archives ending anywhere in a record."""
+    names = [
+        "k0.jpg",
+        "a/b/0001.seg.json",
+        "x" * 96 + ".txt",
+        "y" * 97 + ".txt",
+        "caf\u00e9.jpg",
+        "\u732b.txt",
+    ]
+    sizes = [0, 1, 511, 512, 513, 10_239, 10_240, 70_001]
+    for count in (0, 1, 5, 17, 48):
+        members = [(names[i % len(names)], bytes([i % 251]) * sizes[i % len(sizes)]) for i in range(count)]
+        writer.write_tar(str(tmp_path / "t.tar"), members)
+        assert (tmp_path / "t.tar").read_bytes() == tarfile_bytes(members), count
+    with tarfile.open(tmp_path / "t.tar") as tar:  # and tarfile reads the names back
+        assert {m.name for m in tar.getmembers()} == set(names)
+
+
 def test_stats_must_agree_with_results(tmp_path):
     results, stats = scored()
     stats.kept += 1
@@ -164,17 +195,18 @@ def test_bad_shard_end_to_end_conservation(tmp_path):
 
 
 KILL_SCRIPT = textwrap.dedent("""
-    import sys, tarfile, time
+    import sys, time
     sys.path.insert(0, sys.argv[2])
     from conftest import make_sample
+    from capfilt.data import writer
     from capfilt.data.sample import Candidate, ScoredSample, ShardStats
     from capfilt.data.writer import write_round_shard
 
-    add = tarfile.TarFile.addfile
-    def slow_addfile(self, *a, **k):  # a slow disk: the tar takes seconds to write
+    header = writer.tar_header
+    def slow_header(*a):  # a slow disk: the tar takes seconds to write
         time.sleep(0.005)
-        return add(self, *a, **k)
-    tarfile.TarFile.addfile = slow_addfile
+        return header(*a)
+    writer.tar_header = slow_header
     results = [ScoredSample(s, [Candidate("c", "web", 0.9, 0.5, True)], True, "c")
                for s in (make_sample(f"k{i:05d}", image=bytes(2000)) for i in range(2000))]
     stats = ShardStats("in.tar", n_in=2000, kept=2000)

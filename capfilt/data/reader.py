@@ -78,6 +78,28 @@ def _pax_records(data: bytes) -> dict[str, str]:
     return out
 
 
+def parse_header(block: bytes) -> tuple[str, int, bytes]:
+    """``(name, size, type)`` of a 512-byte tar header, as ``tarfile.TarInfo.frombuf`` reads them.
+
+    Why: frombuf decodes all fifteen fields of every header, about half of reading a 1,000-sample shard
+    on the project's machine. A regular file's ustar header without a name prefix (what tarfile,
+    webdataset and GNU tar write for short names) whose unsigned checksum holds needs only three
+    of them; any other header (pax, GNU, links, base-256 sizes, a bad checksum) goes through frombuf,
+    which also raises on a corrupt one.
+    """
+    if block[156:157] == b"0" and block[345] == 0 and block[124] not in (0o200, 0o377):
+        try:
+            size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            chksum = int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        except ValueError:
+            pass
+        else:
+            if chksum == 256 + sum(block) - sum(block[148:156]):
+                return block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape"), size, b"0"
+    info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    return info.name, info.size, info.type
+
+
 def iter_members(f) -> Iterator[tuple[str, bytes]]:
     """Yield ``(name, data)`` for each regular file; raise ``_Truncated`` where the stream is cut.
 
@@ -92,24 +114,22 @@ def iter_members(f) -> Iterator[tuple[str, bytes]]:
         if header == bytes(BLOCK):
             return
         try:
-            info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            name, size, kind = parse_header(header)
         except tarfile.HeaderError as err:
             raise _Truncated(f"corrupt tar header: {err}") from err
-        name = long_name or info.name
+        name = long_name or name
         try:
-            data = _read_exact(f, info.size)  # payloads of skipped types are read and dropped too
-            _read_exact(f, -info.size % BLOCK)
+            data = _read_exact(f, size)  # payloads of skipped types are read and dropped too
+            _read_exact(f, -size % BLOCK)
         except _Truncated as err:
-            raise _Truncated(
-                f"cut inside {name}: {err}", name if info.type in _FILE_TYPES else None
-            ) from None
-        if info.type == b"L":
+            raise _Truncated(f"cut inside {name}: {err}", name if kind in _FILE_TYPES else None) from None
+        if kind == b"L":
             long_name = data.rstrip(b"\0").decode("utf-8", "surrogateescape")
-        elif info.type == b"x":
+        elif kind == b"x":
             long_name = _pax_records(data).get("path", long_name)
         else:
             long_name = None
-            if info.type in _FILE_TYPES:
+            if kind in _FILE_TYPES:
                 yield name, data
 
 

@@ -104,13 +104,44 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+_TEMPLATE = _tarinfo("", 0).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")  # one ustar block
+_NAME, _SIZE, _CHKSUM = slice(0, 100), slice(124, 136), slice(148, 156)
+
+
+def tar_header(name: str, size: int) -> bytes:
+    """The header that ``tarfile`` (PAX format) writes for ``_tarinfo(name, size)``, byte for byte.
+
+    Why: tarfile builds each header field by field (a TarInfo copy, a pax check, a dozen encodings), 0.16 s
+    of a 1,000-sample shard's 0.2-0.3 s write on the project's machine, on the cores the models use. Here
+    a plain ASCII name of at most 100 bytes (almost every WebDataset key) goes into a fixed template with
+    its size and checksum; any other name (longer, or not ASCII: a pax header first) goes through tarfile.
+    """
+    raw = name.encode("ascii", "replace")
+    if len(raw) > 100 or not name.isascii() or size >= 8**11:
+        return _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+    buf = bytearray(_TEMPLATE)
+    buf[_NAME] = raw.ljust(100, b"\0")
+    buf[_SIZE] = b"%011o\0" % size
+    buf[_CHKSUM] = b" " * 8
+    buf[148:155] = b"%06o\0" % sum(buf)
+    return bytes(buf)
+
+
 def write_tar(url: str, members: Iterable[tuple[str, bytes]]) -> int:
-    """Write ``(name, bytes)`` members, in the given order, as a reproducible tar; returns the count."""
-    n = 0
-    with atomic_open(url) as f, tarfile.open(fileobj=f, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+    """Write ``(name, bytes)`` members, in the given order, as a reproducible tar; returns the count.
+
+    The bytes are what ``tarfile.open(mode="w|", format=PAX_FORMAT)`` writes (tests/test_writer.py checks):
+    each header and its data padded to 512 bytes, two zero blocks, then zeros to a 10,240-byte record.
+    """
+    n = offset = 0
+    with atomic_open(url) as f:
         for name, data in members:
-            tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            header = tar_header(name, len(data))
+            f.write(b"".join((header, data, bytes(-len(data) % tarfile.BLOCKSIZE))))
+            offset += len(header) + len(data) + -len(data) % tarfile.BLOCKSIZE
             n += 1
+        offset += 2 * tarfile.BLOCKSIZE
+        f.write(bytes(2 * tarfile.BLOCKSIZE + -offset % tarfile.RECORDSIZE))
     return n
 
 
