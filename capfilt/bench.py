@@ -197,6 +197,7 @@ def bench_device(
     from capfilt.data.reader import ShardReader
     from capfilt.data.specs import expand_shards
     from capfilt.run import bench
+    from capfilt.run.hf_script import HFScript
     from capfilt.run.pipeline import decoded_batches
     from capfilt.run.round import run_round
     from capfilt.stages.captioner import Captioner
@@ -229,7 +230,7 @@ def bench_device(
             Captioner(cap_path, cfg.caption, device, cfg.run.seed, dtype),
             Filter(flt_path, cfg.filter, device, dtype),
         )
-        script = bench.HFScript(cfg, cap_path, flt_path, device, dtype)
+        script = HFScript(cfg, cap_path, flt_path, device, dtype)
         for bs in batch_sizes:
             batches = [
                 (pixels[i : i + bs], keys[i : i + bs], web_text[i : i + bs]) for i in range(0, len(keys), bs)

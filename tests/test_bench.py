@@ -1,6 +1,8 @@
 """`capfilt bench`: the GPU path's table on the CPU at a tiny size, and the round against the HF script."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -10,6 +12,7 @@ from capfilt.bench import web_captions
 from capfilt.cli import app
 from capfilt.config import load_config
 from capfilt.run import bench
+from capfilt.run.hf_script import HFScript, script_round
 
 
 def test_bench_device_cpu_writes_the_table(tiny_world, tmp_path):
@@ -28,11 +31,31 @@ def test_hf_script_round_writes_what_a_round_writes(tiny_world, tmp_path):
     cfg = load_config("tiny")
     cap, flt = bench.random_models(cfg.model, tmp_path / "models", web_captions(Path(tiny_world)))
     urls = sorted(str(p) for p in Path(tiny_world).glob("web-*.tar"))
-    assert bench.script_round(cfg, urls, str(tmp_path / "hf"), bench.HFScript(cfg, cap, flt), 8) == 64
+    assert script_round(cfg, urls, str(tmp_path / "hf"), HFScript(cfg, cap, flt), 8) == 64
     scores = pq.read_table(tmp_path / "hf" / "web-000000.scores.parquet").to_pylist()
     assert len(scores) == 32
     assert all([c["source"] for c in r["candidates"]] == ["web", "synthetic"] for r in scores)
     assert all(0 <= c["itm"] <= 1 and c["itc"] is None for r in scores for c in r["candidates"])
+
+
+def test_the_hf_script_runs_as_a_command_without_ray(tiny_world, tmp_path):
+    """The baseline as a user runs it: a fresh process (config file, models, output folder, shards) that
+    writes a round's outputs for every shard and never imports Ray, whose import it would be timed with."""
+    cfg = load_config("tiny")
+    cap, flt = bench.random_models(cfg.model, tmp_path / "models", web_captions(Path(tiny_world)))
+    ours, script = bench.commands(
+        cfg, [f"{tiny_world}/web-*.tar"], str(tmp_path / "cmd"), cap, flt, False, None
+    )
+    assert ours[1:4] == ["-m", "capfilt.cli", "run"] and script[1:3] == ["-m", "capfilt.run.hf_script"]
+    probe = "import runpy, sys; sys.argv = sys.argv[1:]; "
+    probe += "runpy.run_module('capfilt.run.hf_script', run_name='__main__'); print('ray' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe, *script[2:]], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["64", "images", "False"]
+    assert load_config(script[3]) == cfg  # the command reads back the very config the bench ran
+    for name in ("web-000000", "web-000001"):
+        assert len(pq.read_table(tmp_path / "cmd" / "hf" / f"{name}.scores.parquet")) == 32
+        assert (tmp_path / "cmd" / "hf" / f"{name}.done").exists()
 
 
 def test_bench_memory_reports_peak_rss_per_part_and_size(tiny_world):

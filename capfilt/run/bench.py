@@ -1,92 +1,42 @@
-"""Measure a CapFilt round against what a user would write instead, in one process, on the same shards.
+"""Measure a CapFilt round against what a user would write instead, on the same shards.
 
-The baseline is the batched script a competent user writes with transformers alone (:class:`HFScript`):
-per batch, ``BlipForConditionalGeneration.generate(do_sample=True, top_p, repetition_penalty, min_length,
-max_length)``, then ``BlipForImageTextRetrieval(use_itm_head=True)`` on the web and the synthetic
-captions. The one-image loop is the same script with batches of one. Both are compared with capfilt
-twice: model only (decoded batches in memory, ``Captioner.caption`` + ``Filter.score`` against the
-script's two calls; once more with ``filter.itc: false``, which does the script's work: capfilt also
-scores ITC by default) and end to end (read, decode, caption, score, select, write the same outputs:
-``run_round``, as ``capfilt run`` does, against the script's sequential loop, model loading included in
-both). Used for docs/BENCHMARKS.md; not a test of speed.
+The baseline is the batched script a competent user writes with transformers alone
+(:class:`capfilt.run.hf_script.HFScript`). The one-image loop is the same script with batches of one. Both
+are compared with capfilt twice: model only (decoded batches in memory, ``Captioner.caption`` +
+``Filter.score`` against the script's two calls; once more with ``filter.itc: false``, which does the
+script's work: capfilt also scores ITC by default) and end to end (read, decode, caption, score, select,
+write the same outputs). End to end is measured two ways:
+- in this process: ``run_round``, as ``capfilt run`` does, against the script's loop, with both libraries
+  already imported here (capfilt still starts Ray and its actors import torch; the script imports nothing);
+- as commands, as users run them: ``capfilt run`` against ``python -m capfilt.run.hf_script``, each a fresh
+  process timed from launch to exit, so each pays its own imports and start-up.
+Used for docs/BENCHMARKS.md; not a test of speed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from capfilt.config import Config, ConfigError, ModelConfig
-from capfilt.data import writer
 from capfilt.data.decode import PillowDecoder
 from capfilt.data.reader import ShardReader
 from capfilt.data.specs import expand_shards
-from capfilt.model.hf import export_captioner, export_filter, load_captioner, load_filter
-from capfilt.model.tokenizer import normalize_caption
-from capfilt.run.pipeline import decoded_batches, score_batch, shard_stats
+from capfilt.model.hf import export_captioner, export_filter
+from capfilt.run.hf_script import HFScript, script_round
+from capfilt.run.pipeline import decoded_batches
 from capfilt.run.round import run_round
 from capfilt.stages.captioner import Captioner
-from capfilt.stages.filter import MAX_TEXT_TOKENS, Filter
-
-
-class HFScript:
-    """The user's script with the stage interface (``caption``, ``score``), so it runs the same batches."""
-
-    def __init__(
-        self, cfg: Config, captioner: str, filter_: str, device: str = "cpu", dtype: str = "float32"
-    ):
-        self.dtype = getattr(torch, dtype)
-        self.cap, self.cap_tok, _ = load_captioner(captioner, device, self.dtype)
-        self.flt, self.flt_tok, info = load_filter(filter_, device, self.dtype)
-        self.itm_first, self.cfg, self.device = info["itm_first_token_id"], cfg.caption, torch.device(device)
-
-    @torch.no_grad()
-    def caption(self, pixels: torch.Tensor, keys: list[str]) -> list[list[str]]:
-        c = self.cfg
-        prompt = self.cap_tok([c.prompt] * len(keys), return_tensors="pt").input_ids.to(self.device)
-        ids = self.cap.generate(
-            pixel_values=pixels.to(self.device, self.dtype),
-            input_ids=prompt,
-            do_sample=True,
-            top_p=c.top_p,
-            repetition_penalty=c.repetition_penalty,
-            min_length=c.min_length,
-            max_length=c.max_length,
-        )
-        return [
-            [t[len(c.prompt) :].strip()] for t in self.cap_tok.batch_decode(ids, skip_special_tokens=True)
-        ]
-
-    @torch.no_grad()
-    def score(self, pixels: torch.Tensor, captions: list[list[str]]) -> list[list[tuple[float, float]]]:
-        """ITM of every caption in one call, the image repeated per caption; the script has no ITC (NaN)."""
-        rows = [b for b, texts in enumerate(captions) for _ in texts]
-        tok = self.flt_tok(
-            [normalize_caption(t) for texts in captions for t in texts],
-            padding="longest",
-            truncation=True,
-            max_length=MAX_TEXT_TOKENS,
-            return_tensors="pt",
-        )
-        tok.input_ids[:, 0] = self.itm_first
-        itm = (
-            self.flt(
-                input_ids=tok.input_ids.to(self.device),
-                attention_mask=tok.attention_mask.to(self.device),
-                pixel_values=pixels[rows].to(self.device, self.dtype),
-                use_itm_head=True,
-            )
-            .itm_score.float()
-            .softmax(-1)[:, 1]
-        )
-        it = iter(itm.tolist())
-        return [[(next(it), float("nan")) for _ in texts] for texts in captions]
+from capfilt.stages.filter import Filter
 
 
 def random_models(model: ModelConfig, out: str | Path, captions: list[str]) -> tuple[str, str]:
@@ -106,25 +56,6 @@ def random_models(model: ModelConfig, out: str | Path, captions: list[str]) -> t
     med = MED.from_config(model, tok)
     out = Path(out)
     return str(export_captioner(med, tok, out / "captioner")), str(export_filter(med, tok, out / "filter"))
-
-
-def script_round(cfg: Config, urls: list[str], out: str, script: Any, batch_size: int) -> int:
-    """The script's end to end, one step after the other: per shard, read and decode a batch, caption,
-    score, select; then write the shard's outputs as a round does. Returns the images read."""
-    decoder, n = PillowDecoder(cfg.run.image_size, 1, cfg.run.max_pixels), 0
-    for url in urls:
-        shard, results, rejects, n_in = ShardReader(url), [], [], 0
-        for batch in decoded_batches(shard, decoder, batch_size):
-            n_in += batch.n_in
-            rejects += batch.rejects
-            if batch.samples:
-                done, failed = score_batch(batch, script, script, cfg.filter.threshold, {})
-                results += done
-                rejects += failed
-        stats = shard_stats(url, results, rejects, n_in, shard.truncated)
-        writer.write_round_shard(out, writer.output_name(url), results, stats, {"script": "hf"})
-        n += n_in
-    return n
 
 
 def model_images_per_s(pairs: dict[str, tuple[Any, Any]], batches: list) -> dict[str, float]:
@@ -150,6 +81,29 @@ def timed(fn, *args, **kwargs) -> tuple[Any, float]:
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, time.perf_counter() - start
+
+
+def command_seconds(argv: list[str]) -> float:
+    """Wall seconds of a command from launch to exit, as a user's shell sees it; raises if it fails."""
+    start = time.perf_counter()
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])}... exited {done.returncode}: {done.stderr[-3000:]}")
+    return time.perf_counter() - start
+
+
+def commands(
+    cfg: Config, shards: list[str], out: str, captioner: str, filter_: str, local: bool, address: str | None
+) -> tuple[list[str], list[str]]:
+    """``capfilt run`` and the HF script's command on the same shards and config (written to ``out``)."""
+    config = Path(out) / "config.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    ours = [sys.executable, "-m", "capfilt.cli", "run", *shards, "--out", f"{out}/capfilt", "-c", str(config)]
+    ours += ["--captioner", captioner, "--filter", filter_]
+    ours += ["--local"] if local else ["--address", address] if address else []
+    script = [sys.executable, "-m", "capfilt.run.hf_script", str(config), captioner, filter_, f"{out}/hf"]
+    return ours, [*script, *shards]
 
 
 def bench_round(
@@ -191,6 +145,8 @@ def bench_round(
         n_script, script_s = timed(
             lambda: script_round(cfg, urls, f"{tmp}/hf", HFScript(cfg, captioner, filter_), bs)
         )
+        ours_cmd, script_cmd = commands(cfg, shards, f"{tmp}/commands", captioner, filter_, local, address)
+        ours_cmd_s, script_cmd_s = command_seconds(ours_cmd), command_seconds(script_cmd)
         n_one, one_s = timed(
             lambda: script_round(
                 cfg, one_image or urls[:1], f"{tmp}/one", HFScript(cfg, captioner, filter_), 1
@@ -203,6 +159,8 @@ def bench_round(
             "capfilt_run": run["n_in"] / ours_s,
             "hf_script": n_script / script_s,
             "one_image": n_one / one_s,
+            "capfilt_run_command": run["n_in"] / ours_cmd_s,
+            "hf_script_command": n_script / script_cmd_s,
         }
         result: dict[str, Any] = {
             "images": run["n_in"],
@@ -215,7 +173,9 @@ def bench_round(
                 "model_itm_only_vs_hf_script": model["capfilt_itm_only"] / model["hf_script"],
                 "e2e_vs_hf_script": e2e["capfilt_run"] / e2e["hf_script"],
                 "e2e_vs_one_image": e2e["capfilt_run"] / e2e["one_image"],
+                "e2e_commands_vs_hf_script": e2e["capfilt_run_command"] / e2e["hf_script_command"],
                 "wall_over_model_time": ours_s / model_s if model_s else None,
+                "command_wall_over_model_time": ours_cmd_s / model_s if model_s else None,
             },
             "stage_seconds": stage,
             "startup_seconds": run["startup_seconds"],

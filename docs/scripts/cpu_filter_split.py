@@ -12,7 +12,7 @@ import torch
 from capfilt.config import load_config
 from capfilt.data import reader
 from capfilt.data.decode import PillowDecoder
-from capfilt.run.bench import HFScript
+from capfilt.run.hf_script import HFScript
 from capfilt.stages.filter import Filter
 
 torch.set_num_threads(1)

@@ -19,6 +19,7 @@ from old_captioner import Captioner as OldCaptioner
 
 from capfilt.config import load_config
 from capfilt.run import bench
+from capfilt.run.hf_script import HFScript
 from capfilt.stages.captioner import Captioner
 from capfilt.stages.filter import Filter
 
@@ -85,7 +86,7 @@ eager = Captioner(cap_path, cfg.caption, device, 0, dtype)
 eager.sampler.graphed = False
 old = OldCaptioner(cap_path, cfg.caption, device, 0, dtype)
 flt = Filter(flt_path, cfg.filter, device, dtype)
-script = bench.HFScript(cfg, cap_path, flt_path, device, dtype)
+script = HFScript(cfg, cap_path, flt_path, device, dtype)
 for bs in sizes:
     row = {"batch": bs}
     for name, c in (
