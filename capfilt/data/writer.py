@@ -116,14 +116,13 @@ def tar_header(name: str, size: int) -> bytes:
     a plain ASCII name of at most 100 bytes (almost every WebDataset key) goes into a fixed template with
     its size and checksum; any other name (longer, or not ASCII: a pax header first) goes through tarfile.
     """
-    raw = name.encode("ascii", "replace")
-    if len(raw) > 100 or not name.isascii() or size >= 8**11:
+    if not name.isascii() or len(name) > 100 or size >= 8**11:
         return _tarinfo(name, size).tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
     buf = bytearray(_TEMPLATE)
-    buf[_NAME] = raw.ljust(100, b"\0")
+    buf[_NAME] = name.encode("ascii").ljust(100, b"\0")
     buf[_SIZE] = b"%011o\0" % size
-    buf[_CHKSUM] = b" " * 8
-    buf[148:155] = b"%06o\0" % sum(buf)
+    buf[_CHKSUM] = b" " * 8  # summed as spaces, then six octal digits and a NUL; the last space stays
+    buf[_CHKSUM.start : _CHKSUM.stop - 1] = b"%06o\0" % sum(buf)
     return bytes(buf)
 
 
