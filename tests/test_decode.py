@@ -146,3 +146,18 @@ def test_dali_mixed_without_cuda_is_a_clear_error():
         pytest.skip("CUDA is available")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         _dali(image_size=32, device="mixed")
+
+
+def test_pillow_decode_batch_equals_decoding_one_at_a_time(tmp_path):
+    """Rows written in place, with and without rejects among them, equal the per-sample tensors stacked,
+    bit for bit (so a round's captions and scores are the same bytes), for a thread pool too."""
+    samples = _samples()
+    for threads in (1, 2):
+        with PillowDecoder(32, threads=threads, max_pixels=DECODE_MAX_PIXELS) as dec:
+            singles = dec.decode(samples)
+            for batch in (samples, [s for s, r in zip(samples, singles) if not isinstance(r, Reject)]):
+                pixels, kept, rejects = dec.decode_batch(batch)
+                want = [r for r in dec.decode(batch) if not isinstance(r, Reject)]
+                assert len(kept) == len(want) == pixels.shape[0] and len(kept) + len(rejects) == len(batch)
+                assert torch.equal(pixels, torch.stack(want))
+    assert any(isinstance(r, Reject) for r in singles) and not all(isinstance(r, Reject) for r in singles)

@@ -1,7 +1,8 @@
 """Decode throughput: images per second (and per core) for one decoder on real shards.
 
 Reading is done before the clock starts, and one batch warms the decoder up (thread pool, DALI
-pipeline build), so the figure is decode + resize + normalise only. Exposed later as ``capfilt bench``.
+pipeline build), so the figure is decode + resize + normalise into the batch tensor that a round's models
+get (``decode_batch``). Exposed as ``capfilt bench``.
 """
 
 from __future__ import annotations
@@ -46,12 +47,12 @@ def bench_decode(
         num_gpus_per_actor=1.0 if gpu else 0.0,
     )
     with make_decoder(cfg) as dec:
-        dec.decode(samples[:batch_size])  # warm-up
+        dec.decode_batch(samples[:batch_size])  # warm-up
         best = float("inf")
         for _ in range(repeats):
             start = time.perf_counter()
             for i in range(0, len(samples), batch_size):
-                dec.decode(samples[i : i + batch_size])
+                dec.decode_batch(samples[i : i + batch_size])  # the batch a round gets
             if gpu:  # DALI mixed leaves its output on the GPU, the last copy perhaps still queued
                 torch.cuda.synchronize()
             best = min(best, time.perf_counter() - start)
