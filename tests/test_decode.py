@@ -148,7 +148,7 @@ def test_dali_mixed_without_cuda_is_a_clear_error():
         _dali(image_size=32, device="mixed")
 
 
-def test_pillow_decode_batch_equals_decoding_one_at_a_time(tmp_path):
+def test_pillow_decode_batch_equals_decoding_one_at_a_time():
     """Rows written in place, with and without rejects among them, equal the per-sample tensors stacked,
     bit for bit (so a round's captions and scores are the same bytes), for a thread pool too."""
     samples = _samples()

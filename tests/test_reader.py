@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
+import random
+import tarfile
 from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import bad_shard_members, encode, make_sample, smooth_image
 
-from capfilt.data.reader import ShardReader, iter_shard, split_key
+from capfilt.data.reader import ShardReader, iter_shard, parse_header, split_key
 from capfilt.data.sample import Reject, Sample
 from capfilt.data.specs import expand_shards
 from capfilt.data.writer import write_samples_shard, write_tar
@@ -125,14 +129,6 @@ def test_tiny_world_reads_clean(tiny_world):
 def test_parse_header_reads_what_tarfile_reads():
     """Name, size and type as tarfile's frombuf reads them, on its fast path and off it (GNU and pax
     headers, a name prefix, a bad checksum, a corrupt size), for every header of three formats' archives."""
-    import io
-    import random
-    import tarfile
-
-    import pytest
-
-    from capfilt.data.reader import parse_header
-
     rng = random.Random(0)
     blocks = []
     for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
