@@ -40,14 +40,15 @@ def test_captions_do_not_depend_on_batch_size_order_or_worker(captioner, pixels,
 
 
 def test_the_cuda_row_policy_gives_the_same_captions(captioner, pixels, tiny_models):
-    """On CUDA a batch is padded to a power of two with spare rows, and rows leave when half have
-    finished (into captured graphs, which replay this same step). Run eagerly here, that policy must give
-    the captions of the CPU's, where rows leave as soon as they finish."""
+    """On CUDA a batch is padded to a power of two with spare rows, which ride along when rows leave
+    (into captured graphs, which replay this same step). Run eagerly here, that policy must give the
+    captions of the CPU's, where the batch keeps exactly its live rows."""
     many = pixels.repeat(4, 1, 1, 1) + 0.01 * torch.arange(32.0)[:, None, None, None]
     keys = [f"img-{i}" for i in range(32)]
     cuda_like = Captioner(tiny_models[0], CaptionConfig(num_captions=2), seed=7)
     sampler = cuda_like.sampler
-    sampler.graphed = True  # its row policy, stepped eagerly:
+    sampler.graphed = True  # its row policy and its attention kernel, stepped eagerly:
+    sampler.attention = torch.nn.functional.scaled_dot_product_attention
     sampler._step_on = lambda rows: (sampler._step(rows), rows)[1]
     for size in (5, 32):  # 5 rows become 8, 3 of them spares; 32 rows shrink to 16, 8, ...
         want = captioner.caption(many[:size], keys[:size])

@@ -9,9 +9,11 @@ row's seen tokens (for the repetition penalty) as tensors. So a whole step (deco
 one function of fixed-shape tensors, which on CUDA is captured once per batch size as a CUDA graph and
 replayed. The weights are the HF ``BlipTextLMHeadModel``'s own, so ours and Salesforce's load alike.
 
-Rows that finish leave the batch: on the CPU as soon as they write [SEP]; on CUDA when half the rows
-have, into a graph of the next power of two (the spare rows ride along, ignored), so a run captures at
-most log2(batch) graphs per batch size.
+Rows that finish leave the batch when half of them have written [SEP]: on CUDA into a graph of the next
+power of two (the spare rows ride along, ignored), so a run captures at most log2(batch) graphs per
+batch size; on the CPU into exactly the rows still going. Leaving is a copy of every remaining row's
+state (its keys and values), so on the CPU too it pays only once many rows have finished
+(docs/BENCHMARKS.md, 'The sampler on the CPU').
 """
 
 from __future__ import annotations
@@ -50,6 +52,19 @@ def nucleus(
     probs = top.softmax(-1)
     above = probs.cumsum(-1) - probs
     return probs.masked_fill(above >= cfg.top_p, 0.0), ids
+
+
+def written_out_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` as matmul, softmax, matmul. The sampler's attention on the CPU:
+    with one query per row (a step) or a few (the prompt) and at most ``max_length`` keys, SDPA's CPU
+    kernel, built for long queries, took 1.6-1.8x as long at the demo's shapes and was never faster
+    (docs/BENCHMARKS.md)."""
+    scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -float("inf"))
+    return scores.softmax(-1) @ v
 
 
 def draw(probs: torch.Tensor, ids: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
@@ -115,6 +130,7 @@ class Sampler:
         param = next(text_decoder.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.graphed = self.device.type == "cuda"
+        self.attention = F.scaled_dot_product_attention if self.graphed else written_out_attention
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Rows]] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.graphed else None
 
@@ -167,12 +183,12 @@ class Sampler:
         return state
 
     def _shrink(self, rows: Rows, live: int, result: torch.Tensor) -> Rows:
-        """Drop finished rows: on the CPU as soon as any finishes; on CUDA when half have, into the next
-        power of two (so into one of a few captured graphs). Their tokens go to ``result`` first."""
+        """Drop finished rows once half have finished: on CUDA into the next power of two (so into one of a
+        few captured graphs), on the CPU into the live rows. Their tokens go to ``result`` first."""
         capacity = rows.live.shape[0]
-        target = (_pow2(live) if live <= capacity // 2 else capacity) if self.graphed else live
-        if target == capacity:
+        if live > capacity // 2:
             return rows
+        target = _pow2(live) if self.graphed else live
         result.index_copy_(0, rows.origin, rows.tokens)
         keep = torch.argsort((~rows.live).byte(), stable=True)[:live]  # live rows, in their order
         return rows.select(torch.cat([keep, keep[:1].expand(target - live)]), live, len(result) - 1)
@@ -232,11 +248,11 @@ class Sampler:
             q, k, v = (self._split(t) for t in F.linear(x, *self.qkv[i]).chunk(3, dim=-1))
             rows.keys[i].index_copy_(2, positions, k)
             rows.values[i].index_copy_(2, positions, v)
-            att = F.scaled_dot_product_attention(q, rows.keys[i], rows.values[i], attn_mask=causal)
+            att = self.attention(q, rows.keys[i], rows.values[i], attn_mask=causal)
             x = _residual(layer.attention.output, self._merge(att), x)
             cross = layer.crossattention
             q = self._split(cross.self.query(x))
-            att = F.scaled_dot_product_attention(q, rows.cross_keys[i], rows.cross_values[i])
+            att = self.attention(q, rows.cross_keys[i], rows.cross_values[i])
             x = _residual(cross.output, self._merge(att), x)
             x = _residual(layer.output, layer.intermediate(x), x)
         return self.head(x[:, -1:])
