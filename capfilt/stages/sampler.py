@@ -59,8 +59,8 @@ def written_out_attention(
 ) -> torch.Tensor:
     """``F.scaled_dot_product_attention`` as matmul, softmax, matmul. The sampler's attention on the CPU:
     with one query per row (a step) or a few (the prompt) and at most ``max_length`` keys, SDPA's CPU
-    kernel, built for long queries, took 1.6-1.8x as long at the demo's shapes and was never faster
-    (docs/BENCHMARKS.md)."""
+    kernel, built for long queries, took 1.3-2x as long at the demo's step shapes (two runs) and was
+    never faster (docs/BENCHMARKS.md, 'The sampler on the CPU')."""
     scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, -float("inf"))
