@@ -10,6 +10,7 @@ from capfilt.config import load_config
 from capfilt.data.synth import write_world
 from capfilt.eval.captioning import attribute_accuracy, caption_scores
 from capfilt.eval.report import evaluate_all
+from capfilt.model.tokenizer import count_words
 from capfilt.train.finetune import finetune
 from capfilt.train.pretrain import fresh_med
 
@@ -45,7 +46,9 @@ def test_evaluate_all_on_a_tiny_world(tmp_path):
     cfg = load_config("tiny", ["finetune.steps=2"])
     write_world(str(tmp_path / "world"), cfg.synth)
     w = tmp_path / "world"
-    fresh_med(cfg, ["a red square", "a small blue circle to the left of a cross"], tmp_path / "med")
+    fresh_med(
+        cfg, count_words(["a red square", "a small blue circle to the left of a cross"]), tmp_path / "med"
+    )
     finetune(cfg, tmp_path / "med", [str(w / "human-000000.tar")], tmp_path / "ft")
     m = evaluate_all(
         cfg,

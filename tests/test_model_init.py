@@ -160,7 +160,7 @@ def test_pretraining_starts_from_bert_and_the_vit_as_the_reference_does(tmp_path
         model, tok, bert_folder = bert(tmp_path)
         vit, vit_folder = hf_vit(tmp_path)
         cfg = load_config("tiny", [f"model.text_init={bert_folder}", f"model.vision_init={vit_folder}"])
-        med, med_tok, _ = load_med(fresh_med(cfg, ["captions are not used with a BERT"], tmp_path / "init"))
+        med, med_tok, _ = load_med(fresh_med(cfg, None, tmp_path / "init"))
 
         assert len(med_tok) == len(tok) + 2
         ids = special_ids(med_tok)
@@ -199,4 +199,4 @@ def test_a_bert_of_another_depth_is_a_clear_error(tmp_path):
     _, _, folder = bert(tmp_path)
     cfg = load_config("tiny", [f"model.text_init={folder}", "model.text_layers=3"])
     with pytest.raises(InitMismatch, match=r"model.text_\*.*missing: encoder.layer.2"):
-        fresh_med(cfg, [], tmp_path / "init")
+        fresh_med(cfg, None, tmp_path / "init")

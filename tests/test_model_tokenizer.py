@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 
 from capfilt.model.testing import tiny_tokenizer
 from capfilt.model.tokenizer import (
+    count_words,
     dec_token_id,
     enc_token_id,
     normalize_caption,
@@ -61,8 +62,8 @@ def test_prompt_length():
 def test_vocabulary_is_the_same_in_every_process():
     """HF's WordPieceTrainer broke ties in per-process hash order; ours is a pure function of the captions."""
     code = (
-        "import json; from capfilt.model.tokenizer import wordpiece_vocab; "
-        "print(json.dumps(wordpiece_vocab(['a red circle', 'two blue squares', 'a red square'] * 3, 60)))"
+        "import json; from capfilt.model.tokenizer import count_words, wordpiece_vocab; "
+        "print(json.dumps(wordpiece_vocab(count_words(['a red circle', 'two blue squares', 'a red square'] * 3), 60)))"
     )
     runs = [
         subprocess.run(
@@ -75,7 +76,7 @@ def test_vocabulary_is_the_same_in_every_process():
 
 def test_vocabulary_ranks_words_and_spells_the_rest():
     captions = ["a red circle", "a red square", "a cat"]
-    full = wordpiece_vocab(captions, 1000)
+    full = wordpiece_vocab(count_words(captions), 1000)
     assert [t for t in full if len(t) > 1 and not t.startswith(("#", "["))] == [
         "red",
         "cat",
@@ -85,4 +86,4 @@ def test_vocabulary_ranks_words_and_spells_the_rest():
     tok = train_tokenizer(captions, len(full) - 2)  # no room for the two rarest words
     assert tok.tokenize("a red circle") == ["a", "red", "c", "##i", "##r", "##c", "##l", "##e"]
     with pytest.raises(ValueError, match="characters"):
-        wordpiece_vocab(captions, 10)
+        wordpiece_vocab(count_words(captions), 10)

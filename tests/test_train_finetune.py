@@ -8,6 +8,7 @@ from test_train_data import make_shard
 
 from capfilt.config import load_config
 from capfilt.model.hf import load_captioner, load_filter, load_med
+from capfilt.model.tokenizer import count_words
 from capfilt.train.finetune import finetune, shared_tensors
 from capfilt.train.pretrain import fresh_med
 
@@ -17,7 +18,7 @@ def finetuned(tmp_path_factory):
     d = tmp_path_factory.mktemp("ft")
     human = [make_shard(d / "human.tar", 16, refs=3)]
     cfg = load_config("tiny", ["finetune.steps=4", "finetune.image_size=48"])
-    fresh_med(cfg, ["a red square", "the bar is blue", "green yellow picture of"], d / "med")
+    fresh_med(cfg, count_words(["a red square", "the bar is blue", "green yellow picture of"]), d / "med")
     report = finetune(cfg, d / "med", human, d / "out")
     return d, report
 

@@ -65,6 +65,13 @@ def test_resume_equals_uninterrupted(shards, tmp_path):
     (crashed / "latest").write_text("step-4")
     resumed = load_med(pretrain(cfg, shards, crashed))[0].state_dict()
     assert latest_checkpoint(crashed).name == "step-12"
+    curves = [
+        json.loads((d / "step-12" / "state.json").read_text())["history"]
+        for d in (tmp_path / "straight", crashed)
+    ]
+    assert [p["step"] for p in curves[1]] == [p["step"] for p in curves[0]] == list(range(1, 13))
+    for resumed_point, point in zip(*curves):
+        assert resumed_point == pytest.approx(point, abs=1e-5)
     assert resumed.keys() == straight.keys()
     for name, t in straight.items():
         torch.testing.assert_close(resumed[name], t, rtol=0, atol=1e-6, msg=name)

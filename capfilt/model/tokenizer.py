@@ -10,6 +10,7 @@ importing transformers.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import threading
@@ -45,20 +46,34 @@ def normalize_caption(text: str, max_words: int = 30) -> str:
     return text
 
 
-def wordpiece_vocab(captions: Iterable[str], vocab_size: int) -> dict[str, int]:
-    """A WordPiece vocabulary that is a pure function of the captions: the special tokens, every character
-    seen (alone and as a ``##`` continuation, so any word of those characters can be spelled), then whole
-    words by frequency, ties in alphabetical order, up to ``vocab_size``.
+@functools.cache
+def _word_splitter():
+    from tokenizers import normalizers, pre_tokenizers
+
+    return normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+
+
+def count_words(captions: Iterable[str], words: Counter | None = None) -> Counter:
+    """``words`` (a new Counter if None) plus the captions' words, split as the vocabulary splits them.
+
+    All a tokenizer needs of a corpus: a pass over it keeps one entry per distinct word here instead of
+    every caption, so its memory does not grow with the number of pairs.
+    """
+    norm, pre = _word_splitter()
+    words = Counter() if words is None else words
+    for caption in captions:
+        words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(normalize_caption(caption))))
+    return words
+
+
+def wordpiece_vocab(words: Counter, vocab_size: int) -> dict[str, int]:
+    """A WordPiece vocabulary that is a pure function of the word counts (:func:`count_words`): the special
+    tokens, every character seen (alone and as a ``##`` continuation, so any word of those characters can
+    be spelled), then whole words by frequency, ties in alphabetical order, up to ``vocab_size``.
 
     Why not HF's ``WordPieceTrainer``: it breaks ties in hash-map order, which changes from process to
     process, so two runs over the same captions got different vocabularies and different initial models.
     """
-    from tokenizers import normalizers, pre_tokenizers
-
-    norm, pre = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    words: Counter = Counter()
-    for caption in captions:
-        words.update(w for w, _ in pre.pre_tokenize_str(norm.normalize_str(normalize_caption(caption))))
     pieces = sorted({c for w in words for c in w}) + sorted({"##" + c for w in words for c in w[1:]})
     if len(SPECIAL_TOKENS) + len(pieces) > vocab_size:
         raise ValueError(f"vocab_size {vocab_size} is smaller than the captions' characters need")
@@ -66,13 +81,15 @@ def wordpiece_vocab(captions: Iterable[str], vocab_size: int) -> dict[str, int]:
     return {t: i for i, t in enumerate([*SPECIAL_TOKENS, *pieces, *ranked][:vocab_size])}
 
 
-def train_tokenizer(captions: Iterable[str], vocab_size: int) -> BertTokenizer:
-    """A BERT-style WordPiece tokenizer on :func:`wordpiece_vocab`; [PAD]=0 ... [DEC]=5 (bos), [ENC]=6."""
+def train_tokenizer(words: Counter | Iterable[str], vocab_size: int) -> BertTokenizer:
+    """A BERT-style WordPiece tokenizer on :func:`wordpiece_vocab` of word counts, or of captions to count;
+    [PAD]=0 ... [DEC]=5 (bos), [ENC]=6."""
     from transformers import BertTokenizer
 
+    words = words if isinstance(words, Counter) else count_words(words)
     # BertTokenizer builds BERT's normalizer, pre-tokenizer and `[CLS] $A [SEP]` post-processor itself.
     return BertTokenizer(
-        vocab=wordpiece_vocab(captions, vocab_size), bos_token=DEC_TOKEN, extra_special_tokens=[ENC_TOKEN]
+        vocab=wordpiece_vocab(words, vocab_size), bos_token=DEC_TOKEN, extra_special_tokens=[ENC_TOKEN]
     )
 
 

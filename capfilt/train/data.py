@@ -29,7 +29,7 @@ from capfilt.config import RunConfig, TrainConfig
 from capfilt.data.decode import normalize, open_checked, to_rgb
 from capfilt.data.reader import iter_shard
 from capfilt.data.sample import Reject, Sample
-from capfilt.model.tokenizer import normalize_caption
+from capfilt.model.tokenizer import count_words, normalize_caption
 
 MAX_PIXELS = RunConfig.max_pixels  # the round's decompression-bomb limit
 
@@ -236,7 +236,6 @@ class PairCount:
     """What one counting pass over the training shards found."""
 
     n_pairs: int  # pairs per epoch, for the schedule
-    captions: list[str]  # their captions, for a tokenizer
     rejects: Counter
     shards: list[str]  # the shards that hold a pair, in the given order: the ones to train on
     empty: list[str]  # the others (a cleaned shard whose every caption was dropped)
@@ -246,26 +245,29 @@ class PairCount:
         return f"{len(self.shards)} shards{left_out}, {self.n_pairs} pairs, rejected {dict(self.rejects)}"
 
 
-def count_pairs(shards: list[str]) -> PairCount:
-    """One pass reading image headers only: pairs per epoch, their captions, rejects, non-empty shards.
+def count_pairs(shards: list[str], words: Counter | None = None) -> PairCount:
+    """One pass reading image headers only: pairs per epoch, rejects, non-empty shards; with ``words``,
+    each pair's caption is counted into it (``count_words``), for a tokenizer trained on the corpus.
 
     The schedule is built on this count, so images whose header already fails are left out here too.
     Training takes only the shards that hold a pair: with several ranks, each reads only its own shards
-    (``reader_split``), and a rank given only empty ones would have nothing to train on.
+    (``reader_split``), and a rank given only empty ones would have nothing to train on. Nothing kept
+    here grows with the number of pairs (``words`` grows with the distinct words).
     """
     rejects: Counter = Counter()
-    captions: list[str] = []
+    n_pairs = 0
     holding: set[str] = set()
     for pair in read_pairs(shards, rejects):
         checked = open_checked(pair.sample, MAX_PIXELS)
         if isinstance(checked, Reject):
             rejects[checked.reason] += 1
         else:
-            captions.append(pair.caption)
+            n_pairs += 1
             holding.add(pair.sample.shard)
+            if words is not None:
+                count_words([pair.caption], words)
     return PairCount(
-        len(captions),
-        captions,
+        n_pairs,
         rejects,
         [url for url in shards if url in holding],
         [url for url in shards if url not in holding],

@@ -3,9 +3,9 @@
 Read it top to bottom: load the MED (from the newest checkpoint in ``job.out`` if there is one), build
 AdamW, then per step: seed from (seed, step, rank), set the learning rate (linear warm-up, cosine to
 min_lr) and alpha (linear ramp over ``alpha_ramp_epochs``), forward the requested losses, clip, step,
-log, checkpoint. The data order is a pure function of (seed, epoch), so resuming at step s means
-skipping ``s mod steps_per_epoch`` batches of epoch ``s // steps_per_epoch``; the result equals an
-uninterrupted run's.
+add to the loss curve (``curve.py``: bounded, whatever the steps), log, checkpoint. The data order is a
+pure function of (seed, epoch), so resuming at step s means skipping ``s mod steps_per_epoch`` batches
+of epoch ``s // steps_per_epoch``; the result equals an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from capfilt.model.hf import load_med
 from capfilt.model.tokenizer import prompt_length, tokenize
 from capfilt.run import faults
 from capfilt.train.checkpoint import latest_checkpoint, load_state, save_checkpoint
+from capfilt.train.curve import LossCurve
 from capfilt.train.data import epoch_loader
 
 
@@ -113,7 +114,7 @@ def train(job: Job, rank: int = 0, world: int = 1) -> dict:
 
     sched = Schedule(stage, job.n_pairs // (stage.batch_size * world), cfg.model.alpha)
     prompt_len = prompt_length(tok, job.prompt) if job.prompt else 0
-    step, history = state["step"], state["history"]
+    step, curve = state["step"], LossCurve(state["history"])
     start, t0 = step, time.perf_counter()
     while step < sched.total:
         epoch, done = divmod(step, sched.steps_per_epoch)
@@ -143,18 +144,17 @@ def train(job: Job, rank: int = 0, world: int = 1) -> dict:
             opt.step()
             step += 1
 
-            history.append(
-                {"step": step, "lr": lr, "alpha": alpha} | {k: v.item() for k, v in losses.items()}
-            )
+            values = {"lr": lr, "alpha": alpha} | {k: v.item() for k, v in losses.items()}
+            curve.add(step, values)
             samples_per_s = (step - start) * stage.batch_size * world / (time.perf_counter() - t0)
             if rank == 0 and (step % job.log_every == 0 or step == sched.total):
-                parts = " ".join(f"{k} {v:.4f}" for k, v in history[-1].items() if k != "step")
+                parts = " ".join(f"{k} {v:.4f}" for k, v in values.items())
                 print(
                     f"[{job.name}] step {step}/{sched.total} {parts} {samples_per_s:.1f} samples/s",
                     flush=True,
                 )
             if rank == 0 and (step % stage.checkpoint_every == 0 or step == sched.total):
-                state = {"history": history, "samples_per_s": samples_per_s, "total": sched.total}
+                state = {"history": curve.points, "samples_per_s": samples_per_s, "total": sched.total}
                 save_checkpoint(job.out, step, med, tok, opt, state, job.remote)
                 faults.maybe_kill(f"{job.name}.step-{step}")
         if wanted:

@@ -9,6 +9,7 @@ the start, with its own tokenizer. The finished model is ``OUT/med``.
 from __future__ import annotations
 
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -19,20 +20,23 @@ from capfilt.model.hf import save_med
 from capfilt.model.hub import resolve_model
 from capfilt.model.init import bert_tokenizer, load_text, load_vision
 from capfilt.model.med import MED
-from capfilt.model.tokenizer import train_tokenizer
+from capfilt.model.tokenizer import count_words, train_tokenizer
 from capfilt.train.data import count_pairs
 from capfilt.train.distributed import run_job
 from capfilt.train.loop import Job, final_checkpoint
 
 
-def fresh_med(cfg: Config, captions: list[str], path: Path) -> Path:
+def fresh_med(cfg: Config, words: Counter | None, path: Path) -> Path:
     """The MED pretraining starts from, saved at ``path``: seeded from the pretrain seed, with the
     configured pretrained ViT and BERT loaded (``model/init.py``). Its tokenizer is BERT's with
-    ``model.text_init``, else one trained on ``captions``."""
+    ``model.text_init``, else one trained on ``words``, the training captions' word counts."""
     if cfg.model.text_init:
         tok = bert_tokenizer(cfg.model.text_init)
+    elif words is None:
+        raise ValueError("a MED without model.text_init trains its tokenizer: give the captions' word counts")
     else:  # the prompts go in too: a tokenizer that cannot spell "a picture of" turns it into [UNK]
-        tok = train_tokenizer([*captions, cfg.finetune.prompt, cfg.caption.prompt], cfg.model.vocab_size)
+        with_prompts = count_words([cfg.finetune.prompt, cfg.caption.prompt], Counter(words))
+        tok = train_tokenizer(with_prompts, cfg.model.vocab_size)
     torch.manual_seed(cfg.pretrain.seed)
     med = MED.from_config(cfg.model, tok)
     with torch.no_grad():
@@ -54,14 +58,14 @@ def pretrain(
         for ref in (cfg.model.vision_init, cfg.model.text_init):
             if ref:
                 resolve_model(ref)
-    counted = count_pairs(shards)
+    fresh = init is None and not (out / "init" / "config.json").is_file()
+    words = Counter() if fresh and not cfg.model.text_init else None  # only for a tokenizer to train
+    counted = count_pairs(shards, words)
     print(f"[pretrain] {counted}", flush=True)
     if init is None:
         init = out / "init"
-        if not (init / "config.json").is_file():
-            fresh_med(
-                cfg, counted.captions, init
-            )  # a pure function of the captions, the seed and the inits: a rerun rebuilds it
+        if fresh:  # a pure function of the captions, the seed and the inits: a rerun rebuilds it
+            fresh_med(cfg, words, init)
     job = Job(
         name="pretrain",
         config=cfg.to_dict(),
