@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from capfilt.config import TrainConfig
+from capfilt.model.tokenizer import count_words
 from capfilt.train.data import PairBatches, count_pairs, epoch_loader, random_resized_crop, read_pairs
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 220, 30)}
@@ -68,6 +69,15 @@ def test_one_pair_per_reference_and_rejects_counted(shards):
     human = pairs[20:23]
     assert len({p.idx for p in human}) == 1 and human[0].idx != pairs[23].idx
     assert count_pairs(shards).n_pairs == 56
+
+
+def test_the_count_pass_counts_the_words_of_every_pair_it_counts(shards):
+    """A tokenizer trained on the corpus needs its word counts, not its captions: the same vocabulary."""
+    words = Counter()
+    counted = count_pairs(shards, words)
+    captions = [p.caption for p in read_pairs(shards)]
+    assert counted.n_pairs == len(captions) and words == count_words(captions)
+    assert words["square"] == sum(c.split().count("square") for c in captions) > 0
 
 
 def test_epoch_order_is_a_function_of_seed_and_epoch(shards):
