@@ -3,7 +3,8 @@
 Each point is the mean of consecutive steps' values (losses, lr, alpha), with ``step`` (the last step
 it covers) and ``steps`` (how many). When the curve grows past ``max_points``, neighbouring points merge,
 so every point then covers twice the steps. One record per step grew without bound instead: 1.5 million
-steps of a 100M-pair pretraining held about a gigabyte, and every checkpoint rewrote all of it.
+steps of a 100M-pair pretraining held about 0.7 GB (456 bytes a record), and every checkpoint rewrote all
+of it.
 
 The curve is a pure function of the values in step order, so a job resumed from a checkpoint's curve
 ends with the curve of an uninterrupted run.
