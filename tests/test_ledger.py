@@ -50,3 +50,20 @@ def test_a_grown_list_that_would_rename_an_old_shard_refuses(tmp_path):
     with pytest.raises(ledger.RunMismatchError, match="rename"):
         ledger.open_run(str(tmp_path), manifest(cfg, shards=("b/web-0.tar",)))
     assert ledger.read_manifest(str(tmp_path))["shards"] == ["a/web-0.tar", "a/web-1.tar"]
+
+
+def test_stale_temps_of_the_given_shards_are_removed_and_nothing_else(tmp_path):
+    files = [
+        ".web-1.tar.0123456789ab.tmp",  # a killed worker's tar
+        ".web-1.scores.parquet.0123456789ab.tmp",
+        ".web-2.tar.0123456789ab.tmp",  # another shard's, maybe being written
+        ".manifest.json.0123456789ab.tmp",
+        "web-1.tar",
+        ".web-1.tar",  # not a writer's temp name
+    ]
+    for name in files:
+        (tmp_path / name).write_bytes(b"x")
+    removed = ledger.remove_stale_temps(str(tmp_path), ["web-1", "web-3"])
+    assert sorted(p.rsplit("/", 1)[1] for p in removed) == sorted(files[:2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files[2:])
+    assert ledger.remove_stale_temps(str(tmp_path / "not-yet"), ["web-1"]) == []

@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import tarfile
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow.parquet as pq
@@ -14,6 +16,7 @@ from run_helpers import free_port, outputs, tiny_cfg
 from capfilt.data import writer
 from capfilt.data.decode import make_decoder
 from capfilt.data.reader import ShardReader
+from capfilt.errors import UserError
 from capfilt.run.pipeline import decoded_batches, process_shard
 from capfilt.run.reselect import reselect
 from capfilt.run.round import run_round
@@ -60,6 +63,20 @@ def test_a_round_without_itc_stores_null_itc_and_still_reselects(tmp_path, tiny_
     assert reselect(out, str(tmp_path / "lax"), threshold=0.0)["kept"] == len(rows)
 
 
+def test_reselect_refuses_an_input_shard_that_lost_scored_samples(tmp_path, tiny_models, tiny_shards):
+    shard = tmp_path / "web-000000.tar"
+    shutil.copy(tiny_shards[0], shard)
+    out = str(tmp_path / "run")
+    run_round(tiny_cfg(), [str(shard)], out, *tiny_models, local=True, progress=False)
+    lost = pq.read_table(tmp_path / "run" / "web-000000.scores.parquet").column("key")[3].as_py() + "."
+    with tarfile.open(shard) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar if not m.name.startswith(lost)]
+    writer.write_tar(str(shard), members)  # the input changed after the round
+    with pytest.raises(UserError, match="no longer holds 1 of the 9 samples"):
+        reselect(out, str(tmp_path / "lax"), threshold=0.0)
+    assert not list((tmp_path / "lax").glob("web-*")) and not list((tmp_path / "lax").glob(".web-*"))
+
+
 class FlakyCaptioner:
     """Raises on any batch holding a poisoned key."""
 
@@ -88,6 +105,34 @@ def test_a_failing_sample_costs_only_itself(tmp_path, tiny_shards):
     assert stats.n_in == 10 and stats.kept == 8
     assert stats.rejected == {"undecodable_image": 1, "caption_failed": 1}
     assert [r["key"] for r in stats.rejects if r["reason"] == "caption_failed"] == ["s0-005"]
+
+
+def test_a_shard_leaves_memory_batch_by_batch(tmp_path, tiny_shards, monkeypatch):
+    """Each scored batch goes to the writer at once, and nothing else keeps its samples (image bytes,
+    carried members): when a batch reaches the writer, every earlier batch's samples are gone. Before,
+    the whole shard's samples were held until the end, so a worker's memory grew with its shard's size."""
+    cfg = tiny_cfg("run.batch_size=2")
+    batches: list[list[weakref.ref]] = []
+    alive_at_add: list[int] = []
+    add = writer.RoundShardWriter.add
+
+    def recording_add(self, results):
+        alive_at_add.append(sum(ref() is not None for refs in batches for ref in refs))
+        batches.append([weakref.ref(r.sample) for r in results])
+        add(self, results)
+
+    monkeypatch.setattr(writer.RoundShardWriter, "add", recording_add)
+    stats = process_shard(
+        tiny_shards[0], str(tmp_path), FixedCaptioner(), ConstantFilter(), make_decoder(cfg.run), cfg, {}
+    )
+    assert stats.kept == 9 and len(batches) == 5 and sum(map(len, batches)) == 9
+    assert alive_at_add == [0] * 5
+    assert len(list(ShardReader(str(tmp_path / "web-000000.tar")))) == 9
+
+
+class FixedCaptioner:
+    def caption(self, pixels, keys):
+        return [["a synthetic caption"] for _ in keys]
 
 
 class RecordingCaptioner:

@@ -28,6 +28,7 @@ from run_helpers import (
 )
 
 from capfilt.config import ConfigError, load_config
+from capfilt.data.writer import is_temp
 from capfilt.run.faults import KILL_DIR
 from capfilt.run.ray_pool import actors_that_fit
 from capfilt.run.round import run_round
@@ -74,6 +75,7 @@ def test_actors_killed_mid_shard_give_identical_outputs(reference, tiny_models, 
     assert summary["shards_done"] == 4 and not summary["failed_shards"]
     assert summary["n_in"] == summary["kept"] + summary["dropped"] + sum(summary["rejected"].values())
     assert outputs(tmp_path / "run") == outputs(reference)
+    assert not [p.name for p in (tmp_path / "run").iterdir() if is_temp(p.name)]  # the killed tars' temps
 
 
 def test_two_shards_in_flight_survive_a_kill_with_identical_outputs(

@@ -140,6 +140,38 @@ def test_write_tar_writes_what_tarfile_writes(tmp_path):
         assert {m.name for m in tar.getmembers()} == set(names)
 
 
+@pytest.mark.parametrize("image_bytes", [False, True])
+def test_a_shard_written_batch_by_batch_is_the_shard_written_at_once(tmp_path, image_bytes):
+    """What a round does (the kept samples streamed into the tar as each batch is scored) gives the bytes
+    of writing all results at once, with or without images in the Parquet file."""
+    results, stats = scored(7)
+    write_round_shard(str(tmp_path / "once"), "s", results, stats, PROVENANCE, image_bytes)
+    with writer.RoundShardWriter(str(tmp_path / "batches"), "s", PROVENANCE, image_bytes) as out:
+        for start, stop in ((0, 2), (2, 2), (2, 5), (5, 7)):  # an empty batch too
+            out.add(results[start:stop])
+        assert not is_done(str(tmp_path / "batches"), "s")
+        assert all(is_temp(p.name) for p in (tmp_path / "batches").iterdir())  # nothing visible yet
+        out.commit(stats)
+    for ext in (".tar", ".parquet", ".scores.parquet", ".stats.json", ".done"):
+        assert (tmp_path / "once" / f"s{ext}").read_bytes() == (tmp_path / "batches" / f"s{ext}").read_bytes()
+
+
+def test_a_shard_that_fails_before_its_commit_leaves_nothing(tmp_path):
+    results, _ = scored()
+    with pytest.raises(RuntimeError, match="model died"):
+        with writer.RoundShardWriter(str(tmp_path), "s", PROVENANCE) as out:
+            out.add(results[:2])
+            raise RuntimeError("model died")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temp_owner_names_the_shard_a_temp_file_was_written_for():
+    for ext in writer.ROUND_SUFFIXES:
+        assert writer.temp_owner(f"/out/.web.000001{ext}.0123456789ab.tmp") == "web.000001"
+    assert writer.temp_owner("/out/.manifest.json.0123456789ab.tmp") is None
+    assert writer.temp_owner("/out/web-000001.tar") is None
+
+
 def test_stats_must_agree_with_results(tmp_path):
     results, stats = scored()
     stats.kept += 1

@@ -12,6 +12,8 @@ the same results give the same bytes on every rerun.
 
 A round's outputs per input shard, in this order: ``NAME.tar``, ``NAME.parquet``,
 ``NAME.scores.parquet``, ``NAME.stats.json``, then ``NAME.done`` last: its presence commits the shard.
+:class:`RoundShardWriter` streams the kept samples into the (temp) tar batch by batch, so a worker holds a
+batch's image bytes, never a shard's; only the Parquet rows (captions and scores) wait for the commit.
 """
 
 from __future__ import annotations
@@ -65,15 +67,29 @@ def is_temp(name: str) -> bool:
     return base.startswith(".") and base.endswith(TEMP_SUFFIX)
 
 
-def _protocol(fs) -> str:
-    return fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+ROUND_SUFFIXES = (".scores.parquet", ".stats.json", ".parquet", ".tar", ".done")  # longest match first
+
+
+def temp_owner(path: str) -> str | None:
+    """The output NAME whose round file the temp file ``path`` was being written as; None for any other."""
+    base = posixpath.basename(path)
+    if not is_temp(base):
+        return None
+    target = base[1 : -len(TEMP_SUFFIX)].rpartition(".")[0]  # `.NAME.tar.<hex>.tmp` → `NAME.tar`
+    return next((target[: -len(s)] for s in ROUND_SUFFIXES if target.endswith(s)), None)
+
+
+def is_object_store(fs) -> bool:
+    """Whether ``fs`` commits an object whole (one put or a completed upload) instead of renaming a file."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return protocol in ATOMIC_PUT_PROTOCOLS
 
 
 @contextlib.contextmanager
 def atomic_open(url: str) -> Iterator[io.RawIOBase]:
     """Open ``url`` for writing so that readers see the whole file or nothing."""
     fs, path = url_to_fs(url)
-    if _protocol(fs) in ATOMIC_PUT_PROTOCOLS:  # fsspec's transaction protocol: commit or discard
+    if is_object_store(fs):  # fsspec's transaction protocol: commit or discard
         f = fs.open(path, "wb", autocommit=False)
         try:
             yield f
@@ -126,22 +142,35 @@ def tar_header(name: str, size: int) -> bytes:
     return bytes(buf)
 
 
-def write_tar(url: str, members: Iterable[tuple[str, bytes]]) -> int:
-    """Write ``(name, bytes)`` members, in the given order, as a reproducible tar; returns the count.
+class TarStream:
+    """Reproducible tar members appended to an open binary file, then :meth:`finish`.
 
     The bytes are what ``tarfile.open(mode="w|", format=PAX_FORMAT)`` writes (tests/test_writer.py checks):
     each header and its data padded to 512 bytes, two zero blocks, then zeros to a 10,240-byte record.
     """
-    n = offset = 0
+
+    def __init__(self, f: io.RawIOBase):
+        self.f, self.members, self.offset = f, 0, 0
+
+    def add(self, name: str, data: bytes) -> None:
+        header, pad = tar_header(name, len(data)), -len(data) % tarfile.BLOCKSIZE
+        self.f.write(b"".join((header, data, bytes(pad))))
+        self.offset += len(header) + len(data) + pad
+        self.members += 1
+
+    def finish(self) -> None:
+        end = self.offset + 2 * tarfile.BLOCKSIZE
+        self.f.write(bytes(2 * tarfile.BLOCKSIZE + -end % tarfile.RECORDSIZE))
+
+
+def write_tar(url: str, members: Iterable[tuple[str, bytes]]) -> int:
+    """Write ``(name, bytes)`` members, in the given order, as a reproducible tar; returns the count."""
     with atomic_open(url) as f:
+        tar = TarStream(f)
         for name, data in members:
-            header = tar_header(name, len(data))
-            f.write(b"".join((header, data, bytes(-len(data) % tarfile.BLOCKSIZE))))
-            offset += len(header) + len(data) + -len(data) % tarfile.BLOCKSIZE
-            n += 1
-        offset += 2 * tarfile.BLOCKSIZE
-        f.write(bytes(2 * tarfile.BLOCKSIZE + -offset % tarfile.RECORDSIZE))
-    return n
+            tar.add(name, data)
+        tar.finish()
+    return tar.members
 
 
 def _json_bytes(obj) -> bytes:
@@ -225,6 +254,76 @@ def is_done(out_dir: str, name: str) -> bool:
     return fs.exists(posixpath.join(path, f"{name}.done"))
 
 
+class RoundShardWriter:
+    """One input shard's round outputs, written as its batches are scored.
+
+    ``add`` appends each kept sample to the tar at once (a temp file, or an uncommitted upload) and keeps
+    only its Parquet rows, so image bytes and carried members leave memory batch by batch: an actor's
+    memory does not grow with the size of its shards. ``commit`` checks the results against the stats,
+    then writes the tar, both Parquet files, the stats and the done marker, in that order. Leaving the
+    ``with`` block without a commit (an exception) discards the tar; nothing becomes visible.
+    With ``parquet_image_bytes`` the kept images are also rows of ``NAME.parquet``, held until the commit.
+    """
+
+    def __init__(self, out_dir: str, name: str, provenance: dict, parquet_image_bytes: bool = False):
+        self.out_dir, self.name, self.provenance = out_dir, name, provenance
+        self.parquet_image_bytes = parquet_image_bytes
+        self.kept_rows: list[dict] = []
+        self.score_rows: list[dict] = []
+        self._files = contextlib.ExitStack()
+
+    def __enter__(self) -> RoundShardWriter:
+        self.fs, self.root = url_to_fs(self.out_dir)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.base = self.out_dir.rstrip("/") + "/" + self.name
+        self.tar = TarStream(self._files.enter_context(atomic_open(f"{self.base}.tar")))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._files.__exit__(*exc)  # after a commit, nothing is left open
+
+    def add(self, results: Iterable[ScoredSample]) -> None:
+        """Scored samples in shard order: the kept ones into the tar now, every one as a scores row."""
+        for r in results:
+            row = _row(r)
+            self.score_rows.append(row | {"kept": r.kept})
+            if not r.kept:
+                continue
+            doc = {
+                "caption": r.caption,
+                "candidates": row["candidates"],
+                "source_json": r.sample.meta,
+                "provenance": self.provenance,
+            }
+            for member, data in sample_members(r.sample, r.caption, doc):
+                self.tar.add(member, data)
+            self.kept_rows.append(row | ({"image": r.sample.image} if self.parquet_image_bytes else {}))
+
+    def commit(self, stats: ShardStats) -> dict:
+        """Check, then make the shard visible: tar, Parquet files, stats, the done marker last."""
+        stats.check()
+        kept, total = len(self.kept_rows), len(self.score_rows)
+        if kept != stats.kept or total != stats.kept + stats.dropped:
+            raise AssertionError(
+                f"{self.name}: results ({kept} kept of {total}) disagree with stats "
+                f"(kept={stats.kept}, dropped={stats.dropped})"
+            )
+        self.tar.finish()
+        self._files.close()  # the tar: renamed into place, or its upload completed
+        schema = KEPT_SCHEMA_WITH_IMAGE if self.parquet_image_bytes else KEPT_SCHEMA
+        _write_parquet(f"{self.base}.parquet", self.kept_rows, schema)
+        _write_parquet(f"{self.base}.scores.parquet", self.score_rows, SCORES_SCHEMA)
+        _write_json(f"{self.base}.stats.json", dataclasses.asdict(stats) | {"provenance": self.provenance})
+        files = [f"{self.name}{ext}" for ext in (".tar", ".parquet", ".scores.parquet", ".stats.json")]
+        done = {
+            "shard": stats.shard,
+            "files": {f: self.fs.size(posixpath.join(self.root, f)) for f in files},
+            "provenance": self.provenance,
+        }
+        _write_json(f"{self.base}.done", done)
+        return done
+
+
 def write_round_shard(
     out_dir: str,
     name: str,
@@ -233,40 +332,7 @@ def write_round_shard(
     provenance: dict,
     parquet_image_bytes: bool = False,
 ) -> dict:
-    """Write one input shard's round outputs, each file atomically, the done marker last; return it."""
-    stats.check()
-    kept = [r for r in results if r.kept]
-    if len(kept) != stats.kept or len(results) != stats.kept + stats.dropped:
-        raise AssertionError(
-            f"{name}: results ({len(kept)} kept of {len(results)}) disagree with stats "
-            f"(kept={stats.kept}, dropped={stats.dropped})"
-        )
-    fs, root = url_to_fs(out_dir)
-    fs.makedirs(root, exist_ok=True)
-    base = out_dir.rstrip("/") + "/" + name
-
-    def tar_members() -> Iterator[tuple[str, bytes]]:
-        for r in kept:
-            doc = {
-                "caption": r.caption,
-                "candidates": _candidates(r),
-                "source_json": r.sample.meta,
-                "provenance": provenance,
-            }
-            yield from sample_members(r.sample, r.caption, doc)
-
-    write_tar(f"{base}.tar", tar_members())
-    kept_rows = [_row(r) | ({"image": r.sample.image} if parquet_image_bytes else {}) for r in kept]
-    _write_parquet(
-        f"{base}.parquet", kept_rows, KEPT_SCHEMA_WITH_IMAGE if parquet_image_bytes else KEPT_SCHEMA
-    )
-    _write_parquet(f"{base}.scores.parquet", [_row(r) | {"kept": r.kept} for r in results], SCORES_SCHEMA)
-    _write_json(f"{base}.stats.json", dataclasses.asdict(stats) | {"provenance": provenance})
-    files = [f"{name}{ext}" for ext in (".tar", ".parquet", ".scores.parquet", ".stats.json")]
-    done = {
-        "shard": stats.shard,
-        "files": {f: fs.size(posixpath.join(root, f)) for f in files},
-        "provenance": provenance,
-    }
-    _write_json(f"{base}.done", done)
-    return done
+    """Write one input shard's round outputs from all its results at once; return the done marker."""
+    with RoundShardWriter(out_dir, name, provenance, parquet_image_bytes) as out:
+        out.add(results)
+        return out.commit(stats)

@@ -120,6 +120,24 @@ def pending_shards(out: str, names: dict[str, str], shards: list[str]) -> list[t
     return [(u, names[u]) for u in shards if not writer.is_done(out, names[u])]
 
 
+def remove_stale_temps(out: str, names: list[str]) -> list[str]:
+    """Delete the temp files that killed writers left behind for the shards ``names``; returns them.
+
+    A shard's tar is written into its temp file while the shard is cleaned, so a killed worker can leave a
+    large one. A round calls this before its workers start and after they are gone, when no live writer
+    owns those files. Object stores hold no temp files (an unfinished upload is invisible), so they are
+    not listed.
+    """
+    fs, root = url_to_fs(out)
+    if writer.is_object_store(fs) or not fs.isdir(root):
+        return []
+    pending = set(names)
+    stale = [p for p in fs.ls(root, detail=False) if writer.temp_owner(p) in pending]
+    for path in stale:
+        fs.rm(path)
+    return stale
+
+
 def read_stats(out: str, name: str) -> ShardStats:
     """A committed shard's stats, as written next to it."""
     data = read_json(_join(out, f"{name}.stats.json"))

@@ -2,8 +2,10 @@
 
 This is the unit of work, retry and resume; the local runner and the Ray actors both call
 :func:`process_shard`, so distribution only decides where it runs. Reading and decoding run in a thread
-ahead of the model (bounded queue), so the model does not wait on I/O; the shard is written once at
-the end because the writer commits a whole shard atomically (done marker last).
+ahead of the model (bounded queue), so the model does not wait on I/O. Each scored batch goes straight
+to the shard's writer, which streams the kept samples into the uncommitted tar; the shard becomes
+visible only when the whole of it is written (done marker last). So a worker holds a few batches of
+images, whatever the size of its shards.
 
 Errors are data: reader and decoder rejects, and samples on which the captioner or the filter raises,
 become Rejects with a reason. A batch that raises is retried one sample at a time, so one bad sample
@@ -148,6 +150,12 @@ def shard_stats(
     stats = ShardStats(shard=url, n_in=n_in, truncated=truncated)
     for r in rejects:
         stats.reject(r)
+    count_results(stats, results)
+    return stats
+
+
+def count_results(stats: ShardStats, results: list[ScoredSample]) -> None:
+    """Add scored samples to the shard's counts: kept or dropped, and candidates by source."""
     for res in results:
         stats.no_web_caption += not res.sample.caption
         if res.kept:
@@ -158,7 +166,6 @@ def shard_stats(
             stats.candidates_by_source[c.source] = stats.candidates_by_source.get(c.source, 0) + 1
             if c.kept:
                 stats.kept_by_source[c.source] = stats.kept_by_source.get(c.source, 0) + 1
-    return stats
 
 
 def process_shard(
@@ -183,39 +190,41 @@ def process_shard(
     """
     start = time.perf_counter()
     name = name or writer.output_name(url)
-    results: list[ScoredSample] = []
-    rejects: list[Reject] = []
-    timings = {"read_decode": 0.0, "wait_input": 0.0, "wait_models": 0.0}
-    n_in = 0
+    stats = ShardStats(shard=url)
+    timings = {"read_decode": 0.0, "wait_input": 0.0, "wait_models": 0.0, "write": 0.0}
     shard = reader.ShardReader(url)
     batches = decoded_batches(shard, decoder, cfg.run.batch_size)
     if device is not None:
         batches = on_device(batches, device, getattr(torch, cfg.run.dtype))
     batches = prefetch(batches, PREFETCH_BATCHES)
-    while True:
-        t0 = time.perf_counter()
-        batch = next(batches, None)
-        timings["wait_input"] += time.perf_counter() - t0  # > 0 only when the model waited on I/O
-        if batch is None:
-            break
-        n_in += batch.n_in
-        rejects += batch.rejects
-        timings["read_decode"] += batch.seconds
-        if batch.samples:
+    with writer.RoundShardWriter(out_dir, name, provenance, cfg.run.parquet_image_bytes) as out:
+        while True:
             t0 = time.perf_counter()
-            with models:
-                timings["wait_models"] += time.perf_counter() - t0
-                done, failed = score_batch(batch, captioner, filter_, cfg.filter.threshold, timings)
-            results += done
-            rejects += failed
-            faults.maybe_kill(name)
-    stats = shard_stats(url, results, rejects, n_in, shard.truncated)  # read after the reader finished
-    stats.check()
-    stats.timings = timings  # stats.json gets the timings up to here; the caller's copy also gets write
-    t0 = time.perf_counter()
-    writer.write_round_shard(
-        out_dir, name, results, stats, provenance, parquet_image_bytes=cfg.run.parquet_image_bytes
-    )
-    timings["write"] = time.perf_counter() - t0
+            batch = next(batches, None)
+            timings["wait_input"] += time.perf_counter() - t0  # > 0 only when the model waited on I/O
+            if batch is None:
+                break
+            stats.n_in += batch.n_in
+            for r in batch.rejects:
+                stats.reject(r)
+            timings["read_decode"] += batch.seconds
+            if batch.samples:
+                t0 = time.perf_counter()
+                with models:
+                    timings["wait_models"] += time.perf_counter() - t0
+                    done, failed = score_batch(batch, captioner, filter_, cfg.filter.threshold, timings)
+                for r in failed:
+                    stats.reject(r)
+                count_results(stats, done)
+                t0 = time.perf_counter()
+                out.add(done)
+                timings["write"] += time.perf_counter() - t0
+                faults.maybe_kill(name)
+        stats.truncated = shard.truncated  # known once the reader has finished
+        stats.check()
+        stats.timings = timings  # stats.json gets the timings up to the commit; the caller's copy all
+        t0 = time.perf_counter()
+        out.commit(stats)
+        timings["write"] += time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
     return stats

@@ -4,8 +4,9 @@ The threshold is given, or derived again from the run's stored calibration score
 the human pairs' ITM, scored when the run was calibrated), e.g. with another ``keep_share``.
 
 Scores come from each committed shard's ``NAME.scores.parquet``; image bytes, json and extra members
-come from re-reading the input shards the manifest lists (the scores file does not hold images).
-Rejects are carried over from the old stats, so in = kept + dropped + rejected still holds.
+come from re-reading the input shards the manifest lists (the scores file does not hold images), one
+sample at a time into the new shard's writer. Rejects are carried over from the old stats, so in = kept
++ dropped + rejected still holds.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from fsspec.core import url_to_fs
 from capfilt.config import ConfigError
 from capfilt.data import reader, writer
 from capfilt.data.sample import Candidate, Sample, ShardStats
+from capfilt.errors import UserError
 from capfilt.run import card, ledger
 from capfilt.run.calibration import calibration_of
-from capfilt.run.pipeline import shard_stats
+from capfilt.run.pipeline import count_results
 from capfilt.run.progress import summarize
 from capfilt.stages.calibrate import CALIBRATION, MODES, threshold_of
 from capfilt.stages.select import decide
@@ -47,12 +49,20 @@ def reselect_shard(
     fs, _ = url_to_fs(run_dir)
     with fs.open(f"{run_dir.rstrip('/')}/{name}.scores.parquet", "rb") as f:
         rows = {r["key"]: r for r in pq.read_table(f).to_pylist()}
-    samples = {s.key: s for s in reader.ShardReader(url) if isinstance(s, Sample) and s.key in rows}
-    results = [decide(samples[key], _candidates(row), threshold) for key, row in rows.items()]
-    stats = shard_stats(url, results, [], old.n_in, old.truncated)
+    stats = ShardStats(url, n_in=old.n_in, truncated=old.truncated)
     stats.rejected, stats.rejects = dict(old.rejected), list(old.rejects)
-    stats.check()
-    writer.write_round_shard(out, name, results, stats, _provenance(run_dir, name, threshold, mode))
+    with writer.RoundShardWriter(out, name, _provenance(run_dir, name, threshold, mode)) as shard:
+        for s in reader.ShardReader(url):  # scores rows are in the input's order, and so is the new shard
+            if isinstance(s, Sample) and s.key in rows:
+                result = decide(s, _candidates(rows[s.key]), threshold)
+                count_results(stats, [result])
+                shard.add([result])
+        if stats.kept + stats.dropped != len(rows):
+            raise UserError(
+                f"{url} no longer holds {len(rows) - stats.kept - stats.dropped} of the {len(rows)} samples "
+                f"that {run_dir} scored from it; re-run the round instead"
+            )
+        shard.commit(stats)
     return stats
 
 

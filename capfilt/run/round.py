@@ -81,6 +81,7 @@ def run_round(
         urls = manifest["shards"]
         names = ledger.shard_names(urls)
         jobs = ledger.pending_shards(out, names, urls)
+        ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by a killed run
         done: dict[str, ShardStats] = {}
         failed: dict[str, str] = {}
         provenance = provenance_of(cfg, models, mode)
@@ -100,6 +101,7 @@ def run_round(
         closing = time.perf_counter()
         pool.close()
     closed = round(time.perf_counter() - closing, 3)
+    ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by workers killed in this run
     committed = [done[u] if u in done else ledger.read_stats(out, names[u]) for u in urls if u not in failed]
     summary = summarize(committed, failed, list(done.values()), time.perf_counter() - start)
     summary["this_invocation"] |= {"startup_seconds": startup, "close_seconds": closed}
