@@ -23,7 +23,7 @@ from capfilt.errors import UserError
 from capfilt.run import card, ledger
 from capfilt.run.calibration import calibration_of
 from capfilt.run.pipeline import count_results
-from capfilt.run.progress import summarize
+from capfilt.run.progress import RunTotals
 from capfilt.stages.calibrate import CALIBRATION, MODES, threshold_of
 from capfilt.stages.select import decide
 
@@ -95,8 +95,10 @@ def reselect(
         filter_cfg |= {"calibration": calibration, "keep_share": keep_share}
     cfg = {**manifest["config"], "filter": filter_cfg}
     ledger.open_run(out, {**manifest, "config": cfg, "reselected_from": run_dir})
-    stats = [reselect_shard(run_dir, out, u, names[u], threshold, mode) for u in committed]
-    summary = summarize(stats, {}, stats, 0.0) | {"threshold": threshold, "threshold_mode": mode}
+    totals = RunTotals()
+    for url in committed:
+        totals.add(reselect_shard(run_dir, out, url, names[url], threshold, mode), processed=True)
+    summary = totals.summary({}, 0.0) | {"threshold": threshold, "threshold_mode": mode}
     ledger.write_json(f"{out.rstrip('/')}/{ledger.SUMMARY}", summary)
     if committed:
         provenance = _provenance(run_dir, names[committed[0]], threshold, mode)

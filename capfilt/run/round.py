@@ -19,7 +19,7 @@ from capfilt.data.specs import expand_shards
 from capfilt.model.hub import model_hash, resolve_model
 from capfilt.run import card, ledger
 from capfilt.run.calibration import resolve_threshold
-from capfilt.run.progress import RoundProgress, summarize
+from capfilt.run.progress import RoundProgress, RunTotals
 
 
 def provenance_of(
@@ -82,13 +82,14 @@ def run_round(
         names = ledger.shard_names(urls)
         jobs = ledger.pending_shards(out, names, urls)
         ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by a killed run
-        done: dict[str, ShardStats] = {}
+        totals, done = RunTotals(), set()
         failed: dict[str, str] = {}
         provenance = provenance_of(cfg, models, mode)
         with RoundProgress(len(urls), len(urls) - len(jobs), enabled=progress) as bar:
 
             def on_done(url: str, stats: ShardStats) -> None:
-                done[url] = stats
+                done.add(url)
+                totals.add(stats, processed=True)
                 bar.shard_done(stats)
 
             def on_failed(url: str, error: str) -> None:
@@ -102,8 +103,10 @@ def run_round(
         pool.close()
     closed = round(time.perf_counter() - closing, 3)
     ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by workers killed in this run
-    committed = [done[u] if u in done else ledger.read_stats(out, names[u]) for u in urls if u not in failed]
-    summary = summarize(committed, failed, list(done.values()), time.perf_counter() - start)
+    for url in urls:  # the shards an earlier invocation committed, read back one at a time
+        if url not in done and url not in failed:
+            totals.add(ledger.read_stats(out, names[url]), processed=False)
+    summary = totals.summary(failed, time.perf_counter() - start)
     summary["this_invocation"] |= {"startup_seconds": startup, "close_seconds": closed}
     summary |= {"threshold": threshold, "threshold_mode": mode}
     ledger.write_json(out.rstrip("/") + "/" + ledger.SUMMARY, summary)
