@@ -3,6 +3,8 @@
 It reads only what rounds leave on disk (``*.scores.parquet``, ``summary.json``, ``eval.json``, and the
 demo world's ``truth.parquet`` when there is one), so it works on any finished run or bootstrap folder
 without a model. Images are embedded as data URIs: the page is a single file that can be mailed.
+A run's scores files are read one at a time, as columns: the histograms keep bin counts and the examples
+the first rows they need, so a report on a corpus-sized run does not hold its rows.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import posixpath
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from capfilt.data.reader import iter_shard
@@ -103,13 +108,6 @@ def _fmt(v, places: int = 3) -> str:
     return f"{v:.{places}f}" if isinstance(v, float) else str(v)
 
 
-def _scores(run_dir: Path) -> list[dict]:
-    rows: list[dict] = []
-    for path in sorted(run_dir.glob("*.scores.parquet")):
-        rows.extend(pq.read_table(path).to_pylist())
-    return rows
-
-
 def _truth(root: Path, truth: Path | None) -> dict[str, dict]:
     """key → web label row, from --truth (or any labels file) or the one recorded in the bootstrap manifest."""
     path = truth or _load_json(root / "manifest.json").get("truth")
@@ -118,15 +116,19 @@ def _truth(root: Path, truth: Path | None) -> dict[str, dict]:
     return {r["key"]: r for r in read_labels(path)}
 
 
-def histogram_svg(groups: dict[str, list[float]], title: str, bins: int = HIST_BINS) -> str:
-    """Overlaid step histograms of ITM probabilities in [0, 1], one colour per group, as inline SVG."""
+def bin_counts(values: np.ndarray, bins: int = HIST_BINS) -> np.ndarray:
+    """How many ITM probabilities in [0, 1] fall in each of ``bins`` equal bins (1.0 in the last; a
+    missing score, NaN, in none)."""
+    values = values[~np.isnan(values)]
+    return np.bincount(np.minimum((values * bins).astype(np.int64), bins - 1), minlength=bins)
+
+
+def histogram_svg(counts: dict[str, np.ndarray], title: str) -> str:
+    """Overlaid step histograms (:func:`bin_counts` per group), one colour per group, as inline SVG."""
     width, height, pad = 420, 180, 28
     colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd"]
-    counts = {
-        name: [sum(1 for v in vals if min(int(v * bins), bins - 1) == b) for b in range(bins)]
-        for name, vals in groups.items()
-    }
-    top = max([max(c) for c in counts.values() if c] + [1])
+    bins = len(next(iter(counts.values())))
+    top = max([int(c.max()) for c in counts.values() if len(c)] + [1])
     bw = (width - 2 * pad) / bins
     parts = [
         f'<svg class="hist" width="{width}" height="{height + 40}" role="img" aria-label="{html.escape(title)}">',
@@ -138,7 +140,7 @@ def histogram_svg(groups: dict[str, list[float]], title: str, bins: int = HIST_B
     for i, (name, c) in enumerate(counts.items()):
         colour = colours[i % len(colours)]
         points = []
-        for b, n in enumerate(c):
+        for b, n in enumerate(c.tolist()):
             y = height - (height - 24) * n / top
             points += [f"{pad + b * bw:.1f},{y:.1f}", f"{pad + (b + 1) * bw:.1f},{y:.1f}"]
         parts.append(
@@ -146,7 +148,7 @@ def histogram_svg(groups: dict[str, list[float]], title: str, bins: int = HIST_B
         )
         parts.append(
             f'<text x="{pad + 10 + 150 * i}" y="{height + 34}" font-size="12" fill="{colour}">'
-            f"{html.escape(name)} (n={len(groups[name])})</text>"
+            f"{html.escape(name)} (n={int(c.sum())})</text>"
         )
     for tick in (0.0, 0.5, 1.0):
         parts.append(
@@ -156,44 +158,69 @@ def histogram_svg(groups: dict[str, list[float]], title: str, bins: int = HIST_B
     return "".join(parts)
 
 
-def _histograms(scores: list[dict], truth: dict[str, dict]) -> str:
-    web = [(r["key"], c) for r in scores for c in r["candidates"] if c["source"] == "web"]
-    syn = [c for r in scores for c in r["candidates"] if c["source"] == "synthetic"]
-    figs = [
-        histogram_svg(
-            {
-                "kept": [c["itm"] for _, c in web if c["kept"]],
-                "dropped": [c["itm"] for _, c in web if not c["kept"]],
-            },
-            "ITM, web captions",
-        ),
-        histogram_svg(
-            {
-                "kept": [c["itm"] for c in syn if c["kept"]],
-                "dropped": [c["itm"] for c in syn if not c["kept"]],
-            },
-            "ITM, synthetic captions",
-        ),
-    ]
-    if truth:
-        figs.append(
-            histogram_svg(
-                {
-                    "clean": [c["itm"] for k, c in web if k in truth and not truth[k]["noisy"]],
-                    "noisy": [c["itm"] for k, c in web if k in truth and truth[k]["noisy"]],
-                },
-                "ITM, web captions by ground truth",
-            )
-        )
-    return "\n".join(figs)
+class RunScores:
+    """What the page shows of a run's ``*.scores.parquet``, folded a file at a time: ITM bin counts per
+    figure and group, and the first ``examples`` kept and dropped rows."""
+
+    def __init__(self, truth: dict[str, dict], examples: int = EXAMPLES):
+        self.examples, self.rows = examples, 0
+        self.kept: list[dict] = []
+        self.dropped: list[dict] = []
+        figures = [
+            ("ITM, web captions", ("kept", "dropped")),
+            ("ITM, synthetic captions", ("kept", "dropped")),
+        ]
+        if truth:
+            figures.append(("ITM, web captions by ground truth", ("clean", "noisy")))
+            self.noisy = pa.array([k for k, t in truth.items() if t["noisy"]], pa.string())
+            self.clean = pa.array([k for k, t in truth.items() if not t["noisy"]], pa.string())
+        self.counts = {title: {g: np.zeros(HIST_BINS, np.int64) for g in groups} for title, groups in figures}
+
+    def add(self, table: pa.Table) -> None:
+        """One scores file's rows."""
+        self.rows += table.num_rows
+        cands = table.column("candidates").combine_chunks()
+        flat = cands.flatten()
+        itm = flat.field("itm").to_numpy(zero_copy_only=False)
+        kept = flat.field("kept").to_numpy(zero_copy_only=False)
+        source = flat.field("source").to_numpy(zero_copy_only=False)
+        web, syn = source == "web", source == "synthetic"
+        for title, mask in (("ITM, web captions", web), ("ITM, synthetic captions", syn)):
+            self._count(title, "kept", itm[mask & kept])
+            self._count(title, "dropped", itm[mask & ~kept])
+        if "ITM, web captions by ground truth" in self.counts:
+            keys = pc.take(table.column("key").combine_chunks(), cands.value_parent_indices())
+            for group, known in (("clean", self.clean), ("noisy", self.noisy)):
+                in_group = pc.is_in(keys, value_set=known).to_numpy(zero_copy_only=False)
+                self._count("ITM, web captions by ground truth", group, itm[web & in_group])
+        if len(self.kept) < self.examples or len(self.dropped) < self.examples:
+            for row in table.to_pylist():
+                chosen = self.kept if row["kept"] else self.dropped
+                if len(chosen) < self.examples:
+                    chosen.append(row)
+
+    def _count(self, title: str, group: str, values: np.ndarray) -> None:
+        self.counts[title][group] += bin_counts(values)
+
+    def histograms(self) -> str:
+        return "\n".join(histogram_svg(groups, title) for title, groups in self.counts.items())
+
+    def chosen(self) -> list[dict]:
+        """Up to ``examples`` rows, kept ones first, half of them when there are enough dropped ones."""
+        n = self.examples
+        half = min(len(self.kept), max(n // 2, n - len(self.dropped)))
+        return self.kept[:half] + self.dropped[: n - half]
 
 
-def _example_samples(scores: list[dict], n: int) -> list[tuple[dict, Sample]]:
-    """Up to n scored rows (kept and dropped alternating) with their images, re-read from the input shard."""
-    kept = [r for r in scores if r["kept"]]
-    dropped = [r for r in scores if not r["kept"]]
-    half = min(len(kept), max(n // 2, n - len(dropped)))
-    chosen = kept[:half] + dropped[: n - half]
+def run_scores(run_dir: Path, truth: dict[str, dict]) -> RunScores:
+    scores = RunScores(truth)
+    for path in sorted(run_dir.glob("*.scores.parquet")):
+        scores.add(pq.read_table(path))
+    return scores
+
+
+def _example_samples(chosen: list[dict]) -> list[tuple[dict, Sample]]:
+    """The chosen scored rows with their images, re-read from the input shards."""
     by_shard: dict[str, set[str]] = {}
     for r in chosen:
         by_shard.setdefault(r["shard"], set()).add(r["key"])
@@ -280,12 +307,12 @@ def write_report(root: Path, out: Path | None = None, truth: Path | None = None)
     for v in views:
         if v.run_dir is None:
             continue
-        scores = _scores(v.run_dir)
-        if not scores:
+        scores = run_scores(v.run_dir, truth_rows)
+        if not scores.rows:
             continue
-        cards = "".join(_example_card(r, s, truth_rows) for r, s in _example_samples(scores, EXAMPLES))
+        cards = "".join(_example_card(r, s, truth_rows) for r, s in _example_samples(scores.chosen()))
         sections.append(
-            f"<h2>{html.escape(v.name)}: cleaning run</h2>{_histograms(scores, truth_rows)}"
+            f"<h2>{html.escape(v.name)}: cleaning run</h2>{scores.histograms()}"
             f'<h3>Examples</h3><div class="grid">{cards}</div>'
         )
     page = PAGE.format(title=html.escape(root.name), table=_table_html(views), sections="\n".join(sections))

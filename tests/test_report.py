@@ -10,13 +10,14 @@ import shutil
 import subprocess
 import tarfile
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from capfilt.data.writer import SCORES_SCHEMA
-from capfilt.report import format_table, histogram_svg, write_report
+from capfilt.report import bin_counts, format_table, histogram_svg, write_report
 
 
 def _jpg(colour) -> bytes:
@@ -84,8 +85,22 @@ def test_report_page_has_table_histograms_and_examples(run_dir):
 
 
 def test_histogram_counts_each_value_once():
-    svg = histogram_svg({"a": [0.0, 0.5, 1.0], "b": []}, "t", bins=2)
-    assert "a (n=3)" in svg and "b (n=0)" in svg
+    counts = {"a": bin_counts(np.array([0.0, 0.5, 0.99, 1.0, np.nan]), 2), "b": bin_counts(np.array([]), 2)}
+    assert counts["a"].tolist() == [1, 3] and counts["b"].tolist() == [0, 0]
+    svg = histogram_svg(counts, "t")
+    assert "a (n=4)" in svg and "b (n=0)" in svg
+
+
+def test_the_report_reads_a_run_a_scores_file_at_a_time(run_dir):
+    """Split into files of one row, the run gives the same page: the histograms add up across files, and
+    the examples are the first kept and dropped rows in file order."""
+    truth = run_dir.parent / "truth.parquet"
+    whole = write_report(run_dir, out=run_dir.parent / "whole.html", truth=truth).read_text()
+    table = pq.read_table(run_dir / "web-000000.scores.parquet")
+    (run_dir / "web-000000.scores.parquet").unlink()
+    for i in range(table.num_rows):
+        pq.write_table(table.slice(i, 1), run_dir / f"web-{i:06d}.scores.parquet")
+    assert write_report(run_dir, out=run_dir.parent / "split.html", truth=truth).read_text() == whole
 
 
 def test_format_table_marks_missing_values():
