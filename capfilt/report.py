@@ -158,6 +158,9 @@ def histogram_svg(counts: dict[str, np.ndarray], title: str) -> str:
     return "".join(parts)
 
 
+WEB, SYNTHETIC, BY_TRUTH = "ITM, web captions", "ITM, synthetic captions", "ITM, web captions by ground truth"
+
+
 class RunScores:
     """What the page shows of a run's ``*.scores.parquet``, folded a file at a time: ITM bin counts per
     figure and group, and the first ``examples`` kept and dropped rows."""
@@ -166,15 +169,19 @@ class RunScores:
         self.examples, self.rows = examples, 0
         self.kept: list[dict] = []
         self.dropped: list[dict] = []
-        figures = [
-            ("ITM, web captions", ("kept", "dropped")),
-            ("ITM, synthetic captions", ("kept", "dropped")),
-        ]
-        if truth:
-            figures.append(("ITM, web captions by ground truth", ("clean", "noisy")))
-            self.noisy = pa.array([k for k, t in truth.items() if t["noisy"]], pa.string())
-            self.clean = pa.array([k for k, t in truth.items() if not t["noisy"]], pa.string())
-        self.counts = {title: {g: np.zeros(HIST_BINS, np.int64) for g in groups} for title, groups in figures}
+        self.truth_keys = {  # the web-by-truth figure's groups: keys labelled clean, and noisy
+            group: pa.array(
+                [k for k, t in truth.items() if bool(t["noisy"]) == (group == "noisy")], pa.string()
+            )
+            for group in ("clean", "noisy")
+            if truth
+        }
+        figures = {WEB: ("kept", "dropped"), SYNTHETIC: ("kept", "dropped")}
+        if self.truth_keys:
+            figures[BY_TRUTH] = tuple(self.truth_keys)
+        self.counts = {
+            title: {g: np.zeros(HIST_BINS, np.int64) for g in groups} for title, groups in figures.items()
+        }
 
     def add(self, table: pa.Table) -> None:
         """One scores file's rows."""
@@ -185,14 +192,14 @@ class RunScores:
         kept = flat.field("kept").to_numpy(zero_copy_only=False)
         source = flat.field("source").to_numpy(zero_copy_only=False)
         web, syn = source == "web", source == "synthetic"
-        for title, mask in (("ITM, web captions", web), ("ITM, synthetic captions", syn)):
+        for title, mask in ((WEB, web), (SYNTHETIC, syn)):
             self._count(title, "kept", itm[mask & kept])
             self._count(title, "dropped", itm[mask & ~kept])
-        if "ITM, web captions by ground truth" in self.counts:
+        if self.truth_keys:
             keys = pc.take(table.column("key").combine_chunks(), cands.value_parent_indices())
-            for group, known in (("clean", self.clean), ("noisy", self.noisy)):
+            for group, known in self.truth_keys.items():
                 in_group = pc.is_in(keys, value_set=known).to_numpy(zero_copy_only=False)
-                self._count("ITM, web captions by ground truth", group, itm[web & in_group])
+                self._count(BY_TRUTH, group, itm[web & in_group])
         if len(self.kept) < self.examples or len(self.dropped) < self.examples:
             for row in table.to_pylist():
                 chosen = self.kept if row["kept"] else self.dropped
