@@ -2,6 +2,7 @@
 a round's worker that never imports transformers."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from run_helpers import make_models
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, BlipConfig, BlipTextConfig, BlipVisionConfig
 
 from capfilt.config import load_config
@@ -132,14 +134,43 @@ def test_a_folder_that_is_not_that_model_is_a_clear_error(tmp_path):
 
 
 def test_a_worker_loads_its_models_without_importing_transformers(tmp_path):
+    """Nor what torch imports for ops on the meta device that have no C++ kernel (torch._dynamo, sympy):
+    each of the three costs an actor seconds of its start."""
     cap, flt = make_models(tmp_path)
     code = (
         "import sys; from capfilt.config import load_config; from capfilt.run.worker import ShardWorker; "
         f"ShardWorker(load_config('tiny'), {cap!r}, {flt!r}); "
-        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'transformers'))"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'transformers', 'sympy'}), "
+        "'torch._dynamo' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "[]"
+    assert out.stdout.strip() == "[] False"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loaded_models_hold_the_checkpoints_tensors_in_memory_of_their_own(folders, dtype, tmp_path):
+    """Built on the meta device, every tensor is the checkpoint's (cast to ``dtype``), the LM head's tied
+    tensors are shared again, and a later rewrite of the file in place changes nothing that was loaded."""
+    for role, load in ((0, blip.load_captioner), (1, blip.load_filter)):
+        folder = Path(shutil.copytree(folders[role], tmp_path / str(role)))
+        model = load(folder, "cpu", dtype)[0]
+        on_disk = load_file(str(folder / "model.safetensors"))
+        loaded = {k: v.clone() for k, v in model.state_dict().items()}
+        for key, tensor in loaded.items():
+            want = on_disk.get(key, on_disk.get(key.replace("decoder.bias", "bias")))
+            if want is None and key.endswith("predictions.decoder.weight"):
+                want = on_disk[key.replace("cls.predictions.decoder", "bert.embeddings.word_embeddings")]
+            assert tensor.dtype == dtype and torch.equal(tensor, want.to(dtype)), key
+        if role == 0:
+            head, text = model.text_decoder.cls.predictions, model.text_decoder.bert
+            assert head.decoder.bias is head.bias
+            assert head.decoder.weight is text.embeddings.word_embeddings.weight
+        with open(folder / "model.safetensors", "r+b") as f:  # every tensor's bytes zeroed, same inode
+            header = 8 + int.from_bytes(f.read(8), "little")
+            f.seek(header)
+            f.write(bytes((folder / "model.safetensors").stat().st_size - header))
+        assert not any(t.any() for t in load_file(str(folder / "model.safetensors")).values())
+        assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
 
 
 def test_folder_tokenizer_cleans_up_spaces_when_the_folder_says_so(tmp_path):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from capfilt.model.hub import model_hash, resolve_model, weight_files
+from capfilt.model.hub import NotAModel, resolve_model, weight_files
 from capfilt.model.tokenizer import load_tokenizer
 
 # transformers' BlipTextConfig / BlipVisionConfig / BlipConfig defaults for what these modules read: a folder
@@ -150,6 +150,12 @@ class ImageKeysValues:
         return (k, v) if self.rows is None else (k[self.rows], v[self.rows])
 
 
+def _embedding(n: int, d: int) -> nn.Embedding:
+    """An n×d table left uninitialised, for a checkpoint to fill: ``nn.Embedding``'s random init on the
+    meta device (``load``) imports ``torch._dynamo``, 2-3 s of an actor's start."""
+    return nn.Embedding.from_pretrained(torch.empty(n, d), freeze=False)
+
+
 class TextModel(nn.Module):
     """BLIP's BERT with cross-attention (``text_encoder``, or ``text_decoder.bert``)."""
 
@@ -157,8 +163,8 @@ class TextModel(nn.Module):
         super().__init__()
         self.config = c
         self.embeddings = nn.Module()
-        self.embeddings.word_embeddings = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.embeddings.position_embeddings = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.embeddings.word_embeddings = _embedding(c.vocab_size, c.hidden_size)
+        self.embeddings.position_embeddings = _embedding(c.max_position_embeddings, c.hidden_size)
         self.embeddings.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.encoder = nn.Module()
         self.encoder.layer = nn.ModuleList(TextLayer(c) for _ in range(c.num_hidden_layers))
@@ -222,8 +228,16 @@ class TextDecoder(nn.Module):
         self.bert = TextModel(c)
         self.cls = nn.Module()
         self.cls.predictions = LMHead(c)
-        if c.tie_word_embeddings:
-            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        self.tie()
+
+    def tie(self) -> None:
+        """Share HF's tied tensors: the LM head's bias with ``cls.predictions.bias`` (what checkpoints
+        store), its weight with the word embeddings when ``tie_word_embeddings``. ``load`` calls it again
+        once it has put the checkpoint's tensors in place of the meta ones."""
+        head = self.cls.predictions
+        head.decoder.bias = head.bias
+        if self.config.tie_word_embeddings:
+            head.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
 
 class MLP(nn.Module):
@@ -310,10 +324,14 @@ def load(
     """Build ``cls`` from ``path/config.json`` and load every tensor of its safetensors file(s) by name.
 
     A tensor the modules do not have, or one they need that the folder lacks, is an error that names it;
-    tied copies HF may have stored (the LM head's weight and bias) are ignored.
+    tied copies HF may have stored (the LM head's weight and bias) are ignored. The modules are built on
+    the meta device and take the checkpoint's tensors, copied to ``device`` and ``dtype``: a random
+    initialisation would be overwritten anyway, and at BLIP-base size it took longer than reading the
+    weights (docs/BENCHMARKS.md, 'Loading the models').
     """
     config = json.loads((path / "config.json").read_text())
-    model = cls(config)
+    with torch.device("meta"):
+        model = cls(config)
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(path):
         state |= load_file(str(f))
@@ -323,11 +341,17 @@ def load(
     wanted = {k for k in model.state_dict() if k not in tied}
     missing, extra = sorted(wanted - set(state)), sorted(set(state) - wanted - tied)
     if missing or extra:
-        raise ValueError(
+        raise NotAModel(
             f"{path}: not a {cls.__name__} of BLIP: missing {missing[:5]}, unexpected {extra[:5]}"
         )
-    model.load_state_dict({k: state[k] for k in wanted}, strict=False)
-    return model.to(device, dtype).eval()
+    # copies, not views of the file's memory map, which a rewrite of the file would change under us
+    owned = {
+        k: state[k].to(device, dtype if state[k].is_floating_point() else None, copy=True) for k in wanted
+    }
+    model.load_state_dict(owned, strict=False, assign=True)
+    if isinstance(model, BlipCaptioner):
+        model.text_decoder.tie()  # the tied tensors were not in the checkpoint's share
+    return model.eval()
 
 
 def _capfilt_meta(config: dict[str, Any]) -> dict[str, Any]:
@@ -335,22 +359,21 @@ def _capfilt_meta(config: dict[str, Any]) -> dict[str, Any]:
     return dict(meta) if isinstance(meta, dict) else {}
 
 
-def captioner_info(config: dict[str, Any], path: Path) -> dict[str, Any]:
+def captioner_info(config: dict[str, Any]) -> dict[str, Any]:
     """source ("capfilt"/"external"), dec_token_id (the decoder's first token, from the config),
-    sep_token_id (eos), pad_token_id, model_hash."""
+    sep_token_id (eos), pad_token_id."""
     text = _section(config, "text_config", TEXT_DEFAULTS)
     return {
         "source": "capfilt" if _capfilt_meta(config) else "external",
         "dec_token_id": int(text.bos_token_id),
         "sep_token_id": int(text.sep_token_id),
         "pad_token_id": int(text.pad_token_id),
-        "model_hash": model_hash(path),
     }
 
 
 def filter_info(config: dict[str, Any], vocab: dict[str, int], path: Path) -> dict[str, Any]:
     """source, itm_first_token (ours: "[ENC]"; Salesforce's: "[CLS]"), itm_first_token_id (replace
-    ids[:, 0] with it for ITM), itc_temp (None for Salesforce's), model_hash."""
+    ids[:, 0] with it for ITM), itc_temp (None for Salesforce's)."""
     meta = _capfilt_meta(config)
     first = meta.get("itm_first_token", DEFAULT_ITM_FIRST_TOKEN)
     if first not in vocab:
@@ -360,7 +383,6 @@ def filter_info(config: dict[str, Any], vocab: dict[str, int], path: Path) -> di
         "itm_first_token": first,
         "itm_first_token_id": int(vocab[first]),
         "itc_temp": meta.get("itc_temp"),
-        "model_hash": model_hash(path),
     }
 
 
@@ -375,7 +397,7 @@ def _load_ref(cls: type[BlipCaptioner] | type[BlipFilter], ref: str | Path, devi
 def load_captioner(ref: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """A captioner folder or hub id (ours or Salesforce's) → (BlipCaptioner in eval mode, tokenizer, info)."""
     model, tokenizer, path = _load_ref(BlipCaptioner, ref, device, dtype)
-    return model, tokenizer, captioner_info(model.config, path)
+    return model, tokenizer, captioner_info(model.config)
 
 
 def load_filter(ref: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):

@@ -186,7 +186,7 @@ def load_captioner(
     """A captioner folder (ours or Salesforce's) as transformers' class → (model in eval mode, tokenizer,
     ``blip.captioner_info``). The round loads the same folder with ``capfilt.model.blip``."""
     model, tokenizer, path = _load(BlipForConditionalGeneration, path, device, dtype)
-    return model, tokenizer, captioner_info(model.config.to_dict(), path)
+    return model, tokenizer, captioner_info(model.config.to_dict())
 
 
 def load_filter(

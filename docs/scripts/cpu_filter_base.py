@@ -18,6 +18,11 @@ torch.manual_seed(0)
 torch.set_grad_enabled(False)
 images, captions = (int(a) for a in (sys.argv[1:] + ["8", "2"][len(sys.argv) - 1 :])[:2])
 model = BlipFilter({}).eval()  # every size from the defaults: ViT-B/16 at 384 px, BERT-base
+for table in (
+    model.text_encoder.embeddings.word_embeddings,
+    model.text_encoder.embeddings.position_embeddings,
+):
+    torch.nn.init.normal_(table.weight)  # left empty for a checkpoint to fill
 text = model.text_encoder
 pixels = torch.randn(images, 3, 384, 384)
 rows = torch.arange(images).repeat_interleave(captions)
