@@ -167,6 +167,7 @@ def run(
     ] = None,
 ):
     """One CapFilt round: read → decode → caption → score → select → write, resumable."""
+    from capfilt.run.progress import failed_note
     from capfilt.run.round import run_round
 
     summary = run_round(
@@ -181,6 +182,9 @@ def run(
         human=human,
     )
     typer.echo(summary)
+    if summary["failed_shards"]:  # the run went on past them; a scheduler still needs to know
+        typer.echo(f"capfilt: {failed_note(summary)}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -12,8 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from capfilt.config import load_config
+from capfilt.run.progress import failed_note
 from capfilt.run.round import run_round
 
 
@@ -43,4 +45,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    summary = main()
+    if summary["failed_shards"]:  # `ray job submit` then reports the job FAILED; a rerun retries them
+        sys.exit(f"run_round: {failed_note(summary)}")

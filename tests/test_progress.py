@@ -6,7 +6,7 @@ import weakref
 import pytest
 
 from capfilt.data.sample import Reject, ShardStats
-from capfilt.run.progress import RunTotals
+from capfilt.run.progress import RunTotals, failed_note
 
 
 def shard(name: str, kept: int, dropped: int, rejects: int, truncated: bool = False) -> ShardStats:
@@ -29,6 +29,7 @@ def test_the_summary_folds_every_shard_and_times_only_this_invocations():
     assert summary["rejected"] == {"undecodable_image": 3} and summary["no_web_caption"] == 3
     assert summary["truncated_shards"] == ["b.tar"] and summary["failed_shards"] == {"d.tar": "boom"}
     assert summary["kept_by_source"] == {"synthetic": 22}
+    assert failed_note(summary).startswith("1 of 4 shards failed (d.tar: boom); summary.json")
     assert summary["kept_rate_by_source"] == {"synthetic": 1.0, "web": 0.0}
     assert summary["this_invocation"] == {
         "shards": 2,

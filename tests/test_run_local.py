@@ -55,6 +55,17 @@ def test_round_accounts_for_every_sample_and_resumes(tmp_path, tiny_models, tiny
         assert len([m for m in tar.getnames() if m.endswith(".png")]) == 10
 
 
+def test_a_worker_refuses_an_image_size_its_models_do_not_take(tmp_path, tiny_models, tiny_shards):
+    """Else every image would be a caption_failed reject; a local round stops at once, with the fix."""
+    size = tiny_cfg().run.image_size
+    cfg = tiny_cfg(f"run.image_size={size + 16}")
+    with pytest.raises(UserError, match=f"captioner's ViT takes {size}-px images.*set run.image_size={size}"):
+        ShardWorker(cfg, *tiny_models)
+    with pytest.raises(UserError, match="run.image_size"):
+        run_round(cfg, tiny_shards, str(tmp_path / "run"), *tiny_models, local=True, progress=False)
+    assert not list((tmp_path / "run").glob("web-*"))
+
+
 def test_a_round_without_itc_stores_null_itc_and_still_reselects(tmp_path, tiny_models, tiny_shards):
     out = str(tmp_path / "run")
     run_round(tiny_cfg("filter.itc=false"), tiny_shards[:1], out, *tiny_models, local=True, progress=False)

@@ -26,7 +26,9 @@ from run_helpers import (
     tiny_cfg,
     wait_for_dashboard,
 )
+from typer.testing import CliRunner
 
+from capfilt.cli import app
 from capfilt.config import ConfigError, load_config
 from capfilt.data.writer import is_temp
 from capfilt.run.faults import KILL_DIR
@@ -118,6 +120,20 @@ def test_a_shard_that_keeps_failing_is_reported_not_fatal(local_ray, tiny_models
     (kill_dir / "web-000002.kill").write_text("0")
     assert list(summary["failed_shards"]) == [shards[2]] and summary["shards_done"] == 3
     assert not (tmp_path / "run" / "web-000002.done").exists()
+
+
+def test_actors_that_cannot_be_built_fail_the_run_with_their_reason(local_ray, tiny_models, shards, tmp_path):
+    """Each shard fails with the actors' own error, and the command exits 1 after its summary."""
+    cap, flt = tiny_models
+    result = CliRunner().invoke(
+        app,
+        ["run", *shards, "--out", str(tmp_path / "run"), "--captioner", flt, "--filter", cap, "-c", "tiny"],
+    )
+    assert result.exit_code == 1, result.output
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["shards_done"] == 0 and len(summary["failed_shards"]) == 4
+    assert all("not a BlipCaptioner" in error for error in summary["failed_shards"].values())
+    assert "capfilt: 4 of 4 shards failed" in result.stderr and "not a BlipCaptioner" in result.stderr
 
 
 def test_driver_killed_mid_run_resumes_without_recomputing(reference, tiny_models, shards, tmp_path):

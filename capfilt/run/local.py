@@ -49,11 +49,14 @@ class LocalPool:
         on_done: Callable[[str, ShardStats], None],
         on_failed: Callable[[str, str], None],
     ) -> None:
+        if not jobs:
+            return
+        worker = self._ensure()  # a worker that cannot be built fails the run, not each shard in turn
         for url, name in jobs:
             error = ""
             for _ in range(self.cfg.run.max_shard_retries + 1):
                 try:
-                    stats = self._ensure().run(url, name, out, threshold, provenance)
+                    stats = worker.run(url, name, out, threshold, provenance)
                 except Exception:
                     error = traceback.format_exc()
                     continue

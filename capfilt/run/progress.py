@@ -81,6 +81,17 @@ class RunTotals:
         }
 
 
+def failed_note(summary: dict[str, Any]) -> str:
+    """One line for a run with failed shards: how many, the first one's reason, and what to do."""
+    failed = summary["failed_shards"]
+    url, error = next(iter(failed.items()))
+    reason = error.strip().splitlines()[-1] if error.strip() else "no reason given"
+    return (
+        f"{len(failed)} of {summary['shards']} shards failed ({url}: {reason}); summary.json has every "
+        "reason. Fix the cause and rerun the same command: the committed shards are kept"
+    )
+
+
 class RoundProgress:
     """Shards done/total, samples/s and kept rate, updated as shards finish."""
 

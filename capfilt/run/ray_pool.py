@@ -26,6 +26,7 @@ Fault tolerance, set on purpose (Ray's defaults are 0 and 0):
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -71,6 +72,13 @@ def connect_ray(address: str | None) -> bool:
     else:
         ray.init(address=address)
     return True
+
+
+def last_line(error: str) -> str:
+    """The exception line that ends Ray's report of a dead actor (for one whose constructor raised, that
+    exception: a model that does not load, a config that does not fit it), without terminal colours."""
+    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", error).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "an unknown error"
 
 
 GROW_CHECK_S = 2.0  # how often an "auto" pool looks for new cluster capacity while shards are queued
@@ -170,6 +178,7 @@ class RayPool:
         slots = cfg.run.shards_in_flight
         free = [a for a in actors for _ in range(slots)]  # an actor once per shard it can take now
         alive = list(actors)
+        lost = ""  # why the last actor to leave the pool died: what the shards left over fail with
         running: dict = {}  # ObjectRef → (actor, job) for shards, (actor, None) for probes
         next_check = time.monotonic() + GROW_CHECK_S
         while queue or any(job is not None for _, job in running.values()):
@@ -189,7 +198,7 @@ class RayPool:
                 running[ref] = (actor, (url, name, failures))
             if not running:  # work left but no actor alive
                 url, name, _, _ = queue.popleft()
-                on_failed(url, "no live actor left in the pool")
+                on_failed(url, f"no live actor left in the pool; the last one died of {lost}")
                 continue
             ready, _ = ray.wait(list(running), num_returns=1, timeout=GROW_CHECK_S if auto else None)
             if not ready:
@@ -199,6 +208,7 @@ class RayPool:
                 result = ray.get(ready[0])
             except ray.exceptions.RayError as err:
                 if job is None:  # the probe failed: this actor is not coming back
+                    lost = last_line(str(err))
                     alive = [a for a in alive if a is not actor]  # (each of its slots sent a probe)
                     free = [a for a in free if a is not actor]
                     continue

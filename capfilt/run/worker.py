@@ -49,6 +49,13 @@ class ShardWorker:
         self.cfg, self.device = cfg, torch.device(device)
         self.captioner = Captioner(captioner, cfg.caption, device, cfg.run.seed, cfg.run.dtype)
         self.filter = Filter(filter_, cfg.filter, device, cfg.run.dtype)
+        for role, stage in (("captioner", self.captioner), ("filter", self.filter)):
+            size = stage.model.vision_model.config.image_size
+            if size != cfg.run.image_size:  # else every image would be a caption_failed reject
+                raise UserError(
+                    f"the {role}'s ViT takes {size}-px images (vision_config.image_size in its config.json) "
+                    f"but run.image_size is {cfg.run.image_size}: set run.image_size={size}"
+                )
         self.models = threading.Lock()
         self.decoders: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(cfg.run.shards_in_flight):
