@@ -163,17 +163,18 @@ def clean(
     mirror: Mirror | None = None,
 ) -> str:
     """`capfilt run` over the web shards with the captioner and filter in ``models``; returns the run
-    folder, ``rd/run`` on ``mirror``'s side (its shards go there directly, each resumable on its own)."""
+    folder, ``rd/run`` on ``mirror``'s side (its shards go there directly, each resumable on its own).
+    A shard that failed stops the bootstrap before the step is marked done: the next model would train
+    on part of the round without a word, and a rerun retries only the failed shards."""
+    from capfilt.run.progress import failed_note
     from capfilt.run.round import run_round
 
     mirror = mirror or Mirror(rd)
     run_dir = mirror.url_of(rd / "run")
     rd.mkdir(parents=True, exist_ok=True)
-    _step(
-        mirror,
-        rd,
-        "run",
-        lambda: run_round(
+
+    def run() -> dict:
+        summary = run_round(
             cfg,
             plan.web,
             run_dir,
@@ -183,9 +184,12 @@ def clean(
             address=plan.address,
             new_run=False,
             human=plan.human,
-        ),
-        log,
-    )
+        )
+        if summary["failed_shards"]:
+            raise UserError(f"{rd.name}'s cleaning: {failed_note(summary)}")
+        return summary
+
+    _step(mirror, rd, "run", run, log)
     return run_dir
 
 

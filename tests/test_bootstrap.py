@@ -12,8 +12,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+import capfilt.run.round as round_module
 import capfilt.train.finetune as finetune_module
-from capfilt.bootstrap import bootstrap
+from capfilt.bootstrap import BootstrapPlan, bootstrap, clean
 from capfilt.config import load_config
 from capfilt.demo import world_plan
 from capfilt.errors import UserError
@@ -88,3 +89,18 @@ def test_two_rounds_without_truth_resume_after_a_crash_add_labels_and_report(
 
     with pytest.raises(UserError, match="another config"):
         bootstrap(load_config("tiny", ["filter.threshold=0.9"]), plan, out, log=lambda _: None)
+
+
+def test_a_round_with_failed_shards_stops_the_bootstrap_before_its_step_is_done(tmp_path, monkeypatch):
+    """The next model must not train on part of a round; the rerun retries what failed."""
+    summary = {"shards": 3, "failed_shards": {"web-1.tar": "Traceback ...\nOSError: node lost"}}
+    monkeypatch.setattr(round_module, "run_round", lambda *args, **kwargs: summary)
+    plan = BootstrapPlan(web=["web-{0..2}.tar"], human=["human.tar"], test=["test.tar"], local=True)
+    with pytest.raises(
+        UserError, match=r"round-1's cleaning: 1 of 3 shards failed \(web-1.tar: OSError: node lost"
+    ):
+        clean(load_config("tiny"), plan, tmp_path / "models", tmp_path / "round-1", log=lambda _: None)
+    assert not (tmp_path / "round-1" / "run.done").exists()
+    summary["failed_shards"] = {}
+    clean(load_config("tiny"), plan, tmp_path / "models", tmp_path / "round-1", log=lambda _: None)
+    assert (tmp_path / "round-1" / "run.done").exists()
