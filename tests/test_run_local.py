@@ -102,7 +102,7 @@ class ConstantFilter:
         return [[(0.9, 0.3) for _ in caps] for caps in captions]
 
 
-def test_a_failing_sample_costs_only_itself(tmp_path, tiny_shards):
+def test_a_failing_sample_costs_only_itself(tmp_path, tiny_shards, capsys):
     cfg = tiny_cfg()
     stats = process_shard(
         tiny_shards[0],
@@ -116,6 +116,8 @@ def test_a_failing_sample_costs_only_itself(tmp_path, tiny_shards):
     assert stats.n_in == 10 and stats.kept == 8
     assert stats.rejected == {"undecodable_image": 1, "caption_failed": 1}
     assert [r["key"] for r in stats.rejects if r["reason"] == "caption_failed"] == ["s0-005"]
+    said = capsys.readouterr().err  # the batch's failure, once, with the error the sample met
+    assert said.count("raised") == 1 and "(caption); retrying its samples one at a time" in said
 
 
 def test_a_shard_leaves_memory_batch_by_batch(tmp_path, tiny_shards, monkeypatch):

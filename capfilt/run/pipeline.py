@@ -14,6 +14,7 @@ costs only itself. ``stats.check()`` (in = kept + dropped + rejected) runs befor
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
@@ -97,11 +98,20 @@ def guarded(
 ) -> tuple[list[int], list, list[Reject]]:
     """``fn(pixels, args)`` on the batch; if it raises, once per sample, rejecting only those that raise.
 
-    Returns the indices that succeeded, their outputs, and the rejects.
+    Returns the indices that succeeded, their outputs, and the rejects. A batch that raised is said on
+    stderr: one sample at a time is many times slower (a batch too big for the GPU's memory would
+    otherwise only show as a slow round), and an error that every sample meets is the cause of the rejects.
     """
     try:
         return list(range(len(samples))), fn(pixels, args), []
-    except Exception:
+    except Exception as err:
+        first = (str(err).splitlines() or [""])[0][:200]
+        print(
+            f"[capfilt] {samples[0].shard}: a batch of {len(samples)} raised {type(err).__name__}: {first} "
+            f"({reason.removesuffix('_failed')}); retrying its samples one at a time",
+            file=sys.stderr,
+            flush=True,
+        )
         ok, outs, rejects = [], [], []
         for i, s in enumerate(samples):
             try:
