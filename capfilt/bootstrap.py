@@ -197,6 +197,11 @@ def bootstrap(
     cfg: Config, plan: BootstrapPlan, out: str | Path, log: Callable[[str], None] = print
 ) -> list[str]:
     """Run round 0 and `plan.rounds` cleaning rounds into OUT/round-R; return the round folders."""
+    if plan.rounds and cfg.finetune.image_size != cfg.run.image_size:  # else round 1 fails hours from now
+        raise UserError(
+            f"the cleaning rounds run the finetuned models, whose ViT takes finetune.image_size "
+            f"({cfg.finetune.image_size}) px images, but run.image_size is {cfg.run.image_size}: set them equal"
+        )
     mirror = Mirror(out)
     _check_manifest(mirror.url, cfg, plan)
     mirror.pull(skip_dirs=("run",), pointer=LATEST)

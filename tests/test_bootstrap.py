@@ -104,3 +104,11 @@ def test_a_round_with_failed_shards_stops_the_bootstrap_before_its_step_is_done(
     summary["failed_shards"] = {}
     clean(load_config("tiny"), plan, tmp_path / "models", tmp_path / "round-1", log=lambda _: None)
     assert (tmp_path / "round-1" / "run.done").exists()
+
+
+def test_a_round_image_size_the_finetuned_models_do_not_take_is_refused_before_any_work(tmp_path):
+    plan = BootstrapPlan(web=["web-{0..2}.tar"], human=["human.tar"], test=["test.tar"], rounds=1)
+    cfg = load_config("tiny", ["run.image_size=48"])
+    with pytest.raises(UserError, match=r"finetune.image_size \(32\) px images, but run.image_size is 48"):
+        bootstrap(cfg, plan, tmp_path / "boot", log=lambda _: None)
+    assert not (tmp_path / "boot").exists()
