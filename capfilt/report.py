@@ -23,8 +23,9 @@ import pyarrow.parquet as pq
 
 from capfilt.data.reader import iter_shard
 from capfilt.data.sample import Sample
+from capfilt.errors import UserError
 from capfilt.eval.filtering import read_labels
-from capfilt.run.ledger import read_json
+from capfilt.run.ledger import MANIFEST, SUMMARY, read_json
 
 HIST_BINS = 20
 EXAMPLES = 12
@@ -47,6 +48,8 @@ def _rounds(root: Path) -> list[RoundView]:
     """A bootstrap folder (round-*/) or a single `capfilt run` folder."""
     round_dirs = sorted(p for p in root.glob("round-*") if p.is_dir())
     if not round_dirs:
+        if not any((root / name).is_file() for name in (MANIFEST, SUMMARY)):  # begun, finished
+            raise UserError(f"{root}: neither a bootstrap folder (round-*/) nor a capfilt run folder")
         return [RoundView(root.name, round_row(root), root)]
     views = []
     for d in round_dirs:

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from capfilt.config import load_config
+from capfilt.errors import UserError
 from capfilt.run import ledger
 
 
@@ -24,6 +25,15 @@ def test_other_config_or_models_refuse_with_the_differences(tmp_path):
         ledger.open_run(str(tmp_path), manifest(load_config("tiny", ["caption.top_p=0.5"])))
     with pytest.raises(ledger.RunMismatchError, match="models.filter"):
         ledger.open_run(str(tmp_path), manifest(cfg, models={"captioner": "c1", "filter": "f2"}))
+
+
+def test_mistakes_about_the_run_folder_are_user_errors(tmp_path):
+    """One line and exit 2 on the command line, not a traceback."""
+    with pytest.raises(UserError, match="no manifest.json; not a capfilt run folder"):
+        ledger.read_manifest(str(tmp_path))
+    ledger.open_run(str(tmp_path), manifest(load_config("tiny")))
+    with pytest.raises(UserError, match="seed"):
+        ledger.open_run(str(tmp_path), manifest(load_config("tiny", ["run.seed=7"])))
 
 
 def test_new_run_clears_the_previous_outputs(tmp_path):

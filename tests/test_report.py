@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from capfilt.data.writer import SCORES_SCHEMA
+from capfilt.errors import UserError
 from capfilt.report import bin_counts, format_table, histogram_svg, write_report
 
 
@@ -82,6 +83,14 @@ def test_report_page_has_table_histograms_and_examples(run_dir):
     assert "truth: noisy (swap)" in page
     assert page.count("ITC —") == 1 and page.count("ITC 0.30") == 5  # all six samples are examples
     assert "0.500" in page  # kept rate in the table
+
+
+def test_a_folder_that_is_no_run_is_a_user_error(tmp_path):
+    (tmp_path / "notes").mkdir()
+    for folder in (tmp_path / "notes", tmp_path / "missing"):
+        with pytest.raises(UserError, match="neither a bootstrap folder"):
+            write_report(folder)
+    assert not list(tmp_path.rglob("*.html*"))
 
 
 def test_histogram_counts_each_value_once():

@@ -22,6 +22,7 @@ from fsspec.core import url_to_fs
 from capfilt.config import Config
 from capfilt.data import writer
 from capfilt.data.sample import ShardStats
+from capfilt.errors import UserError
 from capfilt.run import card
 
 MANIFEST = "manifest.json"
@@ -29,8 +30,12 @@ SUMMARY = "summary.json"
 IDENTITY = ("config", "models", "seed")  # what must match for a rerun to continue a run
 
 
-class RunMismatchError(RuntimeError):
+class RunMismatchError(UserError, RuntimeError):
     """A rerun whose config or models differ from the run already in the folder."""
+
+
+class NotARun(UserError, FileNotFoundError):
+    """A folder without a run's manifest."""
 
 
 def make_manifest(shards: list[str], cfg: Config, models: dict[str, str]) -> dict[str, Any]:
@@ -57,7 +62,7 @@ def write_json(url: str, obj: dict[str, Any]) -> None:
 def read_manifest(out: str) -> dict[str, Any]:
     manifest = read_json(_join(out, MANIFEST))
     if manifest is None:
-        raise FileNotFoundError(f"{out}: no {MANIFEST}; not a capfilt run folder")
+        raise NotARun(f"{out}: no {MANIFEST}; not a capfilt run folder")
     return manifest
 
 
