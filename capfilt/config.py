@@ -25,6 +25,13 @@ class ConfigError(ValueError, UserError):
     """A config that does not match the schema."""
 
 
+def _check(ok: bool, key: str, rule: str, value: object) -> None:
+    """A value out of its range is a ConfigError at load time, not a round that rejects every sample (a
+    num_captions of 0) or silently keeps none (a threshold above 1)."""
+    if not ok:
+        raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     """The MED's dimensions and the ITC/ITM/LM hyper-parameters (BLIP_REFERENCE.md, 'MED', 'Losses')."""
@@ -108,6 +115,18 @@ class CaptionConfig:
     num_captions: int = 1
     prompt: str = "a picture of "
 
+    def __post_init__(self):
+        _check(0.0 < self.top_p <= 1.0, "caption.top_p", "in (0, 1]", self.top_p)
+        _check(self.repetition_penalty > 0, "caption.repetition_penalty", "> 0", self.repetition_penalty)
+        _check(self.num_beams >= 1, "caption.num_beams", ">= 1", self.num_beams)
+        _check(
+            0 <= self.min_length <= self.max_length,
+            "caption.min_length",
+            "in [0, max_length]",
+            self.min_length,
+        )
+        _check(self.num_captions >= 1, "caption.num_captions", ">= 1", self.num_captions)
+
 
 @dataclass
 class FilterConfig:
@@ -126,10 +145,12 @@ class FilterConfig:
     itc: bool = True
 
     def __post_init__(self):
-        if not 0.0 < self.keep_share <= 1.0:
-            raise ConfigError(f"filter.keep_share must be in (0, 1], got {self.keep_share}")
-        if self.calibration_samples < 2:
-            raise ConfigError(f"filter.calibration_samples must be >= 2, got {self.calibration_samples}")
+        _check(
+            0.0 <= self.threshold <= 1.0, "filter.threshold", "in [0, 1] (an ITM probability)", self.threshold
+        )
+        _check(self.batch_size >= 1, "filter.batch_size", ">= 1", self.batch_size)
+        _check(0.0 < self.keep_share <= 1.0, "filter.keep_share", "in (0, 1]", self.keep_share)
+        _check(self.calibration_samples >= 2, "filter.calibration_samples", ">= 2", self.calibration_samples)
 
 
 @dataclass
@@ -156,8 +177,12 @@ class RunConfig:
     shards_in_flight: int = 1
 
     def __post_init__(self):
-        if self.shards_in_flight < 1:
-            raise ConfigError(f"run.shards_in_flight must be >= 1, got {self.shards_in_flight}")
+        for key in ("image_size", "batch_size", "decode_threads", "max_pixels", "shards_in_flight"):
+            _check(getattr(self, key) >= 1, f"run.{key}", ">= 1", getattr(self, key))
+        _check(self.actors == "auto" or self.actors >= 1, "run.actors", '>= 1 or "auto"', self.actors)
+        _check(self.num_cpus_per_actor > 0, "run.num_cpus_per_actor", "> 0", self.num_cpus_per_actor)
+        _check(self.num_gpus_per_actor >= 0, "run.num_gpus_per_actor", ">= 0", self.num_gpus_per_actor)
+        _check(self.max_shard_retries >= 0, "run.max_shard_retries", ">= 0", self.max_shard_retries)
 
 
 @dataclass

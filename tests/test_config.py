@@ -30,6 +30,25 @@ def test_wrong_type_is_an_error():
         load_config("tiny", ["run.shards_in_flight=0"])
 
 
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("caption.top_p=1.5", r"caption.top_p must be in \(0, 1\], got 1.5"),
+        ("caption.num_captions=0", "caption.num_captions must be >= 1"),
+        ("caption.min_length=30", r"caption.min_length must be in \[0, max_length\]"),
+        ("filter.threshold=1.5", r"filter.threshold must be in \[0, 1\]"),
+        ("filter.batch_size=0", "filter.batch_size must be >= 1"),
+        ("run.batch_size=0", "run.batch_size must be >= 1"),
+        ("run.actors=0", 'run.actors must be >= 1 or "auto"'),
+        ("run.num_gpus_per_actor=-1", "run.num_gpus_per_actor must be >= 0"),
+    ],
+)
+def test_a_value_out_of_its_range_is_an_error(override, message):
+    """Each of these once ran: a round that rejected every sample, kept none, or batched a whole shard."""
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", [override])
+
+
 def test_overrides_and_int_to_float():
     cfg = load_config("tiny", ["filter.threshold=1", "pretrain.crop_scale=[0.3, 1.0]"])
     assert cfg.filter.threshold == 1.0 and isinstance(cfg.filter.threshold, float)

@@ -13,6 +13,7 @@ import pytest
 import torch
 from run_helpers import free_port, outputs, tiny_cfg
 
+from capfilt.config import ConfigError
 from capfilt.data import writer
 from capfilt.data.decode import make_decoder
 from capfilt.data.reader import ShardReader
@@ -47,7 +48,9 @@ def test_round_accounts_for_every_sample_and_resumes(tmp_path, tiny_models, tiny
         k: summary[k] for k in ("n_in", "kept", "dropped", "rejected")
     }
 
-    none = reselect(out, str(tmp_path / "strict"), threshold=1.01)  # no model is loaded
+    with pytest.raises(ConfigError, match="an ITM probability"):
+        reselect(out, str(tmp_path / "strict"), threshold=1.01)
+    none = reselect(out, str(tmp_path / "strict"), threshold=1.0)  # no model is loaded
     assert (none["kept"], none["dropped"], none["rejected"]) == (0, 29, {"undecodable_image": 1})
     every = reselect(out, str(tmp_path / "lax"), threshold=0.0)
     assert (every["kept"], every["n_in"]) == (29, 30)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from capfilt.config import CaptionConfig
+from capfilt.errors import UserError
 from capfilt.model.hf import load_captioner
 from capfilt.model.vision import image_embeds
 from capfilt.stages.captioner import Captioner, caption_tokens, row_seed
@@ -110,6 +111,11 @@ def test_lengths_count_the_prompt(captioner, pixels):
         assert row[: len(captioner.prompt_ids)] == captioner.prompt_ids
         assert len(row) <= captioner.cfg.max_length
         assert captioner.eos not in row[: captioner.cfg.min_length]
+
+
+def test_a_max_length_the_prompt_fills_is_an_error(tiny_models):
+    with pytest.raises(UserError, match=r"caption.max_length \(4\) counts the prompt's 4 tokens"):
+        Captioner(tiny_models[0], CaptionConfig(min_length=0, max_length=4))
 
 
 def test_beam_is_deterministic(tiny_models, pixels):

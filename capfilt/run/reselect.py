@@ -82,6 +82,8 @@ def reselect(
     """
     if calibration not in MODES:
         raise ConfigError(f"--calibration must be one of {list(MODES)}, got {calibration!r}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ConfigError(f"--threshold must be in [0, 1] (an ITM probability), got {threshold}")
     mode = "fixed"
     if calibration != "none":
         cal = calibration_of(run_dir)

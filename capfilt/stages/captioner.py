@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from capfilt.config import CaptionConfig
+from capfilt.errors import UserError
 from capfilt.model import blip
 from capfilt.model.vision import image_embeds
 from capfilt.stages.sampler import Sampler
@@ -81,6 +82,11 @@ class Captioner:
         self.bos, self.eos = self.info["dec_token_id"], self.info["sep_token_id"]
         prompt_ids = self.tokenizer(cfg.prompt, add_special_tokens=False)["input_ids"]
         self.prompt_ids = [self.bos, *prompt_ids]  # [DEC] + prompt, trailing [SEP] dropped
+        if cfg.max_length <= len(self.prompt_ids):  # else every image would be a caption_failed reject
+            raise UserError(
+                f"caption.max_length ({cfg.max_length}) counts the prompt's {len(self.prompt_ids)} tokens "
+                f"([DEC] and {cfg.prompt!r}) and leaves none to generate"
+            )
         self.sampler = Sampler(self.model.text_decoder, cfg, self.prompt_ids, self.eos)
 
     @torch.no_grad()
