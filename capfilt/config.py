@@ -27,9 +27,14 @@ class ConfigError(ValueError, UserError):
 
 def _check(ok: bool, key: str, rule: str, value: object) -> None:
     """A value out of its range is a ConfigError at load time, not a round that rejects every sample (a
-    num_captions of 0) or silently keeps none (a threshold above 1)."""
+    num_captions of 0) or silently keeps none (a threshold above 1), nor a training run that fails at its
+    first step."""
     if not ok:
         raise ConfigError(f"{key} must be {rule}, got {value!r}")
+
+
+def _multiple(value: int, key: str, of: int, of_key: str) -> None:
+    _check(value >= 1 and value % of == 0, key, f"a positive multiple of {of_key} ({of})", value)
 
 
 @dataclass
@@ -70,6 +75,20 @@ class ModelConfig:
     vision_init: str = ""
     text_init: str = ""
 
+    def __post_init__(self):
+        for key in ("patch_size", "vision_width", "vision_layers", "vision_heads", "vision_mlp", "text_width",
+                    "text_layers", "text_heads", "text_ffn", "vocab_size", "max_text_len", "embed_dim",
+                    "queue_size"):  # fmt: skip
+            _check(getattr(self, key) >= 1, f"model.{key}", ">= 1", getattr(self, key))
+        _multiple(self.image_size, "model.image_size", self.patch_size, "model.patch_size")
+        _multiple(self.vision_width, "model.vision_width", self.vision_heads, "model.vision_heads")
+        _multiple(self.text_width, "model.text_width", self.text_heads, "model.text_heads")
+        _check(0.0 < self.momentum < 1.0, "model.momentum", "in (0, 1)", self.momentum)
+        _check(0.0 <= self.alpha <= 1.0, "model.alpha", "in [0, 1]", self.alpha)
+        _check(self.temp > 0, "model.temp", "> 0", self.temp)
+        for key in ("text_dropout", "label_smoothing"):
+            _check(0.0 <= getattr(self, key) < 1.0, f"model.{key}", "in [0, 1)", getattr(self, key))
+
 
 @dataclass
 class TrainConfig:
@@ -100,6 +119,24 @@ class TrainConfig:
     # padded to the batch's longest, as the reference does (and a GPU, where it is unmeasured).
     text_chunk: int = 0
     prompt: str = "a picture of "  # captioner finetuning prefix, masked out of the LM loss
+
+
+def _check_stage(section: str, stage: TrainConfig, model: ModelConfig) -> None:
+    def need(ok: bool, key: str, rule: str) -> None:
+        _check(ok, f"{section}.{key}", rule, getattr(stage, key))
+
+    for key in ("batch_size", "checkpoint_every", "workers"):
+        need(getattr(stage, key) >= 1, key, ">= 1")
+    _multiple(stage.image_size, f"{section}.image_size", model.patch_size, "model.patch_size")
+    need(stage.epochs >= 1 or stage.steps >= 1, "epochs", ">= 1 when steps is 0")
+    need(stage.lr > 0 and 0 <= stage.min_lr <= stage.lr, "lr", "> 0 and >= min_lr")
+    need(stage.grad_clip > 0, "grad_clip", "> 0 (the gradient norm's bound)")
+    need(
+        0 < stage.crop_scale[0] <= stage.crop_scale[1] <= 1, "crop_scale", "[low, high], 0 < low <= high <= 1"
+    )
+    batch = stage.batch_size * stage.workers  # each step enqueues the global batch's ITC features
+    _check(model.queue_size % batch == 0, "model.queue_size", f"a multiple of {section}'s global batch ({batch})",
+           model.queue_size)  # fmt: skip
 
 
 @dataclass
@@ -197,6 +234,11 @@ class SynthConfig:
     shard_size: int = 1000
     seed: int = 0
 
+    def __post_init__(self):
+        for key in ("image_size", "n_web", "n_human", "n_test", "shard_size"):
+            _check(getattr(self, key) >= 1, f"synth.{key}", ">= 1", getattr(self, key))
+        _check(0.0 <= self.noise <= 1.0, "synth.noise", "in [0, 1]", self.noise)
+
 
 @dataclass
 class Config:
@@ -210,6 +252,10 @@ class Config:
     filter: FilterConfig = field(default_factory=FilterConfig)
     run: RunConfig = field(default_factory=RunConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)
+
+    def __post_init__(self):
+        for section in ("pretrain", "finetune"):  # against the model they train: a section alone cannot
+            _check_stage(section, getattr(self, section), self.model)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

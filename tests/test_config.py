@@ -41,10 +41,18 @@ def test_wrong_type_is_an_error():
         ("run.batch_size=0", "run.batch_size must be >= 1"),
         ("run.actors=0", 'run.actors must be >= 1 or "auto"'),
         ("run.num_gpus_per_actor=-1", "run.num_gpus_per_actor must be >= 0"),
+        ("model.text_heads=5", r"model.text_width must be a positive multiple of model.text_heads \(5\)"),
+        ("model.momentum=1", r"model.momentum must be in \(0, 1\)"),
+        ("finetune.image_size=30", r"finetune.image_size must be a positive multiple of model.patch_size"),
+        ("pretrain.batch_size=7", r"model.queue_size must be a multiple of pretrain's global batch \(7\)"),
+        ("pretrain.grad_clip=0", "pretrain.grad_clip must be > 0"),
+        ("finetune.crop_scale=[0.9, 0.5]", "finetune.crop_scale must be"),
+        ("synth.noise=1.2", r"synth.noise must be in \[0, 1\]"),
     ],
 )
 def test_a_value_out_of_its_range_is_an_error(override, message):
-    """Each of these once ran: a round that rejected every sample, kept none, or batched a whole shard."""
+    """The round's values once ran: a round that rejected every sample, kept none, or batched a whole
+    shard; the training values failed at the first step, after the data was read."""
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", [override])
 
