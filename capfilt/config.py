@@ -235,8 +235,10 @@ class SynthConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for key in ("image_size", "n_web", "n_human", "n_test", "shard_size"):
+        for key in ("image_size", "shard_size"):
             _check(getattr(self, key) >= 1, f"synth.{key}", ">= 1", getattr(self, key))
+        for key in ("n_web", "n_human", "n_test"):  # 0: a world without that split
+            _check(getattr(self, key) >= 0, f"synth.{key}", ">= 0", getattr(self, key))
         _check(0.0 <= self.noise <= 1.0, "synth.noise", "in [0, 1]", self.noise)
 
 
