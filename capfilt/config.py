@@ -33,6 +33,11 @@ def _check(ok: bool, key: str, rule: str, value: object) -> None:
         raise ConfigError(f"{key} must be {rule}, got {value!r}")
 
 
+def _at_least(section: object, prefix: str, keys: tuple[str, ...], low: int = 1) -> None:
+    for key in keys:
+        _check(getattr(section, key) >= low, f"{prefix}.{key}", f">= {low}", getattr(section, key))
+
+
 def _multiple(value: int, key: str, of: int, of_key: str) -> None:
     _check(value >= 1 and value % of == 0, key, f"a positive multiple of {of_key} ({of})", value)
 
@@ -76,10 +81,9 @@ class ModelConfig:
     text_init: str = ""
 
     def __post_init__(self):
-        for key in ("patch_size", "vision_width", "vision_layers", "vision_heads", "vision_mlp", "text_width",
-                    "text_layers", "text_heads", "text_ffn", "vocab_size", "max_text_len", "embed_dim",
-                    "queue_size"):  # fmt: skip
-            _check(getattr(self, key) >= 1, f"model.{key}", ">= 1", getattr(self, key))
+        _at_least(self, "model", ("patch_size", "vision_width", "vision_layers", "vision_heads", "vision_mlp",
+                                  "text_width", "text_layers", "text_heads", "text_ffn", "vocab_size",
+                                  "max_text_len", "embed_dim", "queue_size"))  # fmt: skip
         _multiple(self.image_size, "model.image_size", self.patch_size, "model.patch_size")
         _multiple(self.vision_width, "model.vision_width", self.vision_heads, "model.vision_heads")
         _multiple(self.text_width, "model.text_width", self.text_heads, "model.text_heads")
@@ -125,8 +129,7 @@ def _check_stage(section: str, stage: TrainConfig, model: ModelConfig) -> None:
     def need(ok: bool, key: str, rule: str) -> None:
         _check(ok, f"{section}.{key}", rule, getattr(stage, key))
 
-    for key in ("batch_size", "checkpoint_every", "workers"):
-        need(getattr(stage, key) >= 1, key, ">= 1")
+    _at_least(stage, section, ("batch_size", "checkpoint_every", "workers"))
     _multiple(stage.image_size, f"{section}.image_size", model.patch_size, "model.patch_size")
     need(stage.epochs >= 1 or stage.steps >= 1, "epochs", ">= 1 when steps is 0")
     need(stage.lr > 0 and 0 <= stage.min_lr <= stage.lr, "lr", "> 0 and >= min_lr")
@@ -214,8 +217,9 @@ class RunConfig:
     shards_in_flight: int = 1
 
     def __post_init__(self):
-        for key in ("image_size", "batch_size", "decode_threads", "max_pixels", "shards_in_flight"):
-            _check(getattr(self, key) >= 1, f"run.{key}", ">= 1", getattr(self, key))
+        _at_least(
+            self, "run", ("image_size", "batch_size", "decode_threads", "max_pixels", "shards_in_flight")
+        )
         _check(self.actors == "auto" or self.actors >= 1, "run.actors", '>= 1 or "auto"', self.actors)
         _check(self.num_cpus_per_actor > 0, "run.num_cpus_per_actor", "> 0", self.num_cpus_per_actor)
         _check(self.num_gpus_per_actor >= 0, "run.num_gpus_per_actor", ">= 0", self.num_gpus_per_actor)
@@ -235,10 +239,8 @@ class SynthConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for key in ("image_size", "shard_size"):
-            _check(getattr(self, key) >= 1, f"synth.{key}", ">= 1", getattr(self, key))
-        for key in ("n_web", "n_human", "n_test"):  # 0: a world without that split
-            _check(getattr(self, key) >= 0, f"synth.{key}", ">= 0", getattr(self, key))
+        _at_least(self, "synth", ("image_size", "shard_size"))
+        _at_least(self, "synth", ("n_web", "n_human", "n_test"), low=0)  # 0: a world without that split
         _check(0.0 <= self.noise <= 1.0, "synth.noise", "in [0, 1]", self.noise)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from capfilt.data.sample import ShardStats
+from capfilt.errors import last_line
 
 
 class RunTotals:
@@ -85,7 +86,7 @@ def failed_note(summary: dict[str, Any]) -> str:
     """One line for a run with failed shards: how many, the first one's reason, and what to do."""
     failed = summary["failed_shards"]
     url, error = next(iter(failed.items()))
-    reason = error.strip().splitlines()[-1] if error.strip() else "no reason given"
+    reason = last_line(error) or "no reason given"
     return (
         f"{len(failed)} of {summary['shards']} shards failed ({url}: {reason}); summary.json has every "
         "reason. Fix the cause and rerun the same command: the committed shards are kept"
@@ -123,7 +124,5 @@ class RoundProgress:
         self.progress.update(self.task, advance=1, rate=rate)
 
     def shard_failed(self, url: str, error: str) -> None:
-        self.progress.console.print(
-            f"[red]shard failed[/red] {url}: {error.splitlines()[-1] if error else ''}"
-        )
+        self.progress.console.print(f"[red]shard failed[/red] {url}: {last_line(error)}")
         self.progress.update(self.task, advance=1)

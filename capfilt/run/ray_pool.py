@@ -26,7 +26,6 @@ Fault tolerance, set on purpose (Ray's defaults are 0 and 0):
 from __future__ import annotations
 
 import os
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -36,6 +35,7 @@ import ray
 
 from capfilt.config import Config, RunConfig
 from capfilt.data.sample import ShardStats
+from capfilt.errors import last_line
 
 
 class ShardActor:
@@ -72,13 +72,6 @@ def connect_ray(address: str | None) -> bool:
     else:
         ray.init(address=address)
     return True
-
-
-def last_line(error: str) -> str:
-    """The exception line that ends Ray's report of a dead actor (for one whose constructor raised, that
-    exception: a model that does not load, a config that does not fit it), without terminal colours."""
-    lines = [line for line in re.sub(r"\x1b\[[0-9;]*m", "", error).splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "an unknown error"
 
 
 GROW_CHECK_S = 2.0  # how often an "auto" pool looks for new cluster capacity while shards are queued

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
-from capfilt.config import ConfigError
+from capfilt.config import ConfigError, FilterConfig, from_dict
 from capfilt.data import reader, writer
 from capfilt.data.sample import Candidate, Sample, ShardStats
 from capfilt.errors import UserError
@@ -82,8 +82,6 @@ def reselect(
     """
     if calibration not in MODES:
         raise ConfigError(f"--calibration must be one of {list(MODES)}, got {calibration!r}")
-    if not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"--threshold must be in [0, 1] (an ITM probability), got {threshold}")
     mode = "fixed"
     if calibration != "none":
         cal = calibration_of(run_dir)
@@ -95,6 +93,7 @@ def reselect(
     filter_cfg = {**manifest["config"]["filter"], "threshold": threshold}
     if calibration != "none":
         filter_cfg |= {"calibration": calibration, "keep_share": keep_share}
+    from_dict(FilterConfig, filter_cfg, "filter")  # the config's own checks: a threshold in [0, 1]
     cfg = {**manifest["config"], "filter": filter_cfg}
     ledger.open_run(out, {**manifest, "config": cfg, "reselected_from": run_dir})
     totals = RunTotals()
