@@ -18,7 +18,7 @@ from capfilt.data import writer
 from capfilt.data.decode import make_decoder
 from capfilt.data.reader import ShardReader
 from capfilt.errors import UserError
-from capfilt.run.pipeline import decoded_batches, process_shard
+from capfilt.run.pipeline import ModelFailed, decoded_batches, process_shard
 from capfilt.run.reselect import reselect
 from capfilt.run.round import run_round
 from capfilt.run.worker import ShardWorker
@@ -121,6 +121,25 @@ def test_a_failing_sample_costs_only_itself(tmp_path, tiny_shards, capsys):
     assert [r["key"] for r in stats.rejects if r["reason"] == "caption_failed"] == ["s0-005"]
     said = capsys.readouterr().err  # the batch's failure, once, with the error the sample met
     assert said.count("raised") == 1 and "(caption); retrying its samples one at a time" in said
+
+
+class BrokenFilter:
+    """Raises on every input, alone as in a batch: a broken model or setting, not bad data."""
+
+    def score(self, pixels, captions):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (64x512 and 768x768)")
+
+
+def test_a_batch_whose_every_sample_fails_fails_the_shard(tmp_path, tiny_shards, capsys):
+    """Before, such a shard was committed with every sample a score_failed reject and the round exited 0,
+    so a rerun after the fix skipped it. Now it stays uncommitted and the error names the cause."""
+    cfg = tiny_cfg()
+    with pytest.raises(ModelFailed, match=r"every sample of a batch of \d+ raised \(score\).*mat1 and mat2"):
+        process_shard(
+            tiny_shards[0], str(tmp_path), FlakyCaptioner(), BrokenFilter(), make_decoder(cfg.run), cfg, {}
+        )
+    assert not writer.is_done(str(tmp_path), "web-000000") and not list(tmp_path.iterdir())
+    assert capsys.readouterr().err.count("(score); retrying") == 1  # it failed at the first batch
 
 
 def test_a_shard_leaves_memory_batch_by_batch(tmp_path, tiny_shards, monkeypatch):

@@ -9,7 +9,10 @@ images, whatever the size of its shards.
 
 Errors are data: reader and decoder rejects, and samples on which the captioner or the filter raises,
 become Rejects with a reason. A batch that raises is retried one sample at a time, so one bad sample
-costs only itself. ``stats.check()`` (in = kept + dropped + rejected) runs before anything is written.
+costs only itself; a batch whose every sample raises alone too is a broken model or setting, not bad
+data, and fails the shard (``ModelFailed``), which is then reported and retried by a rerun instead of
+committed with every sample rejected. ``stats.check()`` (in = kept + dropped + rejected) runs before
+anything is written.
 """
 
 from __future__ import annotations
@@ -31,6 +34,10 @@ from capfilt.run.prefetch import prefetch
 from capfilt.stages.select import decide
 
 PREFETCH_BATCHES = 2
+
+
+class ModelFailed(RuntimeError):
+    """Every sample of a batch raised in a model, alone as in the batch: the shard fails with this."""
 
 
 @dataclass
@@ -100,15 +107,15 @@ def guarded(
 
     Returns the indices that succeeded, their outputs, and the rejects. A batch that raised is said on
     stderr: one sample at a time is many times slower (a batch too big for the GPU's memory would
-    otherwise only show as a slow round), and an error that every sample meets is the cause of the rejects.
+    otherwise only show as a slow round). If every sample raises alone too, raises ``ModelFailed``.
     """
     try:
         return list(range(len(samples))), fn(pixels, args), []
     except Exception as err:
-        first = (str(err).splitlines() or [""])[0][:200]
+        first, stage = (str(err).splitlines() or [""])[0][:200], reason.removesuffix("_failed")
         print(
             f"[capfilt] {samples[0].shard}: a batch of {len(samples)} raised {type(err).__name__}: {first} "
-            f"({reason.removesuffix('_failed')}); retrying its samples one at a time",
+            f"({stage}); retrying its samples one at a time",
             file=sys.stderr,
             flush=True,
         )
@@ -117,8 +124,13 @@ def guarded(
             try:
                 outs += fn(pixels[i : i + 1], args[i : i + 1])
                 ok.append(i)
-            except Exception as err:
-                rejects.append(Reject(s.key, s.shard, reason, f"{type(err).__name__}: {err}"))
+            except Exception as sample_err:
+                rejects.append(Reject(s.key, s.shard, reason, f"{type(sample_err).__name__}: {sample_err}"))
+        if not ok:
+            raise ModelFailed(
+                f"every sample of a batch of {len(samples)} raised ({stage}), "
+                f"alone too; the first: {rejects[0].detail.splitlines()[0][:200]}"
+            ) from err
         return ok, outs, rejects
 
 
