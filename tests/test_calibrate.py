@@ -8,6 +8,8 @@ import pytest
 from run_helpers import tiny_cfg
 
 from capfilt.errors import UserError
+from capfilt.run.ledger import RunMismatchError
+from capfilt.run.local import LocalPool
 from capfilt.run.reselect import reselect
 from capfilt.run.round import run_round
 from capfilt.stages.calibrate import f1_threshold, keep_threshold, mismatch
@@ -48,7 +50,7 @@ def test_mismatch_gives_every_image_another_caption():
 
 
 def test_round_calibrates_on_human_pairs_records_it_and_select_rederives_it(
-    tmp_path, tiny_models, tiny_shards
+    tmp_path, tiny_models, tiny_shards, monkeypatch
 ):
     cap, flt = tiny_models
     out = str(tmp_path / "run")
@@ -69,6 +71,21 @@ def test_round_calibrates_on_human_pairs_records_it_and_select_rederives_it(
     # a rerun reuses the stored scores: same threshold, same manifest, nothing redone
     again = run_round(cfg, tiny_shards, out, cap, flt, local=True, progress=False, human=human)
     assert again["threshold"] == t and again["this_invocation"]["shards"] == 0
+
+    # a rerun that would calibrate on other human shards is refused, and the run's scores stay its own
+    stored = (tmp_path / "run" / "calibration.json").read_bytes()
+    with pytest.raises(RunMismatchError, match=r"(?s)filter\.threshold.*calibrated on --human"):
+        run_round(cfg, tiny_shards, out, cap, flt, local=True, progress=False, human=tiny_shards[:1])
+    assert (tmp_path / "run" / "calibration.json").read_bytes() == stored
+
+    # a rerun with another config is refused before any model scores the human shards
+    def no_scoring(self, human):
+        raise AssertionError("calibrated before refusing the rerun")
+
+    monkeypatch.setattr(LocalPool, "calibration", no_scoring)
+    other = tiny_cfg("filter.calibration=keep", "filter.keep_share=0.8", "caption.top_p=0.5")
+    with pytest.raises(RunMismatchError, match=r"caption\.top_p: 0\.9 → 0\.5"):
+        run_round(other, tiny_shards, out, cap, flt, local=True, progress=False, human=tiny_shards[:1])
 
     # select re-derives a threshold from the stored human scores, without a model
     lax = reselect(out, str(tmp_path / "lax"), calibration="keep", keep_share=1.0)

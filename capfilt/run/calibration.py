@@ -25,26 +25,34 @@ def resolve_threshold(
     filter_hash: str,
     human: list[str] | None,
     score: Callable[[list[str]], dict[str, Any]],
-) -> tuple[float, str]:
-    """(threshold, mode) for a round writing into ``out``: the config's, or calibrated and stored there.
-    ``score(human)`` gives the calibration scores (``ShardWorker.calibration``) when none are stored."""
+) -> tuple[float, str, dict[str, Any] | None]:
+    """(threshold, mode, scores) for a round writing into ``out``: the config's threshold, or one
+    calibrated on scores stored there or from ``score(human)`` (``ShardWorker.calibration``).
+
+    ``scores`` are new ones for the round to store (``store_calibration``) once the run folder has
+    accepted the run, so that a refused rerun leaves the run's own scores in place; else None.
+    """
     mode = cfg.filter.calibration
     if mode == "none":
-        return cfg.filter.threshold, "fixed"
+        return cfg.filter.threshold, "fixed", None
     if not human:
         raise ConfigError(f"filter.calibration={mode} needs the human shards: pass --human")
-    url = out.rstrip("/") + "/" + CALIBRATION
-    cal = ledger.read_json(url)
+    cal = ledger.read_json(out.rstrip("/") + "/" + CALIBRATION)
     want = {
         "filter": filter_hash,
         "human": list(human),
         "samples": cfg.filter.calibration_samples,
         "dtype": cfg.run.dtype,
     }
+    fresh = None
     if cal is None or {k: cal.get(k) for k in want} != want:
-        cal = want | score(expand_shards(human))  # a spec that matches nothing fails here, before any actor
-        ledger.write_json(url, cal)
-    return threshold_of(cal, mode, cfg.filter.keep_share), mode
+        cal = fresh = want | score(expand_shards(human))  # a spec that matches nothing fails here
+    return threshold_of(cal, mode, cfg.filter.keep_share), mode, fresh
+
+
+def store_calibration(out: str, scores: dict[str, Any]) -> None:
+    """Keep the calibration scores in the run folder: a resumed run and ``capfilt select`` read them."""
+    ledger.write_json(out.rstrip("/") + "/" + CALIBRATION, scores)
 
 
 def calibration_of(run_dir: str) -> dict[str, Any]:

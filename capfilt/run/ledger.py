@@ -24,10 +24,12 @@ from capfilt.data import writer
 from capfilt.data.sample import ShardStats
 from capfilt.errors import UserError
 from capfilt.run import card
+from capfilt.stages.calibrate import CALIBRATION
 
 MANIFEST = "manifest.json"
 SUMMARY = "summary.json"
 IDENTITY = ("config", "models", "seed")  # what must match for a rerun to continue a run
+THRESHOLD = "config.filter.threshold"  # in the identity; set by the calibration when there is one
 
 
 class RunMismatchError(UserError, RuntimeError):
@@ -66,15 +68,43 @@ def read_manifest(out: str) -> dict[str, Any]:
     return manifest
 
 
-def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """Dotted paths where two manifests' identities differ, e.g. ``config.caption.top_p``."""
+def differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Dotted paths where two manifests' identities differ, e.g. ``config.caption.top_p``, with the
+    values; the paths in ``ignore`` are not compared."""
 
     def walk(a: Any, b: Any, where: str) -> list[str]:
         if isinstance(a, dict) and isinstance(b, dict):
             return [d for k in sorted(set(a) | set(b)) for d in walk(a.get(k), b.get(k), f"{where}.{k}")]
         return [] if a == b else [f"{where.lstrip('.')}: {a!r} → {b!r}"]
 
-    return walk({k: old.get(k) for k in IDENTITY}, {k: new.get(k) for k in IDENTITY}, "")
+    diff = walk({k: old.get(k) for k in IDENTITY}, {k: new.get(k) for k in IDENTITY}, "")
+    return [d for d in diff if d.split(": ", 1)[0] not in ignore]
+
+
+def mismatch(out: str, diff: list[str], manifest: dict[str, Any]) -> RunMismatchError:
+    """The refusal of a rerun whose identity differs by ``diff``, saying what to do."""
+    calibrated = manifest["config"]["filter"]["calibration"] != "none"
+    hint = (
+        "\nThe threshold is calibrated on --human: pass the human shards the run used (its "
+        f"{CALIBRATION} names them)."
+        if calibrated and any(d.startswith(THRESHOLD + ":") for d in diff)
+        else ""
+    )
+    return RunMismatchError(
+        f"{out} holds a run made with another config or models:\n  "
+        + "\n  ".join(diff[:20])
+        + hint
+        + "\nUse another --out, or pass --new-run to clear that run and start over."
+    )
+
+
+def check_rerun(out: str, manifest: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
+    """Refuse, before any model is loaded, a rerun whose identity differs from the run in ``out``
+    outside ``ignore`` (the threshold, before calibration has set it)."""
+    old = read_json(_join(out, MANIFEST))
+    diff = differences(old, manifest, ignore) if old is not None else []
+    if diff:
+        raise mismatch(out, diff, manifest)
 
 
 def clear_run(out: str, old: dict[str, Any]) -> None:
@@ -96,11 +126,7 @@ def open_run(out: str, manifest: dict[str, Any], new_run: bool = False) -> None:
     if old is not None:
         diff = differences(old, manifest)
         if diff and not new_run:
-            raise RunMismatchError(
-                f"{out} holds a run made with another config or models:\n  "
-                + "\n  ".join(diff[:20])
-                + "\nUse another --out, or pass --new-run to clear that run and start over."
-            )
+            raise mismatch(out, diff, manifest)
         if diff:
             clear_run(out, old)
         else:  # same run, maybe more shards (a nightly rerun over new downloads): remember them all

@@ -18,7 +18,7 @@ from capfilt.data.sample import ShardStats
 from capfilt.data.specs import expand_shards
 from capfilt.model.hub import model_hash, resolve_model
 from capfilt.run import card, ledger
-from capfilt.run.calibration import resolve_threshold
+from capfilt.run.calibration import resolve_threshold, store_calibration
 from capfilt.run.progress import RoundProgress, RunTotals
 
 
@@ -74,9 +74,13 @@ def run_round(
 
         pool = RayPool(cfg, captioner, filter_, len(urls_given), address)
     try:
-        threshold, mode = resolve_threshold(cfg, out, hashes["filter"], human, pool.calibration)
+        if not new_run:  # before Ray starts and any model is loaded; the threshold comes next
+            ledger.check_rerun(out, ledger.make_manifest(urls_given, cfg, hashes), ignore=(ledger.THRESHOLD,))
+        threshold, mode, scores = resolve_threshold(cfg, out, hashes["filter"], human, pool.calibration)
         cfg = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, threshold=threshold))
         ledger.open_run(out, ledger.make_manifest(urls_given, cfg, hashes), new_run=new_run)
+        if scores is not None:
+            store_calibration(out, scores)
         manifest = ledger.read_manifest(out)
         urls = manifest["shards"]
         names = ledger.shard_names(urls)
