@@ -77,3 +77,19 @@ def test_stale_temps_of_the_given_shards_are_removed_and_nothing_else(tmp_path):
     assert sorted(p.rsplit("/", 1)[1] for p in removed) == sorted(files[:2])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(files[2:])
     assert ledger.remove_stale_temps(str(tmp_path / "not-yet"), ["web-1"]) == []
+
+
+def test_an_output_folder_that_holds_input_shards_refuses_however_spelled(tmp_path, monkeypatch):
+    """Each shard's outputs are named after it, so writing into the inputs' folder replaced them."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "in")
+    shards = [str(tmp_path / "in" / "web-0.tar")]
+    monkeypatch.chdir(tmp_path)
+    for out in (str(tmp_path / "in"), "in/", f"file://{tmp_path}/in", "link", str(tmp_path / "in" / ".")):
+        with pytest.raises(UserError, match="holds the input shards .*web-0.tar"):
+            ledger.check_out_folder(out, shards)
+    for out in (str(tmp_path / "out"), str(tmp_path), str(tmp_path / "in" / "sub"), "memory://in"):
+        ledger.check_out_folder(out, shards)
+    ledger.check_out_folder("s3://bucket/clean", ["s3://bucket/web/web-0.tar"])
+    with pytest.raises(UserError):
+        ledger.check_out_folder("s3://bucket/web/", ["s3://bucket/web/web-0.tar"])

@@ -81,7 +81,13 @@ def test_reselect_refuses_an_input_shard_that_lost_scored_samples(tmp_path, tiny
     shard = tmp_path / "web-000000.tar"
     shutil.copy(tiny_shards[0], shard)
     out = str(tmp_path / "run")
+    with pytest.raises(UserError, match="holds the input shards"):  # its outputs would replace them
+        run_round(tiny_cfg(), [str(shard)], str(tmp_path), *tiny_models, local=True, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["web-000000.tar"]
     run_round(tiny_cfg(), [str(shard)], out, *tiny_models, local=True, progress=False)
+    for into in (out, str(tmp_path)):  # select writes a new run, beside its inputs neither
+        with pytest.raises(UserError, match="other than|holds the input shards"):
+            reselect(out, into, threshold=0.0)
     lost = pq.read_table(tmp_path / "run" / "web-000000.scores.parquet").column("key")[3].as_py() + "."
     with tarfile.open(shard) as tar:
         members = [(m.name, tar.extractfile(m).read()) for m in tar if not m.name.startswith(lost)]

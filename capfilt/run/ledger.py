@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import posixpath
 from typing import Any
 
@@ -105,6 +106,29 @@ def check_rerun(out: str, manifest: dict[str, Any], ignore: tuple[str, ...] = ()
     diff = differences(old, manifest, ignore) if old is not None else []
     if diff:
         raise mismatch(out, diff, manifest)
+
+
+def location(url: str) -> tuple[str, str]:
+    """Where a URL points, comparable between spellings: (protocol, path), local paths resolved."""
+    fs, path = url_to_fs(url)
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        path = os.path.realpath(path)
+    return protocol, path.rstrip("/")
+
+
+def check_out_folder(out: str, inputs: list[str]) -> None:
+    """Refuse an output folder that holds input shards: each shard's outputs are named after it
+    (``NAME.tar``), so they would replace the inputs, and a glob over the folder would read one run's
+    outputs as the next one's inputs."""
+    where = location(out)
+    here = {f for f in {posixpath.dirname(u) for u in inputs} if location(f) == where}
+    first = next((u for u in inputs if posixpath.dirname(u) in here), None)
+    if first is not None:
+        raise UserError(
+            f"--out {out} holds the input shards ({first}); its outputs would replace them. "
+            "Write the run to a folder of its own"
+        )
 
 
 def clear_run(out: str, old: dict[str, Any]) -> None:

@@ -21,10 +21,10 @@ from capfilt.data import reader, writer
 from capfilt.data.sample import Candidate, Sample, ShardStats
 from capfilt.errors import UserError
 from capfilt.run import card, ledger
-from capfilt.run.calibration import calibration_of
+from capfilt.run.calibration import calibration_of, store_calibration
 from capfilt.run.pipeline import count_results
 from capfilt.run.progress import RunTotals
-from capfilt.stages.calibrate import CALIBRATION, MODES, threshold_of
+from capfilt.stages.calibrate import MODES, threshold_of
 from capfilt.stages.select import decide
 
 NAN = float("nan")
@@ -82,12 +82,14 @@ def reselect(
     """
     if calibration not in MODES:
         raise ConfigError(f"--calibration must be one of {list(MODES)}, got {calibration!r}")
+    if ledger.location(out) == ledger.location(run_dir):
+        raise UserError(f"select writes a new run: pass an --out other than {run_dir}")
+    manifest = ledger.read_manifest(run_dir)
+    ledger.check_out_folder(out, manifest["shards"])
     mode = "fixed"
     if calibration != "none":
         cal = calibration_of(run_dir)
         threshold, mode = threshold_of(cal, calibration, keep_share), calibration
-        ledger.write_json(f"{out.rstrip('/')}/{CALIBRATION}", cal)
-    manifest = ledger.read_manifest(run_dir)
     names = ledger.shard_names(manifest["shards"])
     committed = [u for u in manifest["shards"] if writer.is_done(run_dir, names[u])]
     filter_cfg = {**manifest["config"]["filter"], "threshold": threshold}
@@ -96,6 +98,8 @@ def reselect(
     from_dict(FilterConfig, filter_cfg, "filter")  # the config's own checks: a threshold in [0, 1]
     cfg = {**manifest["config"], "filter": filter_cfg}
     ledger.open_run(out, {**manifest, "config": cfg, "reselected_from": run_dir})
+    if calibration != "none":  # once the folder has accepted the run, as a round stores its scores
+        store_calibration(out, cal)
     totals = RunTotals()
     for url in committed:
         totals.add(reselect_shard(run_dir, out, url, names[url], threshold, mode), processed=True)

@@ -65,6 +65,7 @@ def run_round(
     captioner, filter_ = str(refs["captioner"].path), str(refs["filter"].path)
     hashes = {role: m["hash"] for role, m in models.items()}
     urls_given = expand_shards(shards)
+    ledger.check_out_folder(out, urls_given)
     if local:
         from capfilt.run.local import LocalPool
 
