@@ -19,6 +19,7 @@ from capfilt.data.specs import expand_shards
 from capfilt.model.hub import model_hash, resolve_model
 from capfilt.run import card, ledger
 from capfilt.run.calibration import resolve_threshold, store_calibration
+from capfilt.run.lease import Lease
 from capfilt.run.progress import RoundProgress, RunTotals
 
 
@@ -66,55 +67,58 @@ def run_round(
     hashes = {role: m["hash"] for role, m in models.items()}
     urls_given = expand_shards(shards)
     ledger.check_out_folder(out, urls_given)
-    if local:
-        from capfilt.run.local import LocalPool
+    with Lease(out):  # one round at a time in a folder
+        if local:
+            from capfilt.run.local import LocalPool
 
-        pool = LocalPool(cfg, captioner, filter_)
-    else:
-        from capfilt.run.ray_pool import RayPool
+            pool = LocalPool(cfg, captioner, filter_)
+        else:
+            from capfilt.run.ray_pool import RayPool
 
-        pool = RayPool(cfg, captioner, filter_, len(urls_given), address)
-    try:
-        if not new_run:  # before Ray starts and any model is loaded; the threshold comes next
-            ledger.check_rerun(out, ledger.make_manifest(urls_given, cfg, hashes), ignore=(ledger.THRESHOLD,))
-        threshold, mode, scores = resolve_threshold(cfg, out, hashes["filter"], human, pool.calibration)
-        cfg = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, threshold=threshold))
-        ledger.open_run(out, ledger.make_manifest(urls_given, cfg, hashes), new_run=new_run)
-        if scores is not None:
-            store_calibration(out, scores)
-        manifest = ledger.read_manifest(out)
-        urls = manifest["shards"]
-        names = ledger.shard_names(urls)
-        jobs = ledger.pending_shards(out, names, urls)
-        ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by a killed run
-        totals, done = RunTotals(), set()
-        failed: dict[str, str] = {}
-        provenance = provenance_of(cfg, models, mode)
-        with RoundProgress(len(urls), len(urls) - len(jobs), enabled=progress) as bar:
+            pool = RayPool(cfg, captioner, filter_, len(urls_given), address)
+        try:
+            if not new_run:  # before Ray starts and any model is loaded; the threshold comes next
+                ledger.check_rerun(
+                    out, ledger.make_manifest(urls_given, cfg, hashes), ignore=(ledger.THRESHOLD,)
+                )
+            threshold, mode, scores = resolve_threshold(cfg, out, hashes["filter"], human, pool.calibration)
+            cfg = dataclasses.replace(cfg, filter=dataclasses.replace(cfg.filter, threshold=threshold))
+            ledger.open_run(out, ledger.make_manifest(urls_given, cfg, hashes), new_run=new_run)
+            if scores is not None:
+                store_calibration(out, scores)
+            manifest = ledger.read_manifest(out)
+            urls = manifest["shards"]
+            names = ledger.shard_names(urls)
+            jobs = ledger.pending_shards(out, names, urls)
+            ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by a killed run
+            totals, done = RunTotals(), set()
+            failed: dict[str, str] = {}
+            provenance = provenance_of(cfg, models, mode)
+            with RoundProgress(len(urls), len(urls) - len(jobs), enabled=progress) as bar:
 
-            def on_done(url: str, stats: ShardStats) -> None:
-                done.add(url)
-                totals.add(stats, processed=True)
-                bar.shard_done(stats)
+                def on_done(url: str, stats: ShardStats) -> None:
+                    done.add(url)
+                    totals.add(stats, processed=True)
+                    bar.shard_done(stats)
 
-            def on_failed(url: str, error: str) -> None:
-                failed[url] = error
-                bar.shard_failed(url, error)
+                def on_failed(url: str, error: str) -> None:
+                    failed[url] = error
+                    bar.shard_failed(url, error)
 
-            pool.run(jobs, out, threshold, provenance, on_done, on_failed)
-        startup = pool.startup()
-    finally:
-        closing = time.perf_counter()
-        pool.close()
-    closed = round(time.perf_counter() - closing, 3)
-    ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by workers killed in this run
-    for url in urls:  # the shards an earlier invocation committed, read back one at a time
-        if url not in done and url not in failed:
-            totals.add(ledger.read_stats(out, names[url]), processed=False)
-    summary = totals.summary(failed, time.perf_counter() - start)
-    summary["this_invocation"] |= {"startup_seconds": startup, "close_seconds": closed}
-    summary |= {"threshold": threshold, "threshold_mode": mode}
-    ledger.write_json(out.rstrip("/") + "/" + ledger.SUMMARY, summary)
-    committed_names = [names[u] for u in urls if u not in failed]
-    card.write_card(out, card.dataset_info(manifest, summary, provenance, committed_names))
-    return summary
+                pool.run(jobs, out, threshold, provenance, on_done, on_failed)
+            startup = pool.startup()
+        finally:
+            closing = time.perf_counter()
+            pool.close()
+        closed = round(time.perf_counter() - closing, 3)
+        ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by workers killed in this run
+        for url in urls:  # the shards an earlier invocation committed, read back one at a time
+            if url not in done and url not in failed:
+                totals.add(ledger.read_stats(out, names[url]), processed=False)
+        summary = totals.summary(failed, time.perf_counter() - start)
+        summary["this_invocation"] |= {"startup_seconds": startup, "close_seconds": closed}
+        summary |= {"threshold": threshold, "threshold_mode": mode}
+        ledger.write_json(out.rstrip("/") + "/" + ledger.SUMMARY, summary)
+        committed_names = [names[u] for u in urls if u not in failed]
+        card.write_card(out, card.dataset_info(manifest, summary, provenance, committed_names))
+        return summary

@@ -1,0 +1,83 @@
+"""One round at a time in a run folder: the lease, alone and in front of a round."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from run_helpers import tiny_cfg
+
+from capfilt.run import lease
+from capfilt.run.lease import Lease, RunBusy, holder_alive
+from capfilt.run.round import run_round
+
+pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
+HOST = socket.gethostname()
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_holder_is_alive_while_it_renews_and_its_process_exists():
+    now = time.time()
+    assert holder_alive({"host": HOST, "pid": os.getpid(), "renewed": now - 5}, now)
+    assert not holder_alive({"host": HOST, "pid": os.getpid(), "renewed": now - lease.STALE_S}, now)
+    assert not holder_alive({"host": HOST, "pid": dead_pid(), "renewed": now}, now)  # killed here
+    assert holder_alive({"host": "another-node", "pid": dead_pid(), "renewed": now - 5}, now)
+
+
+def test_a_second_round_is_refused_until_the_first_lets_go(tmp_path):
+    out = str(tmp_path / "run")
+    with Lease(out):
+        held = json.loads((tmp_path / "run" / "lease.json").read_text())
+        assert (held["host"], held["pid"]) == (HOST, os.getpid())
+        with pytest.raises(RunBusy, match=f"another round \\(host {HOST}, pid {os.getpid()}"):
+            with Lease(out):
+                pass
+    assert not (tmp_path / "run" / "lease.json").exists()
+    with Lease(out):  # free again
+        pass
+
+
+def test_a_dead_or_stale_holder_is_taken_over_and_its_lease_left_alone_after(tmp_path):
+    path = tmp_path / "lease.json"
+    for stale in (
+        {"owner": "x", "host": HOST, "pid": dead_pid(), "renewed": time.time()},
+        {"owner": "x", "host": "another-node", "pid": 1, "renewed": time.time() - lease.STALE_S - 1},
+    ):
+        path.write_text(json.dumps(stale))
+        with Lease(str(tmp_path)):
+            assert json.loads(path.read_text())["pid"] == os.getpid()
+        assert not path.exists()
+    with Lease(str(tmp_path)):  # a round that took the lease over from this one: its lease stays
+        path.write_text(json.dumps({"owner": "y", "host": HOST, "pid": os.getpid(), "renewed": time.time()}))
+    assert json.loads(path.read_text())["owner"] == "y"
+
+
+def test_the_lease_is_renewed_while_held(tmp_path, monkeypatch):
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    with Lease(str(tmp_path)):
+        first = json.loads((tmp_path / "lease.json").read_text())["renewed"]
+        time.sleep(0.3)
+        assert json.loads((tmp_path / "lease.json").read_text())["renewed"] > first
+
+
+def test_a_round_into_a_folder_another_round_holds_refuses_before_it_starts(
+    tmp_path, tiny_models, tiny_shards
+):
+    out = tmp_path / "run"
+    out.mkdir()
+    busy = {"owner": "x", "host": "another-node", "pid": 1, "renewed": time.time()}
+    (out / "lease.json").write_text(json.dumps(busy))
+    with pytest.raises(RunBusy, match="another-node"):
+        run_round(tiny_cfg(), tiny_shards, str(out), *tiny_models, local=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == ["lease.json"]
+    (out / "lease.json").unlink()
+    summary = run_round(tiny_cfg(), tiny_shards, str(out), *tiny_models, local=True, progress=False)
+    assert summary["shards_done"] == 3 and not (out / "lease.json").exists()
