@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
 import json
 import random
@@ -156,3 +157,26 @@ def test_parse_header_reads_what_tarfile_reads():
                 parse_header(block)
         else:
             assert parse_header(block) == (info.name, info.size, info.type)
+
+
+def test_the_reader_fingerprints_the_bytes_it_read(tmp_path):
+    """``sha256`` is what ``capfilt select`` checks an input against: equal for the same content, read
+    plain or gzipped, and different for one changed image byte, which leaves the tar's size as it was."""
+    members = [
+        ("k0.jpg", b"\xff\xd8" + bytes(700)),
+        ("k0.txt", b"a cat"),
+        ("k1.jpg", b"\xff\xd8" + bytes(90)),
+    ]
+    changed = [("k0.jpg", b"\xff\xd8" + bytes(699) + b"\x01"), *members[1:]]
+    digests = {}
+    for name, ms in (("a.tar", members), ("b.tar", members), ("c.tar", changed)):
+        write_tar(str(tmp_path / name), ms)
+        reader = ShardReader(str(tmp_path / name))
+        assert len(list(reader)) == 2
+        digests[name] = reader.sha256
+    (tmp_path / "a.tar.gz").write_bytes(gzip.compress((tmp_path / "a.tar").read_bytes()))
+    gz = ShardReader(str(tmp_path / "a.tar.gz"))
+    list(gz)
+    assert (tmp_path / "a.tar").stat().st_size == (tmp_path / "c.tar").stat().st_size
+    assert digests["a.tar"] == digests["b.tar"] == gz.sha256 != digests["c.tar"]
+    assert digests["a.tar"] == hashlib.sha256((tmp_path / "a.tar").read_bytes()).hexdigest()  # sha256sum's

@@ -77,7 +77,7 @@ def test_a_round_without_itc_stores_null_itc_and_still_reselects(tmp_path, tiny_
     assert reselect(out, str(tmp_path / "lax"), threshold=0.0)["kept"] == len(rows)
 
 
-def test_reselect_refuses_an_input_shard_that_lost_scored_samples(tmp_path, tiny_models, tiny_shards):
+def test_reselect_refuses_an_input_shard_that_changed_since_the_round(tmp_path, tiny_models, tiny_shards):
     shard = tmp_path / "web-000000.tar"
     shutil.copy(tiny_shards[0], shard)
     out = str(tmp_path / "run")
@@ -88,10 +88,22 @@ def test_reselect_refuses_an_input_shard_that_lost_scored_samples(tmp_path, tiny
     for into in (out, str(tmp_path)):  # select writes a new run, beside its inputs neither
         with pytest.raises(UserError, match="other than|holds the input shards"):
             reselect(out, into, threshold=0.0)
-    lost = pq.read_table(tmp_path / "run" / "web-000000.scores.parquet").column("key")[3].as_py() + "."
     with tarfile.open(shard) as tar:
-        members = [(m.name, tar.extractfile(m).read()) for m in tar if not m.name.startswith(lost)]
-    writer.write_tar(str(shard), members)  # the input changed after the round
+        members = [(m.name, tar.extractfile(m).read()) for m in tar]
+    images = [i for i, (name, _) in enumerate(members) if name.endswith((".jpg", ".png"))]
+    swapped = list(members)  # the same keys, one image re-downloaded: its scores are not its image's
+    swapped[images[0]] = (members[images[0]][0], members[images[1]][1])
+    writer.write_tar(str(shard), swapped)
+    with pytest.raises(UserError, match="has changed since .* SHA-256"):
+        reselect(out, str(tmp_path / "lax"), threshold=0.0)
+
+    # a run made before stats recorded the input's hash: a sample that is gone is still caught
+    stats = tmp_path / "run" / "web-000000.stats.json"
+    stats.write_text(
+        json.dumps({k: v for k, v in json.loads(stats.read_text()).items() if k != "input_sha256"})
+    )
+    lost = pq.read_table(tmp_path / "run" / "web-000000.scores.parquet").column("key")[3].as_py() + "."
+    writer.write_tar(str(shard), [(name, data) for name, data in members if not name.startswith(lost)])
     with pytest.raises(UserError, match="no longer holds 1 of the 9 samples"):
         reselect(out, str(tmp_path / "lax"), threshold=0.0)
     assert not list((tmp_path / "lax").glob("web-*")) and not list((tmp_path / "lax").glob(".web-*"))

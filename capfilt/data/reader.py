@@ -18,6 +18,7 @@ non-file members (folders, links) are not sample members and are skipped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import tarfile
@@ -175,8 +176,22 @@ def make_sample(key: str, url: str, members: dict[str, bytes]) -> Sample | Rejec
     return Sample(key, url, members[image_ext], image_ext, caption, meta, extra)
 
 
+class _Hashed:
+    """A file object that hashes what is read through it: the shard's fingerprint without a second read
+    (SHA-256 runs at 1.3 GB/s on one of the project machine's cores)."""
+
+    def __init__(self, f, hash_):
+        self.f, self.hash = f, hash_
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.f.read(n)
+        self.hash.update(data)
+        return data
+
+
 class ShardReader:
-    """Iterate one shard's samples and rejects; ``truncated`` tells, after iteration, if it was cut.
+    """Iterate one shard's samples and rejects; after iteration, ``truncated`` tells if it was cut and
+    ``sha256`` is the hash of the bytes read (a fingerprint that ``capfilt select`` checks).
 
     >>> reader = ShardReader("s3://bucket/web-000003.tar")
     >>> for item in reader: ...
@@ -188,9 +203,16 @@ class ShardReader:
         self.storage_options = storage_options
         self.truncated = False
         self.truncation_detail = ""
+        self._hash = hashlib.sha256()
+
+    @property
+    def sha256(self) -> str:
+        """The hash of the bytes read so far; after iteration, of the whole file (``sha256sum``'s), or of
+        its decompressed bytes when it is compressed."""
+        return self._hash.hexdigest()
 
     def __iter__(self) -> Iterator[Sample | Reject]:
-        self.truncated, self.truncation_detail = False, ""
+        self.truncated, self.truncation_detail, self._hash = False, "", hashlib.sha256()
         seen: set[str] = set()
         key, members, duplicate = None, {}, ""
 
@@ -206,11 +228,14 @@ class ShardReader:
             seen.add(new_key)
 
         with fsspec.open(self.url, "rb", compression="infer", **self.storage_options) as f:
-            stream = iter_members(f)
+            hashed = _Hashed(f, self._hash)
+            stream = iter_members(hashed)
             while True:
                 try:
                     name, data = next(stream)
-                except StopIteration:
+                except StopIteration:  # the end-of-archive marker; the padding after it is hashed too
+                    while hashed.read(1 << 20):
+                        pass
                     break
                 except _Truncated as err:
                     self.truncated, self.truncation_detail = True, str(err)

@@ -91,6 +91,7 @@ class ShardStats:
     kept_by_source: dict[str, int] = field(default_factory=dict)  # kept candidates: web / synthetic
     candidates_by_source: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    input_sha256: str = ""  # of the input shard's bytes as read ("" from before it was recorded)
 
     def reject(self, r: Reject) -> None:
         self.rejected[r.reason] = self.rejected.get(r.reason, 0) + 1

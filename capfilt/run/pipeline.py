@@ -242,7 +242,7 @@ def process_shard(
                 out.add(done)
                 timings["write"] += time.perf_counter() - t0
                 faults.maybe_kill(name)
-        stats.truncated = shard.truncated  # known once the reader has finished
+        stats.truncated, stats.input_sha256 = shard.truncated, shard.sha256  # known once it has finished
         stats.check()
         stats.timings = timings  # stats.json gets the timings up to the commit; the caller's copy all
         t0 = time.perf_counter()

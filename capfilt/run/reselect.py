@@ -49,14 +49,20 @@ def reselect_shard(
     fs, _ = url_to_fs(run_dir)
     with fs.open(f"{run_dir.rstrip('/')}/{name}.scores.parquet", "rb") as f:
         rows = {r["key"]: r for r in pq.read_table(f).to_pylist()}
-    stats = ShardStats(url, n_in=old.n_in, truncated=old.truncated)
+    stats = ShardStats(url, n_in=old.n_in, truncated=old.truncated, input_sha256=old.input_sha256)
     stats.rejected, stats.rejects = dict(old.rejected), list(old.rejects)
     with writer.RoundShardWriter(out, name, _provenance(run_dir, name, threshold, mode)) as shard:
-        for s in reader.ShardReader(url):  # scores rows are in the input's order, and so is the new shard
+        samples = reader.ShardReader(url)
+        for s in samples:  # scores rows are in the input's order, and so is the new shard
             if isinstance(s, Sample) and s.key in rows:
                 result = decide(s, _candidates(rows[s.key]), threshold)
                 count_results(stats, [result])
                 shard.add([result])
+        if old.input_sha256 and samples.sha256 != old.input_sha256:
+            raise UserError(
+                f"{url} has changed since {run_dir} scored it (its SHA-256): its scores may not be its "
+                "images'; re-run the round instead"
+            )
         if stats.kept + stats.dropped != len(rows):
             raise UserError(
                 f"{url} no longer holds {len(rows) - stats.kept - stats.dropped} of the {len(rows)} samples "
