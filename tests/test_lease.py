@@ -81,3 +81,19 @@ def test_a_round_into_a_folder_another_round_holds_refuses_before_it_starts(
     (out / "lease.json").unlink()
     summary = run_round(tiny_cfg(), tiny_shards, str(out), *tiny_models, local=True, progress=False)
     assert summary["shards_done"] == 3 and not (out / "lease.json").exists()
+
+
+def test_a_renewal_that_fails_is_said_and_tried_again(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    write, calls = lease.ledger.write_json, []
+
+    def flaky(url, obj):
+        calls.append(url)
+        if len(calls) == 2:  # the first renewal
+            raise OSError("503 Slow Down")
+        write(url, obj)
+
+    monkeypatch.setattr(lease.ledger, "write_json", flaky)
+    with Lease(str(tmp_path)):
+        time.sleep(0.4)
+    assert len(calls) > 3 and "could not renew" in capsys.readouterr().err

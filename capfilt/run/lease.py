@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -66,7 +67,10 @@ class Lease:
 
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(RENEW_S):
-            self._write()
+            try:
+                self._write()
+            except OSError as err:  # a store's hiccup: the next renewal tries again, well before stale
+                print(f"[capfilt] could not renew {self.url}: {err}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> Lease:
         fs, path = url_to_fs(self.url)
