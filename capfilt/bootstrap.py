@@ -27,6 +27,7 @@ from capfilt.config import Config, config_from_dict
 from capfilt.data.mirror import Mirror
 from capfilt.data.writer import atomic_open
 from capfilt.errors import UserError
+from capfilt.run.lease import Lease
 from capfilt.run.ledger import read_json, write_json
 from capfilt.train.checkpoint import LATEST
 
@@ -203,17 +204,20 @@ def bootstrap(
             f"({cfg.finetune.image_size}) px images, but run.image_size is {cfg.run.image_size}: set them equal"
         )
     mirror = Mirror(out)
-    _check_manifest(mirror.url, cfg, plan)
-    mirror.pull(skip_dirs=("run",), pointer=LATEST)
-    round_dirs = []
-    for r in range(plan.rounds + 1):
-        rd, prev = mirror.local / f"round-{r}", mirror.local / f"round-{r - 1}"
-        run_dir = clean(cfg, plan, prev / "finetune", rd, log, mirror) if r > 0 else None
-        train_shards = [f"{run_dir}/*.tar", *plan.human] if run_dir else plan.web + plan.human
-        if r == 0:
-            init = plan.init
-        else:
-            init = prev / "pretrain" / "med" if plan.warm_start else None
-        train_and_evaluate(cfg, train_shards, plan, rd, init=init, run_dir=run_dir, log=log, mirror=mirror)
-        round_dirs.append(mirror.url_of(rd))
+    with Lease(mirror.url):  # a scheduled bootstrap that overlaps the last one would train into its folders
+        _check_manifest(mirror.url, cfg, plan)
+        mirror.pull(skip_dirs=("run",), pointer=LATEST)
+        round_dirs = []
+        for r in range(plan.rounds + 1):
+            rd, prev = mirror.local / f"round-{r}", mirror.local / f"round-{r - 1}"
+            run_dir = clean(cfg, plan, prev / "finetune", rd, log, mirror) if r > 0 else None
+            train_shards = [f"{run_dir}/*.tar", *plan.human] if run_dir else plan.web + plan.human
+            if r == 0:
+                init = plan.init
+            else:
+                init = prev / "pretrain" / "med" if plan.warm_start else None
+            train_and_evaluate(
+                cfg, train_shards, plan, rd, init=init, run_dir=run_dir, log=log, mirror=mirror
+            )
+            round_dirs.append(mirror.url_of(rd))
     return round_dirs

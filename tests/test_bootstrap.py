@@ -7,6 +7,7 @@ noisy``: no demo-world ``scene``) re-runs only the evaluations.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -19,6 +20,7 @@ from capfilt.config import load_config
 from capfilt.demo import world_plan
 from capfilt.errors import UserError
 from capfilt.report import round_table, write_report
+from capfilt.run.lease import RunBusy
 
 
 @pytest.mark.slow
@@ -112,3 +114,14 @@ def test_a_round_image_size_the_finetuned_models_do_not_take_is_refused_before_a
     with pytest.raises(UserError, match=r"finetune.image_size \(32\) px images, but run.image_size is 48"):
         bootstrap(cfg, plan, tmp_path / "boot", log=lambda _: None)
     assert not (tmp_path / "boot").exists()
+
+
+def test_a_bootstrap_into_a_folder_another_one_holds_is_refused_before_any_work(tmp_path):
+    """A scheduled bootstrap that overlaps the previous one would train into the same folders."""
+    plan = BootstrapPlan(web=["web-{0..2}.tar"], human=["human.tar"], test=["test.tar"], rounds=1)
+    (tmp_path / "boot").mkdir()
+    busy = {"owner": "x", "host": "another-node", "pid": 1, "renewed": time.time()}
+    (tmp_path / "boot" / "lease.json").write_text(json.dumps(busy))
+    with pytest.raises(RunBusy, match="another-node"):
+        bootstrap(load_config("tiny"), plan, tmp_path / "boot", log=lambda _: None)
+    assert sorted(p.name for p in (tmp_path / "boot").iterdir()) == ["lease.json"]
