@@ -3,6 +3,7 @@ common readers (HF datasets, Ray Data, webdataset, DALI) reading every kept samp
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -39,6 +40,9 @@ def test_a_rerun_over_a_grown_list_processes_only_the_new_shards(grown_run):
     assert counts["in"] == counts["kept"] + counts["dropped"] + sum(counts["rejected"].values())
     assert counts["rejected"] == {"undecodable_image": 1}
     assert len(info["files"]["webdataset"]) == 15 and len(info["inputs"]) == 15
+    for url in info["inputs"]:  # which bytes were cleaned: sha256sum's of each input, old shards' too
+        with open(url, "rb") as f:
+            assert info["input_sha256"][url] == hashlib.sha256(f.read()).hexdigest()
     assert info["threshold"] == {"value": 0.5, "mode": "fixed", "how": card.THRESHOLD_MODES["fixed"]}
     assert set(info["models"]) == {"captioner", "filter"}
     readme = (out / card.README).read_text()

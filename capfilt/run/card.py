@@ -40,9 +40,14 @@ def _schema(schema: pa.Schema) -> list[dict[str, str]]:
 
 
 def dataset_info(
-    manifest: dict[str, Any], summary: dict[str, Any], provenance: dict[str, Any], names: list[str]
+    manifest: dict[str, Any],
+    summary: dict[str, Any],
+    provenance: dict[str, Any],
+    names: list[str],
+    input_sha256: dict[str, str],
 ) -> dict[str, Any]:
-    """The machine-readable card; ``names`` are the committed shards' output NAMEs."""
+    """The machine-readable card; ``names`` are the committed shards' output NAMEs, ``input_sha256`` the
+    hashes their inputs had when they were cleaned, so a team can check which bytes the run cleaned."""
     image_bytes = manifest["config"]["run"]["parquet_image_bytes"]
     mode = provenance.get("threshold_mode", "fixed")
     this = summary["this_invocation"]["shards"]
@@ -78,6 +83,7 @@ def dataset_info(
         },
         "seed": manifest["seed"],
         "inputs": manifest["shards"],
+        "input_sha256": dict(sorted(input_sha256.items())),
         "config": manifest["config"],
     }
 
@@ -139,7 +145,8 @@ Threshold **{t["value"]}** ({t["mode"]}): {t["how"]}. Seed {info["seed"]}.
 ## Files
 Per input shard `NAME`: `NAME.tar` (kept samples, WebDataset), `NAME.parquet` (kept rows),
 `NAME.scores.parquet` (every scored sample, kept or dropped, with all candidate scores),
-`NAME.stats.json` (counts and reject reasons), `NAME.done` (commit marker).
+`NAME.stats.json` (counts and reject reasons), `NAME.done` (commit marker). `dataset_info.json`'s
+`input_sha256` holds each input shard's SHA-256 as it was cleaned (`sha256sum`'s for a plain tar).
 
 Tar members per sample:
 {members}

@@ -34,6 +34,7 @@ class RunTotals:
         self.cand_src: Counter = Counter()
         self.timings: Counter = Counter()  # stage seconds of the shards this invocation processed
         self.truncated: list[str] = []
+        self.input_sha256: dict[str, str] = {}  # per committed shard, for the card: as big as its input list
 
     def add(self, s: ShardStats, processed: bool) -> None:
         """One committed shard; ``processed`` if this invocation cleaned it (else an earlier one did)."""
@@ -44,6 +45,8 @@ class RunTotals:
         self.cand_src.update(s.candidates_by_source)
         if s.truncated:
             self.truncated.append(s.shard)
+        if s.input_sha256:
+            self.input_sha256[s.shard] = s.input_sha256
         if processed:
             self.processed += 1
             self.n_new += s.n_in

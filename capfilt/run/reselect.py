@@ -114,5 +114,6 @@ def reselect(
     if committed:
         provenance = _provenance(run_dir, names[committed[0]], threshold, mode)
         done = [names[u] for u in committed]
-        card.write_card(out, card.dataset_info(ledger.read_manifest(out), summary, provenance, done))
+        info = card.dataset_info(ledger.read_manifest(out), summary, provenance, done, totals.input_sha256)
+        card.write_card(out, info)
     return summary

@@ -120,5 +120,7 @@ def run_round(
         summary |= {"threshold": threshold, "threshold_mode": mode}
         ledger.write_json(out.rstrip("/") + "/" + ledger.SUMMARY, summary)
         committed_names = [names[u] for u in urls if u not in failed]
-        card.write_card(out, card.dataset_info(manifest, summary, provenance, committed_names))
+        card.write_card(
+            out, card.dataset_info(manifest, summary, provenance, committed_names, totals.input_sha256)
+        )
         return summary
