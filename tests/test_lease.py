@@ -1,4 +1,4 @@
-"""One round at a time in a run folder: the lease, alone and in front of a round."""
+"""One job at a time in an output folder: the lease, alone and in front of a round and a training."""
 
 import json
 import os
@@ -10,9 +10,12 @@ import time
 import pytest
 from run_helpers import tiny_cfg
 
+from capfilt.config import load_config
 from capfilt.run import lease
 from capfilt.run.lease import Lease, RunBusy, holder_alive
 from capfilt.run.round import run_round
+from capfilt.train.finetune import finetune
+from capfilt.train.pretrain import pretrain
 
 pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
 HOST = socket.gethostname()
@@ -37,7 +40,7 @@ def test_a_second_round_is_refused_until_the_first_lets_go(tmp_path):
     with Lease(out):
         held = json.loads((tmp_path / "run" / "lease.json").read_text())
         assert (held["host"], held["pid"]) == (HOST, os.getpid())
-        with pytest.raises(RunBusy, match=f"another round \\(host {HOST}, pid {os.getpid()}"):
+        with pytest.raises(RunBusy, match=f"another capfilt job \\(host {HOST}, pid {os.getpid()}"):
             with Lease(out):
                 pass
     assert not (tmp_path / "run" / "lease.json").exists()
@@ -97,3 +100,16 @@ def test_a_renewal_that_fails_is_said_and_tried_again(tmp_path, monkeypatch, cap
     with Lease(str(tmp_path)):
         time.sleep(0.4)
     assert len(calls) > 3 and "could not renew" in capsys.readouterr().err
+
+
+def test_a_training_into_a_folder_another_job_holds_refuses_before_it_trains(tmp_path, tiny_shards):
+    """Two trainings in one folder would resume from each other's checkpoints."""
+    busy = {"owner": "x", "host": "another-node", "pid": 1, "renewed": time.time()}
+    for name in ("med", "models"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "lease.json").write_text(json.dumps(busy))
+    with pytest.raises(RunBusy, match="another-node"):
+        pretrain(load_config("tiny"), tiny_shards, tmp_path / "med")
+    with pytest.raises(RunBusy, match="another-node"):
+        finetune(load_config("tiny"), tmp_path / "med", tiny_shards, tmp_path / "models")
+    assert [p.name for p in tmp_path.glob("*/*")] == ["lease.json", "lease.json"]

@@ -1,14 +1,15 @@
-"""One round at a time in a run folder: a lease file that the running round keeps renewing.
+"""One job at a time in an output folder: a lease file that the running job keeps renewing.
 
 Two rounds in one folder (a nightly job that starts while last night's is still cleaning its backlog)
 would clean the same shards twice, on twice the GPUs, and delete each other's temp files, failing each
-other's shards. So a round writes ``OUT/lease.json`` (who holds it, and when it was last renewed)
-before it starts Ray, renews it every ``RENEW_S`` from a thread, and deletes it when it ends. A round
-that finds a lease renewed less than ``STALE_S`` ago refuses, naming the holder. A killed round's lease
-is taken over at once on the same host (its process is gone), elsewhere once it is stale.
+other's shards; two trainings in one folder would resume from each other's checkpoints. So a round, a
+bootstrap and a training job write ``OUT/lease.json`` (who holds it, and when it was last renewed)
+before any work, renew it every ``RENEW_S`` from a thread, and delete it when they end. A job that
+finds a lease renewed less than ``STALE_S`` ago refuses, naming the holder. A killed job's lease is
+taken over at once on the same host (its process is gone), elsewhere once it is stale.
 
 The check and the write are two steps, not one atomic operation (object stores have no portable
-create-if-absent): two rounds started within the same moment can both go ahead, as before.
+create-if-absent): two jobs started within the same moment can both go ahead, as before.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ STALE_S = 120.0
 
 
 class RunBusy(UserError):
-    """Another round holds the run folder's lease."""
+    """Another job holds the output folder's lease."""
 
 
 def _alive(pid: int) -> bool:
@@ -46,7 +47,7 @@ def _alive(pid: int) -> bool:
 
 
 def holder_alive(lease: dict[str, Any], now: float) -> bool:
-    """Whether the round that wrote ``lease`` may still be running: renewed recently, and, when it ran
+    """Whether the job that wrote ``lease`` may still be running: renewed recently, and, when it ran
     on this host, its process still exists."""
     if now - lease["renewed"] >= STALE_S:
         return False
@@ -54,7 +55,7 @@ def holder_alive(lease: dict[str, Any], now: float) -> bool:
 
 
 class Lease:
-    """``with Lease(out):`` around a round; refuses (``RunBusy``) while another round holds ``out``."""
+    """``with Lease(out):`` around a job; refuses (``RunBusy``) while another job holds ``out``."""
 
     def __init__(self, out: str):
         self.url = out.rstrip("/") + "/" + LEASE
@@ -79,8 +80,8 @@ class Lease:
         if held is not None and holder_alive(held, time.time()):
             ago = time.time() - held["renewed"]
             raise RunBusy(
-                f"{self.url.rsplit('/', 1)[0]} is being written by another round (host {held['host']}, "
-                f"pid {held['pid']}, renewed {ago:.0f} s ago). Wait for it to finish; a round that died "
+                f"{self.url.rsplit('/', 1)[0]} is being written by another capfilt job (host {held['host']}, "
+                f"pid {held['pid']}, renewed {ago:.0f} s ago). Wait for it to finish; a job that died "
                 f"elsewhere leaves its lease stale {STALE_S:.0f} s after its last renewal"
             )
         self._write()
@@ -91,6 +92,6 @@ class Lease:
         self._stop.set()
         self._thread.join()
         held = ledger.read_json(self.url)
-        if held is not None and held.get("owner") == self.me["owner"]:  # not a round that took it over
+        if held is not None and held.get("owner") == self.me["owner"]:  # not a job that took it over
             fs, path = url_to_fs(self.url)
             fs.rm(path)

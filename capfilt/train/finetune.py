@@ -16,6 +16,7 @@ from torch import nn
 from capfilt.config import Config
 from capfilt.data.specs import expand_shards
 from capfilt.model.hf import export_captioner, export_filter, load_med
+from capfilt.run.lease import Lease
 from capfilt.train.data import count_pairs
 from capfilt.train.distributed import run_job
 from capfilt.train.loop import Job, final_checkpoint
@@ -31,45 +32,46 @@ def finetune(cfg: Config, med_path: str | Path, shards: list[str], out: str | Pa
     """Write ``out/captioner`` and ``out/filter`` (HF folders) and ``out/finetune.json``; with ``remote``
     (the URL ``out`` mirrors) every training checkpoint is uploaded there as it is written."""
     out, shards = Path(out), expand_shards(shards)
-    counted = count_pairs(shards)
-    print(f"[finetune] {counted}", flush=True)
-    stage = cfg.finetune
-    jobs = {
-        "captioner": dict(losses=["lm"], prompt=stage.prompt),
-        "filter": dict(losses=["itc", "itm"], use_idx=True),
-    }
-    report = {
-        "config": cfg.to_dict(),
-        "med": str(med_path),
-        "n_pairs": counted.n_pairs,
-        "rejected": dict(counted.rejects),
-    }
-    models = {}
-    for name, kind in jobs.items():
-        job = Job(
-            name=name,
-            config=cfg.to_dict(),
-            stage="finetune",
-            init=str(med_path),
-            shards=counted.shards,
-            out=str(out / "train" / name),
-            n_pairs=counted.n_pairs,
-            remote=f"{remote}/train/{name}" if remote else "",
-            **kind,
-        )
-        run_job(job, stage)
-        ckpt = final_checkpoint(job.out)
-        models[name] = load_med(ckpt / "med")
-        state = json.loads((ckpt / "state.json").read_text())
-        report[name] = {
-            "steps": state["step"],
-            "samples_per_s": state["samples_per_s"],
-            "losses": state["history"],
+    with Lease(str(out)):  # two trainings in one folder would resume from each other's checkpoints
+        counted = count_pairs(shards)
+        print(f"[finetune] {counted}", flush=True)
+        stage = cfg.finetune
+        jobs = {
+            "captioner": dict(losses=["lm"], prompt=stage.prompt),
+            "filter": dict(losses=["itc", "itm"], use_idx=True),
         }
-    (cap, tok, _), (filt, _, _) = models["captioner"], models["filter"]
-    if shared := shared_tensors(cap, filt):
-        raise AssertionError(f"captioner and filter share tensors: {shared[:5]}")
-    export_captioner(cap, tok, out / "captioner")
-    export_filter(filt, tok, out / "filter")
-    (out / "finetune.json").write_text(json.dumps(report, indent=1))
-    return report
+        report = {
+            "config": cfg.to_dict(),
+            "med": str(med_path),
+            "n_pairs": counted.n_pairs,
+            "rejected": dict(counted.rejects),
+        }
+        models = {}
+        for name, kind in jobs.items():
+            job = Job(
+                name=name,
+                config=cfg.to_dict(),
+                stage="finetune",
+                init=str(med_path),
+                shards=counted.shards,
+                out=str(out / "train" / name),
+                n_pairs=counted.n_pairs,
+                remote=f"{remote}/train/{name}" if remote else "",
+                **kind,
+            )
+            run_job(job, stage)
+            ckpt = final_checkpoint(job.out)
+            models[name] = load_med(ckpt / "med")
+            state = json.loads((ckpt / "state.json").read_text())
+            report[name] = {
+                "steps": state["step"],
+                "samples_per_s": state["samples_per_s"],
+                "losses": state["history"],
+            }
+        (cap, tok, _), (filt, _, _) = models["captioner"], models["filter"]
+        if shared := shared_tensors(cap, filt):
+            raise AssertionError(f"captioner and filter share tensors: {shared[:5]}")
+        export_captioner(cap, tok, out / "captioner")
+        export_filter(filt, tok, out / "filter")
+        (out / "finetune.json").write_text(json.dumps(report, indent=1))
+        return report

@@ -21,6 +21,7 @@ from capfilt.model.hub import resolve_model
 from capfilt.model.init import bert_tokenizer, load_text, load_vision
 from capfilt.model.med import MED
 from capfilt.model.tokenizer import count_words, train_tokenizer
+from capfilt.run.lease import Lease
 from capfilt.train.data import count_pairs
 from capfilt.train.distributed import run_job
 from capfilt.train.loop import Job, final_checkpoint
@@ -54,31 +55,32 @@ def pretrain(
     """Pretrain into ``out`` (checkpoints ``out/step-N``, final model ``out/med``); resumes if interrupted.
     With ``remote`` (the URL ``out`` mirrors) every checkpoint is uploaded there as it is written."""
     out, shards = Path(out), expand_shards(shards)
-    if init is None:  # an uncached pretrained model fails now, not after a scan of the whole corpus
-        for ref in (cfg.model.vision_init, cfg.model.text_init):
-            if ref:
-                resolve_model(ref)
-    fresh = init is None and not (out / "init" / "config.json").is_file()
-    words = Counter() if fresh and not cfg.model.text_init else None  # only for a tokenizer to train
-    counted = count_pairs(shards, words)
-    print(f"[pretrain] {counted}", flush=True)
-    if init is None:
-        init = out / "init"
-        if fresh:  # a pure function of the captions, the seed and the inits: a rerun rebuilds it
-            fresh_med(cfg, words, init)
-    job = Job(
-        name="pretrain",
-        config=cfg.to_dict(),
-        stage="pretrain",
-        init=str(init),
-        shards=counted.shards,
-        out=str(out),
-        n_pairs=counted.n_pairs,
-        losses=["itc", "itm", "lm"],
-        remote=remote,
-    )
-    run_job(job, cfg.pretrain)
-    final = out / "med"
-    shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(final_checkpoint(out) / "med", final)
-    return final
+    with Lease(str(out)):  # two trainings in one folder would resume from each other's checkpoints
+        if init is None:  # an uncached pretrained model fails now, not after a scan of the whole corpus
+            for ref in (cfg.model.vision_init, cfg.model.text_init):
+                if ref:
+                    resolve_model(ref)
+        fresh = init is None and not (out / "init" / "config.json").is_file()
+        words = Counter() if fresh and not cfg.model.text_init else None  # only for a tokenizer to train
+        counted = count_pairs(shards, words)
+        print(f"[pretrain] {counted}", flush=True)
+        if init is None:
+            init = out / "init"
+            if fresh:  # a pure function of the captions, the seed and the inits: a rerun rebuilds it
+                fresh_med(cfg, words, init)
+        job = Job(
+            name="pretrain",
+            config=cfg.to_dict(),
+            stage="pretrain",
+            init=str(init),
+            shards=counted.shards,
+            out=str(out),
+            n_pairs=counted.n_pairs,
+            losses=["itc", "itm", "lm"],
+            remote=remote,
+        )
+        run_job(job, cfg.pretrain)
+        final = out / "med"
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(final_checkpoint(out) / "med", final)
+        return final
