@@ -57,6 +57,11 @@ def test_round_calibrates_on_human_pairs_records_it_and_select_rederives_it(
     cfg = tiny_cfg("filter.calibration=keep", "filter.keep_share=0.8")
     with pytest.raises(ValueError, match="--human"):
         run_round(cfg, tiny_shards, out, cap, flt, local=True, progress=False)
+    with pytest.raises(UserError, match="do not exist"):
+        run_round(
+            cfg, tiny_shards, out, cap, flt, local=True, progress=False, human=[str(tmp_path / "h.tar")]
+        )
+    assert not (tmp_path / "run").exists()  # refused before anything was written
     human = tiny_shards[1:]
     summary = run_round(cfg, tiny_shards, out, cap, flt, local=True, progress=False, human=human)
     cal = json.loads((tmp_path / "run" / "calibration.json").read_text())

@@ -19,6 +19,15 @@ from capfilt.run import ledger
 from capfilt.stages.calibrate import CALIBRATION, threshold_of
 
 
+def check_human(cfg: Config, human: list[str] | None) -> None:
+    """Before a round starts anything: a calibrated threshold needs human shards, and they must exist."""
+    if cfg.filter.calibration == "none":
+        return
+    if not human:
+        raise ConfigError(f"filter.calibration={cfg.filter.calibration} needs the human shards: pass --human")
+    expand_shards(human)  # a spec that matches nothing fails here, with the missing names
+
+
 def resolve_threshold(
     cfg: Config,
     out: str,
@@ -27,7 +36,8 @@ def resolve_threshold(
     score: Callable[[list[str]], dict[str, Any]],
 ) -> tuple[float, str, dict[str, Any] | None]:
     """(threshold, mode, scores) for a round writing into ``out``: the config's threshold, or one
-    calibrated on scores stored there or from ``score(human)`` (``ShardWorker.calibration``).
+    calibrated on scores stored there or from ``score(human)`` (``ShardWorker.calibration``; ``human``
+    checked by ``check_human``).
 
     ``scores`` are new ones for the round to store (``store_calibration``) once the run folder has
     accepted the run, so that a refused rerun leaves the run's own scores in place; else None.
@@ -35,8 +45,6 @@ def resolve_threshold(
     mode = cfg.filter.calibration
     if mode == "none":
         return cfg.filter.threshold, "fixed", None
-    if not human:
-        raise ConfigError(f"filter.calibration={mode} needs the human shards: pass --human")
     cal = ledger.read_json(out.rstrip("/") + "/" + CALIBRATION)
     want = {
         "filter": filter_hash,
@@ -46,7 +54,7 @@ def resolve_threshold(
     }
     fresh = None
     if cal is None or {k: cal.get(k) for k in want} != want:
-        cal = fresh = want | score(expand_shards(human))  # a spec that matches nothing fails here
+        cal = fresh = want | score(expand_shards(human))
     return threshold_of(cal, mode, cfg.filter.keep_share), mode, fresh
 
 

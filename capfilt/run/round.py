@@ -18,7 +18,7 @@ from capfilt.data.sample import ShardStats
 from capfilt.data.specs import expand_shards
 from capfilt.model.hub import model_hash, resolve_model
 from capfilt.run import card, ledger
-from capfilt.run.calibration import resolve_threshold, store_calibration
+from capfilt.run.calibration import check_human, resolve_threshold, store_calibration
 from capfilt.run.lease import Lease
 from capfilt.run.progress import RoundProgress, RunTotals
 
@@ -67,6 +67,7 @@ def run_round(
     hashes = {role: m["hash"] for role, m in models.items()}
     urls_given = expand_shards(shards)
     ledger.check_out_folder(out, urls_given)
+    check_human(cfg, human)
     with Lease(out):  # one round at a time in a folder
         if local:
             from capfilt.run.local import LocalPool
