@@ -158,14 +158,13 @@ class CaptionConfig:
     def __post_init__(self):
         _check(0.0 < self.top_p <= 1.0, "caption.top_p", "in (0, 1]", self.top_p)
         _check(self.repetition_penalty > 0, "caption.repetition_penalty", "> 0", self.repetition_penalty)
-        _check(self.num_beams >= 1, "caption.num_beams", ">= 1", self.num_beams)
+        _at_least(self, "caption", ("num_beams", "num_captions"))
         _check(
             0 <= self.min_length <= self.max_length,
             "caption.min_length",
             "in [0, max_length]",
             self.min_length,
         )
-        _check(self.num_captions >= 1, "caption.num_captions", ">= 1", self.num_captions)
 
 
 @dataclass
@@ -188,9 +187,9 @@ class FilterConfig:
         _check(
             0.0 <= self.threshold <= 1.0, "filter.threshold", "in [0, 1] (an ITM probability)", self.threshold
         )
-        _check(self.batch_size >= 1, "filter.batch_size", ">= 1", self.batch_size)
+        _at_least(self, "filter", ("batch_size",))
+        _at_least(self, "filter", ("calibration_samples",), low=2)
         _check(0.0 < self.keep_share <= 1.0, "filter.keep_share", "in (0, 1]", self.keep_share)
-        _check(self.calibration_samples >= 2, "filter.calibration_samples", ">= 2", self.calibration_samples)
 
 
 @dataclass
@@ -223,7 +222,7 @@ class RunConfig:
         _check(self.actors == "auto" or self.actors >= 1, "run.actors", '>= 1 or "auto"', self.actors)
         _check(self.num_cpus_per_actor > 0, "run.num_cpus_per_actor", "> 0", self.num_cpus_per_actor)
         _check(self.num_gpus_per_actor >= 0, "run.num_gpus_per_actor", ">= 0", self.num_gpus_per_actor)
-        _check(self.max_shard_retries >= 0, "run.max_shard_retries", ">= 0", self.max_shard_retries)
+        _at_least(self, "run", ("max_shard_retries",), low=0)
 
 
 @dataclass

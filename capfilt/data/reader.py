@@ -190,29 +190,31 @@ class _Hashed:
 
 
 class ShardReader:
-    """Iterate one shard's samples and rejects; after iteration, ``truncated`` tells if it was cut and
-    ``sha256`` is the hash of the bytes read (a fingerprint that ``capfilt select`` checks).
+    """Iterate one shard's samples and rejects; after iteration, ``truncated`` tells if it was cut and,
+    with ``fingerprint``, ``sha256`` is the hash of the bytes read (what a round records and ``capfilt
+    select`` checks; the other readers, training's every epoch among them, do not pay for it).
 
     >>> reader = ShardReader("s3://bucket/web-000003.tar")
     >>> for item in reader: ...
     >>> reader.truncated
     """
 
-    def __init__(self, url: str, **storage_options):
-        self.url = url
+    def __init__(self, url: str, fingerprint: bool = False, **storage_options):
+        self.url, self.fingerprint = url, fingerprint
         self.storage_options = storage_options
         self.truncated = False
         self.truncation_detail = ""
-        self._hash = hashlib.sha256()
+        self._hash = None
 
     @property
     def sha256(self) -> str:
-        """The hash of the bytes read so far; after iteration, of the whole file (``sha256sum``'s), or of
-        its decompressed bytes when it is compressed."""
-        return self._hash.hexdigest()
+        """With ``fingerprint``, the hash of the bytes read so far; after iteration, of the whole file
+        (``sha256sum``'s), or of its decompressed bytes when it is compressed. Else ""."""
+        return self._hash.hexdigest() if self._hash is not None else ""
 
     def __iter__(self) -> Iterator[Sample | Reject]:
-        self.truncated, self.truncation_detail, self._hash = False, "", hashlib.sha256()
+        self.truncated, self.truncation_detail = False, ""
+        self._hash = hashlib.sha256() if self.fingerprint else None
         seen: set[str] = set()
         key, members, duplicate = None, {}, ""
 
@@ -228,13 +230,14 @@ class ShardReader:
             seen.add(new_key)
 
         with fsspec.open(self.url, "rb", compression="infer", **self.storage_options) as f:
-            hashed = _Hashed(f, self._hash)
-            stream = iter_members(hashed)
+            if self._hash is not None:
+                f = _Hashed(f, self._hash)
+            stream = iter_members(f)
             while True:
                 try:
                     name, data = next(stream)
-                except StopIteration:  # the end-of-archive marker; the padding after it is hashed too
-                    while hashed.read(1 << 20):
+                except StopIteration:  # the end-of-archive marker
+                    while self._hash is not None and f.read(1 << 20):  # the padding after it, hashed too
                         pass
                     break
                 except _Truncated as err:

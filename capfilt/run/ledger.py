@@ -79,7 +79,12 @@ def differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...
         return [] if a == b else [f"{where.lstrip('.')}: {a!r} → {b!r}"]
 
     diff = walk({k: old.get(k) for k in IDENTITY}, {k: new.get(k) for k in IDENTITY}, "")
-    return [d for d in diff if d.split(": ", 1)[0] not in ignore]
+    return [d for d in diff if _path(d) not in ignore]
+
+
+def _path(difference: str) -> str:
+    """The dotted path of one of ``differences``' lines."""
+    return difference.split(": ", 1)[0]
 
 
 def mismatch(out: str, diff: list[str], manifest: dict[str, Any]) -> RunMismatchError:
@@ -88,7 +93,7 @@ def mismatch(out: str, diff: list[str], manifest: dict[str, Any]) -> RunMismatch
     hint = (
         "\nThe threshold is calibrated on --human: pass the human shards the run used (its "
         f"{CALIBRATION} names them)."
-        if calibrated and any(d.startswith(THRESHOLD + ":") for d in diff)
+        if calibrated and any(_path(d) == THRESHOLD for d in diff)
         else ""
     )
     return RunMismatchError(

@@ -214,7 +214,7 @@ def process_shard(
     name = name or writer.output_name(url)
     stats = ShardStats(shard=url)
     timings = {"read_decode": 0.0, "wait_input": 0.0, "wait_models": 0.0, "write": 0.0}
-    shard = reader.ShardReader(url)
+    shard = reader.ShardReader(url, fingerprint=True)
     batches = decoded_batches(shard, decoder, cfg.run.batch_size)
     if device is not None:
         batches = on_device(batches, device, getattr(torch, cfg.run.dtype))

@@ -52,7 +52,7 @@ def reselect_shard(
     stats = ShardStats(url, n_in=old.n_in, truncated=old.truncated, input_sha256=old.input_sha256)
     stats.rejected, stats.rejects = dict(old.rejected), list(old.rejects)
     with writer.RoundShardWriter(out, name, _provenance(run_dir, name, threshold, mode)) as shard:
-        samples = reader.ShardReader(url)
+        samples = reader.ShardReader(url, fingerprint=True)
         for s in samples:  # scores rows are in the input's order, and so is the new shard
             if isinstance(s, Sample) and s.key in rows:
                 result = decide(s, _candidates(rows[s.key]), threshold)
