@@ -181,4 +181,6 @@ def test_the_reader_fingerprints_the_bytes_it_read(tmp_path):
     assert digests["a.tar"] == digests["b.tar"] == gz.sha256 != digests["c.tar"]
     assert digests["a.tar"] == hashlib.sha256((tmp_path / "a.tar").read_bytes()).hexdigest()  # sha256sum's
     plain = ShardReader(str(tmp_path / "a.tar"))  # the readers that need no fingerprint do not hash
-    assert len(list(plain)) == 2 and plain.sha256 == ""
+    assert len(list(plain)) == 2 and plain.sha256 == "" and plain.version == {}
+    stat = (tmp_path / "c.tar").stat()  # and the version a rerun compares, taken as reading began
+    assert reader.version == {"size": str(stat.st_size), "mtime": str(stat.st_mtime)}

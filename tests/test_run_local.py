@@ -109,6 +109,40 @@ def test_reselect_refuses_an_input_shard_that_changed_since_the_round(tmp_path, 
     assert not list((tmp_path / "lax").glob("web-*")) and not list((tmp_path / "lax").glob(".web-*"))
 
 
+def test_a_rerun_cleans_again_the_shards_whose_input_changed(tmp_path, tiny_models, tiny_shards, capsys):
+    """A nightly rerun after a re-download into the same file names cleans those shards again; an input
+    touched but unchanged gives the same bytes, and one that is gone keeps its outputs."""
+    (tmp_path / "in").mkdir()
+    shards = [shutil.copy(s, tmp_path / "in") for s in tiny_shards[:2]]
+    out, cfg = tmp_path / "run", tiny_cfg()
+
+    def rerun(spec: list[str], into=out) -> dict:
+        return run_round(cfg, spec, str(into), *tiny_models, local=True, progress=False)
+
+    first = rerun(shards)
+    before = outputs(out)
+    shutil.copy(tiny_shards[2], shards[1])  # other samples under web-000001's name
+    again = rerun(shards)
+    assert (
+        again["this_invocation"]["inputs_changed"] == [shards[1]] and again["this_invocation"]["shards"] == 1
+    )
+    assert "1 input shard(s) changed since they were cleaned" in capsys.readouterr().err
+    fresh = rerun([shards[1]], tmp_path / "fresh")
+    assert again["n_in"] == first["n_in"] - 10 + fresh["n_in"]
+    now = outputs(out)
+    assert {k: v for k, v in now.items() if k.startswith("web-000001")} == outputs(tmp_path / "fresh")
+    old = {k: v for k, v in before.items() if k.startswith("web-000000")}
+    assert {k: v for k, v in now.items() if k.startswith("web-000000")} == old
+
+    os.utime(shards[0])  # touched: cleaned again into the same bytes
+    assert rerun(shards)["this_invocation"]["inputs_changed"] == [shards[0]] and outputs(out) == now
+    assert rerun(shards)["this_invocation"]["inputs_changed"] == []
+    os.remove(shards[0])  # gone (an unmounted disk, a pruned corpus): its outputs stay, counted
+    gone = rerun([shards[1]])
+    assert gone["this_invocation"]["inputs_changed"] == [] and gone["shards_done"] == 2
+    assert outputs(out) == now
+
+
 class FlakyCaptioner:
     """Raises on any batch holding a poisoned key."""
 
@@ -282,3 +316,21 @@ def test_round_reads_and_writes_s3(s3, tiny_models, tmp_path):
     names = sorted(os.path.basename(p) for p in fs.ls("capfilt-test/out"))
     assert "web-000001.done" in names and "manifest.json" in names and "summary.json" in names
     assert not any(n.endswith(".tmp") for n in names)
+
+    # a rerun compares the inputs' ETags, from one listing, with those read: equal until one is re-uploaded
+    spec, files = [f"{s3}/in/web-{{000000..000001}}.tar"], outputs_s3(fs, "capfilt-test/out")
+    again = run_round(cfg, spec, f"{s3}/out", cap, flt, local=True, progress=False)
+    assert again["this_invocation"]["inputs_changed"] == [] and again["this_invocation"]["shards"] == 0
+    assert "ETag" in json.loads(fs.cat("capfilt-test/out/web-000001.done"))["input_version"]
+    original = fs.cat("capfilt-test/in/web-000001.tar")
+    fs.pipe("capfilt-test/in/web-000001.tar", fs.cat("capfilt-test/in/web-000002.tar"))
+    changed = run_round(cfg, spec, f"{s3}/out", cap, flt, local=True, progress=False)
+    fs.pipe("capfilt-test/in/web-000001.tar", original)  # the module's server, as other tests found it
+    assert changed["this_invocation"]["inputs_changed"] == [f"{s3}/in/web-000001.tar"]
+    now = outputs_s3(fs, "capfilt-test/out")
+    assert now["web-000000.tar"] == files["web-000000.tar"]
+    assert now["web-000001.tar"] != files["web-000001.tar"]
+
+
+def outputs_s3(fs, folder: str) -> dict[str, bytes]:
+    return {os.path.basename(p): fs.cat(p) for p in fs.ls(folder) if p.endswith(".tar")}

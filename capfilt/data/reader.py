@@ -26,6 +26,7 @@ from collections.abc import Iterator
 
 import fsspec
 
+from capfilt.data import versions
 from capfilt.data.sample import IMAGE_EXTS, Reject, Sample
 
 BLOCK = 512
@@ -191,8 +192,9 @@ class _Hashed:
 
 class ShardReader:
     """Iterate one shard's samples and rejects; after iteration, ``truncated`` tells if it was cut and,
-    with ``fingerprint``, ``sha256`` is the hash of the bytes read (what a round records and ``capfilt
-    select`` checks; the other readers, training's every epoch among them, do not pay for it).
+    with ``fingerprint``, ``sha256`` is the hash of the bytes read and ``version`` the file's version
+    when reading began (what a round records: ``capfilt select`` checks the hash, a rerun the version;
+    the other readers, training's every epoch among them, do not pay for them).
 
     >>> reader = ShardReader("s3://bucket/web-000003.tar")
     >>> for item in reader: ...
@@ -205,6 +207,7 @@ class ShardReader:
         self.truncated = False
         self.truncation_detail = ""
         self._hash = None
+        self.version: dict[str, str] = {}
 
     @property
     def sha256(self) -> str:
@@ -215,6 +218,7 @@ class ShardReader:
     def __iter__(self) -> Iterator[Sample | Reject]:
         self.truncated, self.truncation_detail = False, ""
         self._hash = hashlib.sha256() if self.fingerprint else None
+        self.version = versions.version(self.url, **self.storage_options) if self.fingerprint else {}
         seen: set[str] = set()
         key, members, duplicate = None, {}, ""
 

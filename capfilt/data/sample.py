@@ -92,6 +92,7 @@ class ShardStats:
     candidates_by_source: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
     input_sha256: str = ""  # of the input shard's bytes as read ("" from before it was recorded)
+    input_version: dict[str, str] = field(default_factory=dict)  # its size and store version (data.versions)
 
     def reject(self, r: Reject) -> None:
         self.rejected[r.reason] = self.rejected.get(r.reason, 0) + 1

@@ -319,6 +319,7 @@ class RoundShardWriter:
             "shard": stats.shard,
             "files": {f: self.fs.size(posixpath.join(self.root, f)) for f in files},
             "provenance": self.provenance,
+            "input_version": stats.input_version,  # what a rerun compares (data.versions)
         }
         _write_json(f"{self.base}.done", done)
         return done

@@ -21,7 +21,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from capfilt.config import Config
-from capfilt.data import writer
+from capfilt.data import versions, writer
 from capfilt.data.sample import ShardStats
 from capfilt.errors import UserError
 from capfilt.run import card
@@ -136,12 +136,21 @@ def check_out_folder(out: str, inputs: list[str]) -> None:
         )
 
 
+def clear_shard(out: str, name: str) -> None:
+    """Remove a shard's outputs, its done marker first: a clear cut short leaves the shard uncommitted."""
+    fs, root = url_to_fs(out)
+    marker = posixpath.join(root, f"{name}.done")
+    if fs.exists(marker):
+        fs.rm(marker)
+    for path in fs.glob(posixpath.join(root, f"{name}.*")):
+        fs.rm(path)
+
+
 def clear_run(out: str, old: dict[str, Any]) -> None:
     """Remove every output of a previous run: its shards' files, the summary, the card, the manifest."""
     fs, root = url_to_fs(out)
     for name in shard_names(old["shards"]).values():
-        for path in fs.glob(posixpath.join(root, f"{name}.*")):
-            fs.rm(path)
+        clear_shard(out, name)
     for name in (SUMMARY, card.README, card.DATASET_INFO, MANIFEST):
         if fs.exists(posixpath.join(root, name)):
             fs.rm(posixpath.join(root, name))
@@ -173,6 +182,15 @@ def open_run(out: str, manifest: dict[str, Any], new_run: bool = False) -> None:
 def shard_names(shards: list[str]) -> dict[str, str]:
     """Input URL → output NAME, unique over the run's whole shard list."""
     return {u: writer.output_name(u, shards) for u in shards}
+
+
+def changed_inputs(out: str, names: dict[str, str], shards: list[str]) -> list[str]:
+    """The committed ``shards`` whose input is another file now than when it was cleaned (its size or
+    store version differs from the one its done marker records), in order."""
+    recorded = {u: (read_json(_join(out, f"{names[u]}.done")) or {}).get("input_version") for u in shards}
+    recorded = {u: v for u, v in recorded.items() if v}  # committed, by a round that recorded versions
+    now = versions.current_versions(list(recorded))
+    return [u for u in recorded if versions.changed(recorded[u], now[u])]
 
 
 def pending_shards(out: str, names: dict[str, str], shards: list[str]) -> list[tuple[str, str]]:

@@ -49,7 +49,8 @@ def reselect_shard(
     fs, _ = url_to_fs(run_dir)
     with fs.open(f"{run_dir.rstrip('/')}/{name}.scores.parquet", "rb") as f:
         rows = {r["key"]: r for r in pq.read_table(f).to_pylist()}
-    stats = ShardStats(url, n_in=old.n_in, truncated=old.truncated, input_sha256=old.input_sha256)
+    stats = ShardStats(url, n_in=old.n_in, truncated=old.truncated)
+    stats.input_sha256, stats.input_version = old.input_sha256, old.input_version
     stats.rejected, stats.rejects = dict(old.rejected), list(old.rejects)
     with writer.RoundShardWriter(out, name, _provenance(run_dir, name, threshold, mode)) as shard:
         samples = reader.ShardReader(url, fingerprint=True)

@@ -2,14 +2,16 @@
 
 ``run_round`` is what ``capfilt run`` and ``pipelines/run_round.py`` call. It expands the shard specs,
 opens the run folder (manifest; refuses a rerun with another config or models unless ``new_run``),
-skips committed shards, runs the rest locally or on Ray, and writes ``OUT/summary.json`` and the
-dataset card. The run covers every shard the folder's manifest lists, so a nightly rerun over a grown
-shard list processes only the new shards (and any that failed before) and its summary covers them all.
+skips committed shards, runs the rest locally or on Ray, and writes ``OUT/summary.json`` and the dataset
+card. The run covers every shard the folder's manifest lists, so a nightly rerun over a grown shard list
+processes only the new shards, any that failed before, and any whose input changed since it was cleaned;
+its summary covers them all.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 import time
 from typing import Any
 
@@ -40,6 +42,22 @@ def provenance_of(
         "dtype": cfg.run.dtype,
         "config": cfg.name,
     }
+
+
+def clean_changed_again(out: str, names: dict[str, str], urls: list[str]) -> list[str]:
+    """Uncommit the shards whose input changed since they were cleaned (an img2dataset re-download into
+    the same names): the round cleans them again, and the folder never serves an old input's outputs."""
+    changed = ledger.changed_inputs(out, names, urls)
+    for url in changed:
+        ledger.clear_shard(out, names[url])
+    if changed:
+        print(
+            f"[capfilt] {len(changed)} input shard(s) changed since they were cleaned, cleaning them "
+            f"again: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
+    return changed
 
 
 def run_round(
@@ -90,6 +108,7 @@ def run_round(
             manifest = ledger.read_manifest(out)
             urls = manifest["shards"]
             names = ledger.shard_names(urls)
+            changed = clean_changed_again(out, names, urls)
             jobs = ledger.pending_shards(out, names, urls)
             ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by a killed run
             totals, done = RunTotals(), set()
@@ -117,7 +136,11 @@ def run_round(
             if url not in done and url not in failed:
                 totals.add(ledger.read_stats(out, names[url]), processed=False)
         summary = totals.summary(failed, time.perf_counter() - start)
-        summary["this_invocation"] |= {"startup_seconds": startup, "close_seconds": closed}
+        summary["this_invocation"] |= {
+            "startup_seconds": startup,
+            "close_seconds": closed,
+            "inputs_changed": changed,
+        }
         summary |= {"threshold": threshold, "threshold_mode": mode}
         ledger.write_json(out.rstrip("/") + "/" + ledger.SUMMARY, summary)
         committed_names = [names[u] for u in urls if u not in failed]
