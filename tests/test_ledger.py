@@ -42,7 +42,7 @@ def test_new_run_clears_the_previous_outputs(tmp_path):
     for f in ("web-0.tar", "web-0.done", "web-1.stats.json", "summary.json", "notes.txt"):
         (tmp_path / f).write_text("x")
     names = ledger.shard_names(["a/web-0.tar", "a/web-1.tar"])
-    assert ledger.pending_shards(str(tmp_path), names, list(names)) == [("a/web-1.tar", "web-1")]
+    assert ledger.pending_shards(str(tmp_path), names, list(names)) == ([("a/web-1.tar", "web-1")], [])
     new = manifest(load_config("tiny", ["run.seed=1"]))
     ledger.open_run(str(tmp_path), new, new_run=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "notes.txt"]
@@ -93,3 +93,26 @@ def test_an_output_folder_that_holds_input_shards_refuses_however_spelled(tmp_pa
     ledger.check_out_folder("s3://bucket/clean", ["s3://bucket/web/web-0.tar"])
     with pytest.raises(UserError):
         ledger.check_out_folder("s3://bucket/web/", ["s3://bucket/web/web-0.tar"])
+
+
+def test_committed_shards_are_read_from_their_markers_whatever_their_names(tmp_path):
+    """Markers are read in batches (fsspec's ``cat``, which would glob ``[``), a missing one is pending,
+    and one without a version (an older run's, or not JSON) still commits its shard."""
+    inputs = [tmp_path / n for n in ("web-0.tar", "web[1].tar", "web-2.tar", "web-3.tar")]
+    for p in inputs:
+        p.write_bytes(b"0" * 512)
+    urls = [str(p) for p in inputs]
+    names = ledger.shard_names(urls)
+    out = tmp_path / "out"
+    out.mkdir()
+    now = ledger.versions.current_versions(urls)
+    (out / "web-0.done").write_text(json.dumps({"input_version": now[urls[0]]}))
+    (out / "web[1].done").write_text(json.dumps({"input_version": {**now[urls[1]], "size": "1"}}))
+    (out / "web-3.done").write_text("x")
+    assert ledger.committed(str(out), names) == {
+        urls[0]: now[urls[0]],
+        urls[1]: {**now[urls[1]], "size": "1"},
+        urls[3]: {},
+    }
+    jobs, changed = ledger.pending_shards(str(out), names, urls)
+    assert jobs == [(urls[1], "web[1]"), (urls[2], "web-2")] and changed == [urls[1]]

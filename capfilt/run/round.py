@@ -44,12 +44,8 @@ def provenance_of(
     }
 
 
-def clean_changed_again(out: str, names: dict[str, str], urls: list[str]) -> list[str]:
-    """Uncommit the shards whose input changed since they were cleaned (an img2dataset re-download into
-    the same names): the round cleans them again, and the folder never serves an old input's outputs."""
-    changed = ledger.changed_inputs(out, names, urls)
-    for url in changed:
-        ledger.clear_shard(out, names[url])
+def say_changed(changed: list[str]) -> None:
+    """Tell the user which committed shards are cleaned again because their input changed."""
     if changed:
         print(
             f"[capfilt] {len(changed)} input shard(s) changed since they were cleaned, cleaning them "
@@ -57,7 +53,6 @@ def clean_changed_again(out: str, names: dict[str, str], urls: list[str]) -> lis
             file=sys.stderr,
             flush=True,
         )
-    return changed
 
 
 def run_round(
@@ -108,8 +103,10 @@ def run_round(
             manifest = ledger.read_manifest(out)
             urls = manifest["shards"]
             names = ledger.shard_names(urls)
-            changed = clean_changed_again(out, names, urls)
-            jobs = ledger.pending_shards(out, names, urls)
+            jobs, changed = ledger.pending_shards(out, names, urls)
+            for url in changed:  # uncommitted first: the folder never serves an old input's outputs
+                ledger.clear_shard(out, names[url])
+            say_changed(changed)
             ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by a killed run
             totals, done = RunTotals(), set()
             failed: dict[str, str] = {}
