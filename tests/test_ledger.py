@@ -116,3 +116,5 @@ def test_committed_shards_are_read_from_their_markers_whatever_their_names(tmp_p
     }
     jobs, changed = ledger.pending_shards(str(out), names, urls)
     assert jobs == [(urls[1], "web[1]"), (urls[2], "web-2")] and changed == [urls[1]]
+    with pytest.raises(FileNotFoundError, match="1 of 1 shards marked done have no stats.json"):
+        list(ledger.read_stats(str(out), ["web-0"]))

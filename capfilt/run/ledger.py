@@ -17,6 +17,7 @@ import dataclasses
 import json
 import os
 import posixpath
+from collections.abc import Iterator
 from typing import Any
 
 from fsspec.core import url_to_fs
@@ -185,26 +186,29 @@ def shard_names(shards: list[str]) -> dict[str, str]:
     return {u: writer.output_name(u, shards) for u in shards}
 
 
-MARKERS_PER_READ = 1000  # done markers read at once: concurrent requests on an object store, bounded memory
+FILES_PER_READ = 1000
+
+
+def read_files(out: str, files: list[str]) -> Iterator[tuple[str, bytes]]:
+    """(file, bytes) of each of ``files`` (names in ``out``) that exists, read a thousand at a time:
+    concurrently on an object store (a rerun over 100,000 committed shards on S3 must not wait for
+    their requests one after the other), and with at most a thousand files in memory."""
+    fs, root = url_to_fs(out)
+    for i in range(0, len(files), FILES_PER_READ):
+        chunk = [posixpath.join(root, f) for f in files[i : i + FILES_PER_READ]]
+        literal = [p for p in chunk if not set("*?[") & set(p)]  # fsspec's cat would glob the others
+        found = fs.cat(literal, on_error="omit", start=0) if literal else {}  # a range: s3fs asks no size
+        for path in sorted(set(chunk) - set(literal)):
+            with contextlib.suppress(FileNotFoundError):
+                found[path] = fs.cat_file(path)
+        yield from ((posixpath.basename(p), data) for p, data in found.items())
 
 
 def committed(out: str, names: dict[str, str]) -> dict[str, dict[str, str]]:
     """url → the input version recorded by its done marker, for each committed shard of ``names`` ({} if
-    the round that committed it recorded none). The markers are read a thousand at a time, concurrently
-    on an object store: a rerun over 100,000 committed shards on S3 must not wait for 100,000 requests
-    one after the other."""
-    fs, root = url_to_fs(out)
+    the round that committed it recorded none)."""
     url_of = {f"{name}.done": url for url, name in names.items()}
-    markers = list(url_of)
-    found: dict[str, bytes] = {}
-    for i in range(0, len(markers), MARKERS_PER_READ):
-        chunk = [posixpath.join(root, m) for m in markers[i : i + MARKERS_PER_READ]]
-        literal = [p for p in chunk if not set("*?[") & set(p)]  # fsspec's cat would glob the others
-        found |= fs.cat(literal, on_error="omit", start=0) if literal else {}  # a range: s3fs asks no size
-        for path in set(chunk) - set(literal):
-            with contextlib.suppress(FileNotFoundError):
-                found[path] = fs.cat_file(path)
-    recorded = {url_of[posixpath.basename(p)]: _input_version(data) for p, data in found.items()}
+    recorded = {url_of[f]: _input_version(data) for f, data in read_files(out, list(url_of))}
     return {url: recorded[url] for url in names if url in recorded}
 
 
@@ -246,9 +250,13 @@ def remove_stale_temps(out: str, names: list[str]) -> list[str]:
     return stale
 
 
-def read_stats(out: str, name: str) -> ShardStats:
-    """A committed shard's stats, as written next to it."""
-    data = read_json(_join(out, f"{name}.stats.json"))
-    if data is None:
-        raise FileNotFoundError(f"{out}: {name} is marked done but has no stats.json")
-    return ShardStats(**{f.name: data[f.name] for f in dataclasses.fields(ShardStats) if f.name in data})
+def read_stats(out: str, names: list[str]) -> Iterator[ShardStats]:
+    """The committed shards' stats, as written next to them, read in batches (``read_files``)."""
+    read = 0
+    for _, raw in read_files(out, [f"{name}.stats.json" for name in names]):
+        data, read = json.loads(raw), read + 1
+        yield ShardStats(**{f.name: data[f.name] for f in dataclasses.fields(ShardStats) if f.name in data})
+    if read != len(names):
+        raise FileNotFoundError(
+            f"{out}: {len(names) - read} of {len(names)} shards marked done have no stats.json"
+        )

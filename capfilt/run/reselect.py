@@ -45,7 +45,7 @@ def _candidates(row: dict[str, Any]) -> list[Candidate]:
 def reselect_shard(
     run_dir: str, out: str, url: str, name: str, threshold: float, mode: str = "fixed"
 ) -> ShardStats:
-    old = ledger.read_stats(run_dir, name)
+    (old,) = ledger.read_stats(run_dir, [name])
     fs, _ = url_to_fs(run_dir)
     with fs.open(f"{run_dir.rstrip('/')}/{name}.scores.parquet", "rb") as f:
         rows = {r["key"]: r for r in pq.read_table(f).to_pylist()}

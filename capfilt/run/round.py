@@ -129,9 +129,9 @@ def run_round(
             pool.close()
         closed = round(time.perf_counter() - closing, 3)
         ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by workers killed in this run
-        for url in urls:  # the shards an earlier invocation committed, read back one at a time
-            if url not in done and url not in failed:
-                totals.add(ledger.read_stats(out, names[url]), processed=False)
+        earlier = [names[u] for u in urls if u not in done and u not in failed]  # committed before
+        for stats in ledger.read_stats(out, earlier):
+            totals.add(stats, processed=False)
         summary = totals.summary(failed, time.perf_counter() - start)
         summary["this_invocation"] |= {
             "startup_seconds": startup,
