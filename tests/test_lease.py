@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -61,6 +62,48 @@ def test_a_dead_or_stale_holder_is_taken_over_and_its_lease_left_alone_after(tmp
     with Lease(str(tmp_path)):  # a round that took the lease over from this one: its lease stays
         path.write_text(json.dumps({"owner": "y", "host": HOST, "pid": os.getpid(), "renewed": time.time()}))
     assert json.loads(path.read_text())["owner"] == "y"
+
+
+def race(folder: str, jobs: int = 6) -> tuple[list[Lease], list[Lease]]:
+    """``jobs`` threads that take ``folder``'s lease at the same moment: (those that got it, refused)."""
+    start, wins, refused = threading.Barrier(jobs), [], []
+
+    def job():
+        held = Lease(folder)
+        start.wait()
+        try:
+            held.__enter__()
+        except RunBusy:
+            refused.append(held)
+            return
+        wins.append(held)
+
+    threads = [threading.Thread(target=job) for _ in range(jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return wins, refused
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_of_jobs_that_start_at_once_exactly_one_goes_ahead(store, tmp_path, request):
+    """The lease is created exclusively (``O_EXCL`` on a disk, ``If-None-Match`` on S3): no job reads "no
+    lease" and then writes over the lease another job wrote meanwhile."""
+    out = str(tmp_path) if store == "local" else f"s3://bucket/{tmp_path.name}"
+    if store == "s3":
+        request.getfixturevalue("s3")
+    for attempt in range(5):
+        wins, refused = race(f"{out}/{attempt}")
+        assert (len(wins), len(refused)) == (1, 5)
+        wins[0].__exit__(None, None, None)
+
+
+def test_a_lease_that_cannot_be_read_refuses_with_what_to_do(tmp_path):
+    (tmp_path / "lease.json").write_text('{"owner": ')
+    with pytest.raises(RunBusy, match="cannot be read .* delete it if no capfilt job is running"):
+        with Lease(str(tmp_path)):
+            pass
 
 
 def test_the_lease_is_renewed_while_held(tmp_path, monkeypatch):

@@ -8,12 +8,17 @@ before any work, renew it every ``RENEW_S`` from a thread, and delete it when th
 finds a lease renewed less than ``STALE_S`` ago refuses, naming the holder. A killed job's lease is
 taken over at once on the same host (its process is gone), elsewhere once it is stale.
 
-The check and the write are two steps, not one atomic operation (object stores have no portable
-create-if-absent): two jobs started within the same moment can both go ahead, as before.
+The lease is created only if none exists (fsspec's exclusive ``"xb"`` mode: ``O_EXCL`` on a disk,
+``If-None-Match: *`` on S3), so of two jobs started in the same moment one goes ahead and one refuses.
+Taking over a dead job's lease is not atomic: the job re-reads it and removes it only if it is still
+the dead job's, then creates its own exclusively; two jobs doing that in the same millisecond can both
+go ahead. A store without exclusive creation gets a check and a write, two steps.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import sys
@@ -30,6 +35,7 @@ from capfilt.run import ledger
 LEASE = "lease.json"
 RENEW_S = 30.0
 STALE_S = 120.0
+TRIES = 5  # to create the lease, each after finding none or a dead job's
 
 
 class RunBusy(UserError):
@@ -66,6 +72,31 @@ class Lease:
     def _write(self) -> None:
         ledger.write_json(self.url, self.me | {"renewed": time.time()})
 
+    def _create(self) -> bool:
+        """Write the lease if none exists; False if one does."""
+        fs, path = url_to_fs(self.url)
+        data = json.dumps(self.me | {"renewed": time.time()}).encode()
+        try:
+            with fs.open(path, "xb") as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        except (ValueError, NotImplementedError):  # a store without exclusive creation: check, then write
+            if fs.exists(path):
+                return False
+            self._write()
+        return True
+
+    def _held(self) -> dict[str, Any] | None:
+        """The lease in the folder, if any."""
+        try:
+            return ledger.read_json(self.url)
+        except ValueError as err:
+            raise RunBusy(
+                f"{self.url} cannot be read ({err}): another job is writing it this instant, or it is "
+                "damaged; delete it if no capfilt job is running in that folder"
+            ) from None
+
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(RENEW_S):
             try:
@@ -76,15 +107,24 @@ class Lease:
     def __enter__(self) -> Lease:
         fs, path = url_to_fs(self.url)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        held = ledger.read_json(self.url)
-        if held is not None and holder_alive(held, time.time()):
-            ago = time.time() - held["renewed"]
-            raise RunBusy(
-                f"{self.url.rsplit('/', 1)[0]} is being written by another capfilt job (host {held['host']}, "
-                f"pid {held['pid']}, renewed {ago:.0f} s ago). Wait for it to finish; a job that died "
-                f"elsewhere leaves its lease stale {STALE_S:.0f} s after its last renewal"
-            )
-        self._write()
+        for _ in range(TRIES):
+            if self._create():
+                break
+            held = self._held()
+            if held is None:  # let go between our create and our read: try again
+                continue
+            if holder_alive(held, time.time()):
+                ago = time.time() - held["renewed"]
+                raise RunBusy(
+                    f"{self.url.rsplit('/', 1)[0]} is being written by another capfilt job (host "
+                    f"{held['host']}, pid {held['pid']}, renewed {ago:.0f} s ago). Wait for it to finish; a "
+                    f"job that died elsewhere leaves its lease stale {STALE_S:.0f} s after its last renewal"
+                )
+            if self._held() == held:  # still the dead job's, not one that took it over meanwhile
+                with contextlib.suppress(FileNotFoundError):
+                    fs.rm(path)
+        else:
+            raise RunBusy(f"{self.url}: other jobs kept taking the lease; try again")
         self._thread.start()
         return self
 
