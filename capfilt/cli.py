@@ -196,11 +196,12 @@ def select(
         str, typer.Option(help="none, or keep / f1: derive the threshold from the run's calibration scores")
     ] = "none",
     keep_share: Annotated[float, typer.Option(help="share of human pairs kept (calibration keep)")] = 0.95,
+    new_run: Annotated[bool, typer.Option(help="clear another run or selection in --out first")] = False,
 ):
     """Re-apply the selection policy to a finished round's stored scores; no model is loaded."""
     from capfilt.run.reselect import reselect
 
-    typer.echo(reselect(run_dir, out, threshold=threshold, calibration=calibration, keep_share=keep_share))
+    typer.echo(reselect(run_dir, out, threshold, calibration, keep_share, new_run))
 
 
 @app.command()

@@ -106,3 +106,24 @@ def test_round_calibrates_on_human_pairs_records_it_and_select_rederives_it(
         reselect(out, str(tmp_path / "typo"), calibration="kep")
     with pytest.raises(UserError, match="--threshold"):
         reselect(str(tmp_path / "fixed"), str(tmp_path / "again"), calibration="keep")
+
+    # another selection into a selection's folder: refused, or cleared with new_run
+    with pytest.raises(RunMismatchError, match="--new-run"):
+        reselect(out, str(tmp_path / "lax"), calibration="keep", keep_share=0.5)
+    half = reselect(out, str(tmp_path / "lax"), calibration="keep", keep_share=0.5, new_run=True)
+    assert half["threshold"] == keep_threshold(cal["human_itm"], 0.5)
+
+    # a new run calibrated like the old one reuses its scores (no_scoring still in place) and keeps them
+    run_round(cfg, tiny_shards, out, cap, flt, local=True, progress=False, human=human, new_run=True)
+    assert (tmp_path / "run" / "calibration.json").read_bytes() == stored
+
+    # a new run in the folder clears the old run's scores, so select cannot mix them with its filter's
+    monkeypatch.undo()
+    run_round(tiny_cfg(), tiny_shards, out, cap, flt, local=True, progress=False, new_run=True)
+    assert not (tmp_path / "run" / "calibration.json").exists()
+    with pytest.raises(UserError, match="no calibration.json"):
+        reselect(out, str(tmp_path / "stale"), calibration="keep")
+    stale = json.loads(stored) | {"filter": "another filter's hash"}
+    (tmp_path / "run" / "calibration.json").write_text(json.dumps(stale))
+    with pytest.raises(UserError, match="scored with another filter"):  # left by a run before this change
+        reselect(out, str(tmp_path / "stale"), calibration="keep")

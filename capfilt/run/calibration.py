@@ -39,8 +39,9 @@ def resolve_threshold(
     calibrated on scores stored there or from ``score(human)`` (``ShardWorker.calibration``; ``human``
     checked by ``check_human``).
 
-    ``scores`` are new ones for the round to store (``store_calibration``) once the run folder has
-    accepted the run, so that a refused rerun leaves the run's own scores in place; else None.
+    ``scores`` (None with a fixed threshold) are for the round to store (``store_calibration``) once the
+    run folder has accepted the run, so that a refused rerun leaves the run's own scores in place, and a
+    ``--new-run``, which clears the folder, keeps the scores it reused.
     """
     mode = cfg.filter.calibration
     if mode == "none":
@@ -52,10 +53,9 @@ def resolve_threshold(
         "samples": cfg.filter.calibration_samples,
         "dtype": cfg.run.dtype,
     }
-    fresh = None
     if cal is None or {k: cal.get(k) for k in want} != want:
-        cal = fresh = want | score(expand_shards(human))
-    return threshold_of(cal, mode, cfg.filter.keep_share), mode, fresh
+        cal = want | score(expand_shards(human))
+    return threshold_of(cal, mode, cfg.filter.keep_share), mode, cal
 
 
 def store_calibration(out: str, scores: dict[str, Any]) -> None:
@@ -63,12 +63,18 @@ def store_calibration(out: str, scores: dict[str, Any]) -> None:
     ledger.write_json(out.rstrip("/") + "/" + CALIBRATION, scores)
 
 
-def calibration_of(run_dir: str) -> dict[str, Any]:
-    """A finished run's stored calibration scores; a clear error if it was not calibrated."""
+def calibration_of(run_dir: str, manifest: dict[str, Any]) -> dict[str, Any]:
+    """A finished run's stored calibration scores; a clear error if it was not calibrated, or if they
+    are another filter's (left by a run that folder held before, cleared since 2026-11-27)."""
     cal = ledger.read_json(run_dir.rstrip("/") + "/" + CALIBRATION)
     if cal is None:
         raise UserError(
             f"{run_dir} has no {CALIBRATION}: it ran with a fixed threshold; pass --threshold instead"
+        )
+    if cal.get("filter") != manifest["models"]["filter"]:
+        raise UserError(
+            f"{run_dir}/{CALIBRATION} was scored with another filter than the run's (a run that folder "
+            "held before): pass --threshold, or run the round again with --human"
         )
     return cal
 

@@ -149,11 +149,12 @@ def clear_shard(out: str, name: str) -> None:
 
 
 def clear_run(out: str, old: dict[str, Any]) -> None:
-    """Remove every output of a previous run: its shards' files, the summary, the card, the manifest."""
+    """Remove every output of a previous run: its shards' files, the summary, the calibration scores (of
+    its filter, not the next run's), the card, the manifest."""
     fs, root = url_to_fs(out)
     for name in shard_names(old["shards"]).values():
         clear_shard(out, name)
-    for name in (SUMMARY, card.README, card.DATASET_INFO, MANIFEST):
+    for name in (SUMMARY, CALIBRATION, card.README, card.DATASET_INFO, MANIFEST):
         if fs.exists(posixpath.join(root, name)):
             fs.rm(posixpath.join(root, name))
 

@@ -81,11 +81,18 @@ def _provenance(run_dir: str, name: str, threshold: float, mode: str) -> dict[st
 
 
 def reselect(
-    run_dir: str, out: str, threshold: float = 0.5, calibration: str = "none", keep_share: float = 0.95
+    run_dir: str,
+    out: str,
+    threshold: float = 0.5,
+    calibration: str = "none",
+    keep_share: float = 0.95,
+    new_run: bool = False,
 ) -> dict[str, Any]:
     """Re-select every committed shard of ``run_dir`` into ``out``; returns the new summary.
 
     With ``calibration`` "keep" or "f1" the threshold comes from the run's calibration scores instead.
+    ``out`` may hold this same selection, unfinished (it is done again); another run there is refused,
+    or cleared with ``new_run``.
     """
     if calibration not in MODES:
         raise ConfigError(f"--calibration must be one of {list(MODES)}, got {calibration!r}")
@@ -95,7 +102,7 @@ def reselect(
     ledger.check_out_folder(out, manifest["shards"])
     mode = "fixed"
     if calibration != "none":
-        cal = calibration_of(run_dir)
+        cal = calibration_of(run_dir, manifest)
         threshold, mode = threshold_of(cal, calibration, keep_share), calibration
     names = ledger.shard_names(manifest["shards"])
     committed = [u for u in manifest["shards"] if writer.is_done(run_dir, names[u])]
@@ -104,7 +111,7 @@ def reselect(
         filter_cfg |= {"calibration": calibration, "keep_share": keep_share}
     from_dict(FilterConfig, filter_cfg, "filter")  # the config's own checks: a threshold in [0, 1]
     cfg = {**manifest["config"], "filter": filter_cfg}
-    ledger.open_run(out, {**manifest, "config": cfg, "reselected_from": run_dir})
+    ledger.open_run(out, {**manifest, "config": cfg, "reselected_from": run_dir}, new_run=new_run)
     if calibration != "none":  # once the folder has accepted the run, as a round stores its scores
         store_calibration(out, cal)
     totals = RunTotals()
