@@ -118,3 +118,18 @@ def test_committed_shards_are_read_from_their_markers_whatever_their_names(tmp_p
     assert jobs == [(urls[1], "web[1]"), (urls[2], "web-2")] and changed == [urls[1]]
     with pytest.raises(FileNotFoundError, match="1 of 1 shards marked done have no stats.json"):
         list(ledger.read_stats(str(out), ["web-0"]))
+
+
+def test_clearing_a_shard_leaves_a_shard_whose_name_starts_like_it(tmp_path):
+    """``web`` and ``web.part2`` are two shards' names: clearing the first must not glob the second."""
+    files = [f"{n}{e}" for n in ("web", "web.part2") for e in (".tar", ".parquet", ".stats.json", ".done")]
+    for f in files:
+        (tmp_path / f).write_text("x")
+    ledger.clear_shard(str(tmp_path), "web")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f for f in files if f.startswith("web.part2"))
+
+
+def test_a_marker_that_cannot_be_read_is_an_error_not_an_uncommitted_shard(tmp_path):
+    (tmp_path / "web-0.done").mkdir()  # an error other than a missing file
+    with pytest.raises(IsADirectoryError):
+        ledger.committed(str(tmp_path), {"in/web-0.tar": "web-0"})

@@ -139,13 +139,12 @@ def check_out_folder(out: str, inputs: list[str]) -> None:
 
 
 def clear_shard(out: str, name: str) -> None:
-    """Remove a shard's outputs, its done marker first: a clear cut short leaves the shard uncommitted."""
+    """Remove a shard's outputs, its done marker first: a clear cut short leaves the shard uncommitted.
+    Each file by its name, not a glob: ``web.*`` would also match the outputs of a shard ``web.part2``."""
     fs, root = url_to_fs(out)
-    marker = posixpath.join(root, f"{name}.done")
-    if fs.exists(marker):
-        fs.rm(marker)
-    for path in fs.glob(posixpath.join(root, f"{name}.*")):
-        fs.rm(path)
+    for suffix in [".done"] + [s for s in writer.ROUND_SUFFIXES if s != ".done"]:
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(posixpath.join(root, name + suffix))
 
 
 def clear_run(out: str, old: dict[str, Any]) -> None:
@@ -193,16 +192,23 @@ FILES_PER_READ = 1000
 def read_files(out: str, files: list[str]) -> Iterator[tuple[str, bytes]]:
     """(file, bytes) of each of ``files`` (names in ``out``) that exists, read a thousand at a time:
     concurrently on an object store (a rerun over 100,000 committed shards on S3 must not wait for
-    their requests one after the other), and with at most a thousand files in memory."""
+    their requests one after the other), and with at most a thousand files in memory. Any error but a
+    missing file is raised: a store's hiccup must not make a committed shard look uncommitted."""
     fs, root = url_to_fs(out)
     for i in range(0, len(files), FILES_PER_READ):
         chunk = [posixpath.join(root, f) for f in files[i : i + FILES_PER_READ]]
         literal = [p for p in chunk if not set("*?[") & set(p)]  # fsspec's cat would glob the others
-        found = fs.cat(literal, on_error="omit", start=0) if literal else {}  # a range: s3fs asks no size
+        found = fs.cat(literal, on_error="return", start=0) if literal else {}  # a range: s3fs asks no size
         for path in sorted(set(chunk) - set(literal)):
-            with contextlib.suppress(FileNotFoundError):
+            try:
                 found[path] = fs.cat_file(path)
-        yield from ((posixpath.basename(p), data) for p, data in found.items())
+            except FileNotFoundError as err:
+                found[path] = err
+        for path, data in found.items():
+            if isinstance(data, Exception) and not isinstance(data, FileNotFoundError):
+                raise data
+            if not isinstance(data, Exception):
+                yield posixpath.basename(path), data
 
 
 def committed(out: str, names: dict[str, str]) -> dict[str, dict[str, str]]:
