@@ -105,7 +105,8 @@ def reselect(
         cal = calibration_of(run_dir, manifest)
         threshold, mode = threshold_of(cal, calibration, keep_share), calibration
     names = ledger.shard_names(manifest["shards"])
-    committed = [u for u in manifest["shards"] if writer.is_done(run_dir, names[u])]
+    done = ledger.committed(run_dir, names)  # the markers read in batches
+    committed = [u for u in manifest["shards"] if u in done]
     filter_cfg = {**manifest["config"]["filter"], "threshold": threshold}
     if calibration != "none":
         filter_cfg |= {"calibration": calibration, "keep_share": keep_share}
