@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import fsspec
 import pytest
 
+from capfilt.data import versions
 from capfilt.data.specs import ShardSpecError, expand_braces, expand_shards
 
 
@@ -63,3 +66,38 @@ def test_no_match_is_a_clear_error(tmp_path):
     (tmp_path / "folder").mkdir()
     with pytest.raises(ShardSpecError, match="is a folder"):
         expand_shards([str(tmp_path / "folder")])
+
+
+@pytest.fixture
+def http_folder(tmp_path):
+    """A real HTTP server over ``tmp_path`` that, like a CDN or HF's resolve URLs, lists no folder."""
+    import functools
+    import http.server
+    import threading
+
+    class NoListing(http.server.SimpleHTTPRequestHandler):
+        def list_directory(self, path):
+            self.send_error(404, "no listing")
+
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(NoListing, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield tmp_path, f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_shards_over_http_without_listings_are_found_one_by_one(http_folder):
+    folder, base = http_folder
+    _touch(folder, "web-000000.tar", "web-000001.tar")
+    urls = [f"{base}/web-000000.tar", f"{base}/web-000001.tar"]
+    assert expand_shards([f"{base}/web-{{000000..000001}}.tar"]) == urls
+    with pytest.raises(ShardSpecError, match=r"1 shard\(s\) do not exist: .*web-000002.tar"):
+        expand_shards([f"{base}/web-{{000000..000002}}.tar"])
+    now = versions.current_versions(urls)  # a rerun's version check: the server's size and Last-Modified
+    size = (folder / "web-000000.tar").stat().st_size
+    assert now[urls[0]]["size"] == str(size) and "Last-Modified" in now[urls[0]]
+    os.utime(folder / "web-000000.tar", (1_000_000_000, 1_000_000_000))
+    assert versions.changed(now[urls[0]], versions.current_versions(urls)[urls[0]])

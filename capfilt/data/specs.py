@@ -13,6 +13,7 @@ the usual credentials; every read and write in capfilt goes through fsspec and p
 
 from __future__ import annotations
 
+import contextlib
 import posixpath
 import re
 from collections import defaultdict
@@ -79,7 +80,8 @@ def _glob(spec: str) -> list[str]:
 
 
 def _check_exist(urls: Iterable[str]) -> None:
-    """One folder listing per parent folder; raise naming the shards that are not there."""
+    """One folder listing per parent folder, then one request for each shard it lacks (a store that
+    does not list); raise naming the shards that are not there."""
     by_parent: dict[tuple[int, str], list[tuple[str, str]]] = defaultdict(list)
     filesystems = {}
     for url in urls:
@@ -93,6 +95,10 @@ def _check_exist(urls: Iterable[str]) -> None:
             present = {fs._strip_protocol(e["name"]): e["type"] for e in fs.ls(parent, detail=True)}
         except FileNotFoundError:
             present = {}
+        for _, path in items:  # not listed: a store without listings (plain HTTP, HF's resolve URLs)
+            if path not in present:
+                with contextlib.suppress(FileNotFoundError):
+                    present[path] = fs.info(path)["type"]
         missing += [url for url, path in items if path not in present]
         folders += [url for url, path in items if present.get(path) == "directory"]
     if folders:

@@ -6,8 +6,9 @@ img2dataset re-download into the same file names, say), instead of skipping them
 every input again to hash it would cost a nightly rerun over a large corpus its whole read; the store's
 own metadata costs one listing per folder.
 
-The version is the size and the store's identity of the content when it has one (S3's ETag, GCS's
-generation), else the modification time (a local disk). Like ``make`` or ``rsync``'s quick check, a
+The version is the size and the store's identity of the content when it has one (S3's or an HTTP
+server's ETag, GCS's generation), else the modification time (a local disk, an HTTP server's
+Last-Modified). Like ``make`` or ``rsync``'s quick check, a
 change that keeps both size and time (``cp -p`` of other bytes) is not seen here; ``capfilt select``'s
 SHA-256 check still catches it. A touched but unchanged shard is cleaned again into the same bytes.
 """
@@ -20,8 +21,12 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-# the first of these an fsspec listing or info has names the content's version (S3, GCS, Azure, disks)
-IDENTITY_KEYS = ("ETag", "etag", "generation", "md5Hash", "mtime", "LastModified", "last_modified")
+# the first of these an fsspec listing or info has names the content's version: content identities (S3,
+# Azure, HTTP, GCS) before modification times (disks, stores and servers that give no identity)
+IDENTITY_KEYS = (
+    *("ETag", "etag", "Content-MD5", "md5Hash", "generation"),
+    *("mtime", "LastModified", "last_modified", "Last-Modified"),
+)
 
 
 def version_of(info: dict[str, Any]) -> dict[str, str]:
