@@ -114,6 +114,17 @@ def test_the_lease_is_renewed_while_held(tmp_path, monkeypatch):
         assert json.loads((tmp_path / "lease.json").read_text())["renewed"] > first
 
 
+def test_a_job_whose_lease_was_taken_over_stops_renewing_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    other = {"owner": "y", "host": "another-node", "pid": 1, "renewed": 1.0}
+    with Lease(str(tmp_path)):
+        (tmp_path / "lease.json").write_text(json.dumps(other))  # as after this job stalled past STALE_S
+        time.sleep(0.3)
+        assert json.loads((tmp_path / "lease.json").read_text()) == other
+    assert "another job took over" in capsys.readouterr().err
+    assert json.loads((tmp_path / "lease.json").read_text()) == other  # and its lease stays
+
+
 def test_a_round_into_a_folder_another_round_holds_refuses_before_it_starts(
     tmp_path, tiny_models, tiny_shards
 ):

@@ -100,8 +100,17 @@ class Lease:
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(RENEW_S):
             try:
+                held = self._held()
+                if held is not None and held.get("owner") != self.me["owner"]:
+                    print(  # this job stalled past STALE_S: never overwrite the job that took over
+                        f"[capfilt] another job took over {self.url} (host {held.get('host')}, pid "
+                        f"{held.get('pid')}) while this one was stalled; both are writing the folder",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    return
                 self._write()
-            except OSError as err:  # a store's hiccup: the next renewal tries again, well before stale
+            except (OSError, RunBusy) as err:  # a hiccup: the next renewal tries again, well before stale
                 print(f"[capfilt] could not renew {self.url}: {err}", file=sys.stderr, flush=True)
 
     def __enter__(self) -> Lease:
