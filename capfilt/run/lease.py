@@ -12,7 +12,8 @@ The lease is created only if none exists (fsspec's exclusive ``"xb"`` mode: ``O_
 ``If-None-Match: *`` on S3), so of two jobs started in the same moment one goes ahead and one refuses.
 Taking over a dead job's lease is not atomic: the job re-reads it and removes it only if it is still
 the dead job's, then creates its own exclusively; two jobs doing that in the same millisecond can both
-go ahead. A store without exclusive creation gets a check and a write, two steps.
+go ahead. A store without exclusive creation gets a check and a write, two steps. A job that finds
+at renewal that another took its lease over (it stalled past ``STALE_S``) says so and stops renewing.
 """
 
 from __future__ import annotations
