@@ -55,14 +55,13 @@ def current_versions(urls: list[str]) -> dict[str, dict[str, str]]:
     for folder, members in by_folder.items():
         fs, path = url_to_fs(folder)
         fs.invalidate_cache(path)
-        try:
-            listing = {e["name"].rstrip("/"): e for e in fs.ls(path, detail=True)}
+        try:  # only the versions kept: a folder of 100,000 shards lists 100,000 entries
+            listed = {e["name"].rstrip("/"): version_of(e) for e in fs.ls(path, detail=True)}
         except (OSError, NotImplementedError, ValueError):  # a store that does not list (plain HTTP)
-            listing = {}
+            listed = {}
         for url in members:
-            entry = listing.get(url_to_fs(url)[1])
             try:
-                versions[url] = version_of(entry) if entry is not None else version(url)
+                versions[url] = listed.get(url_to_fs(url)[1]) or version(url)
             except FileNotFoundError:
                 versions[url] = {}
     return versions
