@@ -1,16 +1,16 @@
 """An input shard's version: what tells that its content changed, without reading it.
 
-A round records each shard's version as it reads it (``ShardStats.input_version``). A rerun compares it
-with the shard's version now and cleans again the committed shards whose input changed (an
-img2dataset re-download into the same file names, say), instead of skipping them as done. Reading
-every input again to hash it would cost a nightly rerun over a large corpus its whole read; the store's
-own metadata costs one listing per folder.
+A round records each shard's version as it reads it (``ShardStats.input_version``, also in the shard's
+done marker). A rerun compares it with the shard's version now and cleans again the committed shards
+whose input changed (an img2dataset re-download into the same file names, say), instead of skipping
+them as done. Reading every input again to hash it would cost a nightly rerun over a large corpus its
+whole read; the store's own metadata costs one listing per folder.
 
-The version is the size and the store's identity of the content when it has one (S3's or an HTTP
-server's ETag, GCS's generation), else the modification time (a local disk, an HTTP server's
-Last-Modified). Like ``make`` or ``rsync``'s quick check, a
-change that keeps both size and time (``cp -p`` of other bytes) is not seen here; ``capfilt select``'s
-SHA-256 check still catches it. A touched but unchanged shard is cleaned again into the same bytes.
+The version is the size and the store's identity of the content when it has one (the ETag of S3, Azure,
+GCS or an HTTP server; an MD5 or a generation), else the modification time (a local disk, an HTTP
+server's Last-Modified). Like ``make`` or ``rsync``'s quick check, a change that keeps both size and
+time (``cp -p`` of other bytes) is not seen here; ``capfilt select``'s SHA-256 check still catches it.
+A touched but unchanged shard is cleaned again into the same bytes.
 """
 
 from __future__ import annotations
