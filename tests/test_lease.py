@@ -13,8 +13,9 @@ from run_helpers import tiny_cfg
 
 from capfilt.config import load_config
 from capfilt.run import lease
-from capfilt.run.lease import Lease, RunBusy, holder_alive
+from capfilt.run.lease import Lease, LeaseLost, RunBusy, holder_alive
 from capfilt.run.round import run_round
+from capfilt.run.worker import ShardWorker
 from capfilt.train.finetune import finetune
 from capfilt.train.pretrain import pretrain
 
@@ -138,6 +139,27 @@ def test_a_round_into_a_folder_another_round_holds_refuses_before_it_starts(
     (out / "lease.json").unlink()
     summary = run_round(tiny_cfg(), tiny_shards, str(out), *tiny_models, local=True, progress=False)
     assert summary["shards_done"] == 3 and not (out / "lease.json").exists()
+
+
+def test_a_round_whose_lease_is_taken_over_takes_no_new_shard_and_leaves_the_summary(
+    tmp_path, tiny_models, tiny_shards, monkeypatch
+):
+    """As after this round stalled past STALE_S and another took the folder over: this one finishes the
+    shard it has, starts no other, and writes no summary (the other job writes it)."""
+    monkeypatch.setattr(lease, "RENEW_S", 0.05)
+    out, run = tmp_path / "run", ShardWorker.run
+    other = {"owner": "y", "host": "another-node", "pid": 1, "renewed": time.time()}
+
+    def stalled(self, url, *args, **kwargs):
+        (out / "lease.json").write_text(json.dumps(other))
+        time.sleep(0.3)  # a renewal finds the other job's lease
+        return run(self, url, *args, **kwargs)
+
+    monkeypatch.setattr(ShardWorker, "run", stalled)
+    with pytest.raises(LeaseLost, match="stopped after 1 shard"):
+        run_round(tiny_cfg(), tiny_shards, str(out), *tiny_models, local=True, progress=False)
+    assert sorted(p.name for p in out.glob("*.done")) == ["web-000000.done"]
+    assert not (out / "summary.json").exists() and json.loads((out / "lease.json").read_text()) == other
 
 
 def test_a_renewal_that_fails_is_said_and_tried_again(tmp_path, monkeypatch, capsys):

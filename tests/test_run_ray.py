@@ -31,6 +31,7 @@ from typer.testing import CliRunner
 from capfilt.cli import app
 from capfilt.config import ConfigError, load_config
 from capfilt.data.writer import is_temp
+from capfilt.run import lease
 from capfilt.run.faults import KILL_DIR
 from capfilt.run.ray_pool import actors_that_fit
 from capfilt.run.round import run_round
@@ -120,6 +121,23 @@ def test_a_shard_that_keeps_failing_is_reported_not_fatal(local_ray, tiny_models
     (kill_dir / "web-000002.kill").write_text("0")
     assert list(summary["failed_shards"]) == [shards[2]] and summary["shards_done"] == 3
     assert not (tmp_path / "run" / "web-000002.done").exists()
+
+
+def test_a_round_whose_lease_was_taken_over_starts_no_shard(
+    local_ray, tiny_models, shards, monkeypatch, tmp_path
+):
+    """The pool checks the lease before each shard it hands out (here it is lost before the first)."""
+    enter = lease.Lease.__enter__
+
+    def lost_at_once(self):
+        enter(self)
+        self.lost.set()  # as the renewal thread sets it (tests/test_lease.py)
+        return self
+
+    monkeypatch.setattr(lease.Lease, "__enter__", lost_at_once)
+    with pytest.raises(lease.LeaseLost, match="stopped after 0 shard"):
+        run_round(tiny_cfg(), shards, str(tmp_path / "run"), *tiny_models, progress=False)
+    assert not list((tmp_path / "run").glob("*.done"))
 
 
 def test_actors_that_cannot_be_built_fail_the_run_with_their_reason(local_ray, tiny_models, shards, tmp_path):

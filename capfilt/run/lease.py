@@ -13,7 +13,8 @@ The lease is created only if none exists (fsspec's exclusive ``"xb"`` mode: ``O_
 Taking over a dead job's lease is not atomic: the job re-reads it and removes it only if it is still
 the dead job's, then creates its own exclusively; two jobs doing that in the same millisecond can both
 go ahead. A store without exclusive creation gets a check and a write, two steps. A job that finds
-at renewal that another took its lease over (it stalled past ``STALE_S``) says so and stops renewing.
+at renewal that another took its lease over (it stalled past ``STALE_S``) says so, stops renewing and
+sets ``lost``: a round then takes no new shard, and ends with ``LeaseLost`` without a summary.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class RunBusy(UserError):
     """Another job holds the output folder's lease."""
 
 
+class LeaseLost(UserError):
+    """Another job took the folder's lease over while this one held it (this one stalled past STALE_S)."""
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -68,6 +73,7 @@ class Lease:
         self.url = out.rstrip("/") + "/" + LEASE
         self.me = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         self._stop = threading.Event()
+        self.lost = threading.Event()  # set once another job has taken the lease over
         self._thread = threading.Thread(target=self._renew_until_stopped, name="capfilt-lease", daemon=True)
 
     def _write(self) -> None:
@@ -105,10 +111,11 @@ class Lease:
                 if held is not None and held.get("owner") != self.me["owner"]:
                     print(  # this job stalled past STALE_S: never overwrite the job that took over
                         f"[capfilt] another job took over {self.url} (host {held.get('host')}, pid "
-                        f"{held.get('pid')}) while this one was stalled; both are writing the folder",
+                        f"{held.get('pid')}) while this one was stalled",
                         file=sys.stderr,
                         flush=True,
                     )
+                    self.lost.set()
                     return
                 self._write()
             except (OSError, RunBusy) as err:  # a hiccup: the next renewal tries again, well before stale

@@ -48,11 +48,15 @@ class LocalPool:
         provenance: dict[str, Any],
         on_done: Callable[[str, ShardStats], None],
         on_failed: Callable[[str, str], None],
+        stop: Callable[[], bool] = lambda: False,
     ) -> None:
+        """Clean ``jobs`` one after another until done or ``stop()``."""
         if not jobs:
             return
         worker = self._ensure()  # a worker that cannot be built fails the run, not each shard in turn
         for url, name in jobs:
+            if stop():
+                return
             error = ""
             for _ in range(self.cfg.run.max_shard_retries + 1):
                 try:

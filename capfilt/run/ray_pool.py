@@ -154,8 +154,10 @@ class RayPool:
         provenance: dict[str, Any],
         on_done: Callable[[str, ShardStats], None],
         on_failed: Callable[[str, str], None],
+        stop: Callable[[], bool] = lambda: False,
     ) -> None:
-        """Feed ``jobs`` (url, name) to the actors; report each shard through on_done or on_failed.
+        """Feed ``jobs`` (url, name) to the actors; report each shard through on_done or on_failed. Once
+        ``stop()``, no new shard is started; those running are waited for.
 
         After a failed shard its actor gets a readiness probe instead of work: a restarting actor rejects
         new tasks at once, which would burn the shard's retries. An actor whose probe fails is gone for
@@ -183,6 +185,10 @@ class RayPool:
                 actors += new
                 free += [a for a in new for _ in range(slots)]
                 alive += new
+            if stop():
+                queue.clear()  # left to the job that took the lease over
+                if not running:
+                    break
             while queue and free:
                 url, name, failures, last = queue.popleft()
                 actor = next((a for a in free if a is not last), free[0])  # another actor when possible

@@ -21,7 +21,7 @@ from capfilt.data.specs import expand_shards
 from capfilt.model.hub import model_hash, resolve_model
 from capfilt.run import card, ledger
 from capfilt.run.calibration import check_human, resolve_threshold, store_calibration
-from capfilt.run.lease import Lease
+from capfilt.run.lease import Lease, LeaseLost
 from capfilt.run.progress import RoundProgress, RunTotals
 
 
@@ -81,7 +81,7 @@ def run_round(
     urls_given = expand_shards(shards)
     ledger.check_out_folder(out, urls_given)
     check_human(cfg, human)
-    with Lease(out):  # one round at a time in a folder
+    with Lease(out) as lease:  # one round at a time in a folder
         if local:
             from capfilt.run.local import LocalPool
 
@@ -122,12 +122,17 @@ def run_round(
                     failed[url] = error
                     bar.shard_failed(url, error)
 
-                pool.run(jobs, out, threshold, provenance, on_done, on_failed)
+                pool.run(jobs, out, threshold, provenance, on_done, on_failed, stop=lease.lost.is_set)
             startup = pool.startup()
         finally:
             closing = time.perf_counter()
             pool.close()
         closed = round(time.perf_counter() - closing, 3)
+        if lease.lost.is_set():  # the job that took over cleans the rest and writes the summary
+            raise LeaseLost(
+                f"{out}: another job took this round's lease over while it was stalled; this one stopped "
+                f"after {len(done)} shard(s) and leaves the rest, and the summary, to it"
+            )
         ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by workers killed in this run
         earlier = [names[u] for u in urls if u not in done and u not in failed]  # committed before
         for stats in ledger.read_stats(out, earlier):
