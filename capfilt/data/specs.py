@@ -13,11 +13,11 @@ the usual credentials; every read and write in capfilt goes through fsspec and p
 
 from __future__ import annotations
 
-import contextlib
 import posixpath
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -28,6 +28,9 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 _GLOB_CHARS = set("*?[")
 LIST_SUFFIXES = (".txt", ".list")
+
+
+T = TypeVar("T")
 
 
 class ShardSpecError(FileNotFoundError, UserError):
@@ -79,28 +82,40 @@ def _glob(spec: str) -> list[str]:
     return found
 
 
-def _check_exist(urls: Iterable[str]) -> None:
-    """One folder listing per parent folder, then one request for each shard it lacks (a store that
-    does not list); raise naming the shards that are not there."""
+def stat_each(urls: Iterable[str], pick: Callable[[dict[str, Any]], T]) -> dict[str, T | None]:
+    """``pick`` of each URL's fsspec info, None for a file that is not there: one listing per parent
+    folder, then one request for each URL the listing lacks (a store that does not list: plain HTTP,
+    HF's resolve URLs). ``pick`` keeps only what the caller needs: a folder may list 100,000 shards."""
     by_parent: dict[tuple[int, str], list[tuple[str, str]]] = defaultdict(list)
     filesystems = {}
     for url in urls:
         fs, path = url_to_fs(url)
         filesystems[id(fs)] = fs
         by_parent[(id(fs), posixpath.dirname(path))].append((url, path))
-    missing, folders = [], []
+    found: dict[str, T | None] = {}
     for (fs_id, parent), items in by_parent.items():
         fs = filesystems[fs_id]
+        fs.invalidate_cache(parent)  # a long-lived process may hold an old listing
         try:
-            present = {fs._strip_protocol(e["name"]): e["type"] for e in fs.ls(parent, detail=True)}
-        except FileNotFoundError:
-            present = {}
-        for _, path in items:  # not listed: a store without listings (plain HTTP, HF's resolve URLs)
-            if path not in present:
-                with contextlib.suppress(FileNotFoundError):
-                    present[path] = fs.info(path)["type"]
-        missing += [url for url, path in items if path not in present]
-        folders += [url for url, path in items if present.get(path) == "directory"]
+            listed = {fs._strip_protocol(e["name"]): pick(e) for e in fs.ls(parent, detail=True)}
+        except (OSError, NotImplementedError, ValueError):  # no such folder, or no listings
+            listed = {}
+        for url, path in items:
+            if path in listed:
+                found[url] = listed[path]
+                continue
+            try:
+                found[url] = pick(fs.info(path))
+            except FileNotFoundError:
+                found[url] = None
+    return found
+
+
+def _check_exist(urls: Iterable[str]) -> None:
+    """Raise naming the shards that are not there, or that are folders (``stat_each``)."""
+    kinds = stat_each(urls, lambda info: info["type"])
+    missing = [url for url, kind in kinds.items() if kind is None]
+    folders = [url for url, kind in kinds.items() if kind == "directory"]
     if folders:
         raise ShardSpecError(
             f"{folders[0]} is a folder, not a shard: name its shards, e.g. {folders[0]}/*.tar"

@@ -15,11 +15,11 @@ A touched but unchanged shard is cleaned again into the same bytes.
 
 from __future__ import annotations
 
-import posixpath
-from collections import defaultdict
 from typing import Any
 
 from fsspec.core import url_to_fs
+
+from capfilt.data.specs import stat_each
 
 # the first of these an fsspec listing or info has names the content's version: content identities (S3,
 # Azure, HTTP, GCS) before modification times (disks, stores and servers that give no identity)
@@ -46,25 +46,9 @@ def version(url: str, **storage_options) -> dict[str, str]:
 
 
 def current_versions(urls: list[str]) -> dict[str, dict[str, str]]:
-    """Each URL's version now, from one listing per folder (a 100,000-shard corpus on S3 is 100 listing
-    requests, not 100,000); a file the listing lacks is asked alone, and one that is gone maps to {}."""
-    by_folder: dict[str, list[str]] = defaultdict(list)
-    for url in urls:
-        by_folder[posixpath.dirname(url)].append(url)
-    versions: dict[str, dict[str, str]] = {}
-    for folder, members in by_folder.items():
-        fs, path = url_to_fs(folder)
-        fs.invalidate_cache(path)
-        try:  # only the versions kept: a folder of 100,000 shards lists 100,000 entries
-            listed = {e["name"].rstrip("/"): version_of(e) for e in fs.ls(path, detail=True)}
-        except (OSError, NotImplementedError, ValueError):  # a store that does not list (plain HTTP)
-            listed = {}
-        for url in members:
-            try:
-                versions[url] = listed.get(url_to_fs(url)[1]) or version(url)
-            except FileNotFoundError:
-                versions[url] = {}
-    return versions
+    """Each URL's version now ({} for one that is gone), from one listing per folder (a 100,000-shard
+    corpus on S3 is 100 listing requests, not 100,000; ``specs.stat_each``)."""
+    return {url: v or {} for url, v in stat_each(urls, version_of).items()}
 
 
 def changed(recorded: dict[str, str], now: dict[str, str]) -> bool:

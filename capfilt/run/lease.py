@@ -76,16 +76,18 @@ class Lease:
         self.lost = threading.Event()  # set once another job has taken the lease over
         self._thread = threading.Thread(target=self._renew_until_stopped, name="capfilt-lease", daemon=True)
 
+    def _record(self) -> dict[str, Any]:
+        return self.me | {"renewed": time.time()}
+
     def _write(self) -> None:
-        ledger.write_json(self.url, self.me | {"renewed": time.time()})
+        ledger.write_json(self.url, self._record())
 
     def _create(self) -> bool:
         """Write the lease if none exists; False if one does."""
         fs, path = url_to_fs(self.url)
-        data = json.dumps(self.me | {"renewed": time.time()}).encode()
         try:
             with fs.open(path, "xb") as f:
-                f.write(data)
+                f.write(json.dumps(self._record()).encode())
         except FileExistsError:
             return False
         except (ValueError, NotImplementedError):  # a store without exclusive creation: check, then write
