@@ -1,14 +1,20 @@
 """BLIP-base's ViT (384 px, bf16, batch 512, random weights) through capfilt's fused forward, eager against
-``torch.compile``: images/s, TFLOP/s and the largest difference.
+``torch.compile`` in each mode named (default: inductor's default): images/s, TFLOP/s, compile time and the
+largest difference.
 
-    python docs/scripts/gpu_vit_compile.py
+    python docs/scripts/gpu_vit_compile.py [MODE,...]   # e.g. default,max-autotune-no-cudagraphs
 """
 
 import dataclasses
+import os
+import sys
 import time
 
 import torch
 from transformers import BlipVisionModel
+
+sys.path.insert(0, os.path.dirname(__file__))
+from gpu_timing import ms
 
 from capfilt.config import load_config
 from capfilt.model.med import vision_config
@@ -21,25 +27,19 @@ B = 512
 px = torch.randn(B, 3, 384, 384, device="cuda", dtype=torch.bfloat16)
 
 
-def t(fn, n=5):
-    fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1000
-
-
-eager = t(lambda: image_embeds(vision, px))
+eager = ms(lambda: image_embeds(vision, px))
 flops = 2 * 86e6 * 577 * B + 12 * 4 * 577 * 577 * 768 * B
 print(f"eager {eager:.1f} ms, {B / eager * 1000:.0f} images/s, {flops / eager / 1e9:.0f} TFLOP/s", flush=True)
-t0 = time.perf_counter()
-fn = torch.compile(image_embeds, dynamic=False)
-fn(vision, px)
-torch.cuda.synchronize()
-print(f"compile {time.perf_counter() - t0:.1f} s", flush=True)
-comp = t(lambda: fn(vision, px))
-print(f"compiled {comp:.1f} ms, {B / comp * 1000:.0f} images/s, {flops / comp / 1e9:.0f} TFLOP/s", flush=True)
-d = (fn(vision, px).float() - image_embeds(vision, px).float()).abs().max().item()
-print(f"max abs diff {d:.3g}", flush=True)
+for mode in (sys.argv[1] if len(sys.argv) > 1 else "default").split(","):
+    torch._dynamo.reset()
+    t0 = time.perf_counter()
+    fn = torch.compile(image_embeds, dynamic=False, mode=mode)
+    fn(vision, px)
+    torch.cuda.synchronize()
+    print(f"{mode}: compile {time.perf_counter() - t0:.1f} s", flush=True)
+    comp = ms(lambda f=fn: f(vision, px))
+    print(
+        f"{mode}: {comp:.1f} ms, {B / comp * 1000:.0f} images/s, {flops / comp / 1e9:.0f} TFLOP/s", flush=True
+    )
+    d = (fn(vision, px).float() - image_embeds(vision, px).float()).abs().max().item()
+    print(f"{mode}: max abs diff {d:.3g}", flush=True)
