@@ -123,6 +123,10 @@ class TrainConfig:
     # padded to the batch's longest, as the reference does (and a GPU, where it is unmeasured).
     text_chunk: int = 0
     prompt: str = "a picture of "  # captioner finetuning prefix, masked out of the LM loss
+    # Finetuning only: the captioner and the filter keep the pretrained ViT (not trained), so they hold the
+    # same one and a round encodes each image once for both: 1.3x the models' rate on an H100
+    # (docs/BENCHMARKS.md). BLIP finetunes the ViT too; what freezing it costs is in docs/RESULTS.md.
+    freeze_vision: bool = False
 
 
 def _check_stage(section: str, stage: TrainConfig, model: ModelConfig) -> None:
@@ -134,6 +138,11 @@ def _check_stage(section: str, stage: TrainConfig, model: ModelConfig) -> None:
     need(stage.epochs >= 1 or stage.steps >= 1, "epochs", ">= 1 when steps is 0")
     need(stage.lr > 0 and 0 <= stage.min_lr <= stage.lr, "lr", "> 0 and >= min_lr")
     need(stage.grad_clip > 0, "grad_clip", "> 0 (the gradient norm's bound)")
+    need(
+        section == "finetune" or not stage.freeze_vision,
+        "freeze_vision",
+        "false (pretraining learns the ViT)",
+    )
     need(
         0 < stage.crop_scale[0] <= stage.crop_scale[1] <= 1, "crop_scale", "[low, high], 0 < low <= high <= 1"
     )

@@ -261,6 +261,49 @@ def test_a_worker_serving_two_shards_at_once_writes_the_same_bytes(tmp_path, tin
     assert sum(s.n_in for s in stats) == 30 and outputs(tmp_path / "two") == outputs(tmp_path / "one")
 
 
+def one_vit(folder, tiny_models) -> tuple[str, str]:
+    """The tiny captioner, and the tiny filter with the captioner's ViT, as finetune.freeze_vision leaves them."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(tiny_models[1], folder)
+    captioner = load_file(os.path.join(tiny_models[0], "model.safetensors"))
+    state = load_file(folder / "model.safetensors")
+    save_file(
+        state | {k: v for k, v in captioner.items() if k.startswith("vision_model.")},
+        folder / "model.safetensors",
+    )
+    return tiny_models[0], str(folder)
+
+
+def test_models_with_one_vit_encode_each_image_once_and_write_the_same_bytes(
+    tmp_path, tiny_models, tiny_shards, monkeypatch
+):
+    """A captioner and a filter finetuned with the ViT frozen hold the same one: the worker keeps one copy
+    and encodes each batch once for both, and writes what encoding it twice writes."""
+    import capfilt.stages.captioner
+    import capfilt.stages.filter
+
+    passes = []
+    for module in (capfilt.stages.captioner, capfilt.stages.filter):
+        encode = module.image_embeds
+        monkeypatch.setattr(
+            module, "image_embeds", lambda v, px, encode=encode: passes.append(len(px)) or encode(v, px)
+        )
+    models, selection = one_vit(tmp_path / "filter", tiny_models), (0.5, {"test": True})
+    assert not ShardWorker(tiny_cfg(), *tiny_models, device="cpu").shared_vision
+    assert not ShardWorker(tiny_cfg("caption.method=beam"), *models, device="cpu").shared_vision
+    once = ShardWorker(tiny_cfg(), *models, device="cpu")
+    assert once.shared_vision and once.filter.model.vision_model is once.captioner.model.vision_model
+    twice = ShardWorker(tiny_cfg(), *models, device="cpu")
+    twice.shared_vision = False
+    for worker, out in ((once, "once"), (twice, "twice")):
+        passes.clear()
+        stats = [worker.run(u, writer.output_name(u), str(tmp_path / out), *selection) for u in tiny_shards]
+        images = sum(s.kept + s.dropped for s in stats)  # decoded (no model failure here)
+        assert sum(passes) == images * (1 if out == "once" else 2)
+    assert outputs(tmp_path / "once") == outputs(tmp_path / "twice")
+
+
 def test_read_decode_time_leaves_out_the_time_the_model_holds_the_batch(tiny_shards):
     """stats.json's read_decode is reading and decoding only: while the consumer works on a batch (and the
     read-ahead queue is full) the generator is suspended, and that time is the model's."""

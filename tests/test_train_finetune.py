@@ -9,6 +9,7 @@ from test_train_data import make_shard
 from capfilt.config import load_config
 from capfilt.model.hf import load_captioner, load_filter, load_med
 from capfilt.model.tokenizer import count_words
+from capfilt.run.worker import ShardWorker
 from capfilt.train.finetune import finetune, shared_tensors
 from capfilt.train.pretrain import fresh_med
 
@@ -59,3 +60,30 @@ def test_shared_tensors_sees_sharing():
     b = torch.nn.Sequential(a)
     assert shared_tensors(a, b) == ["weight", "bias"]
     assert shared_tensors(a, torch.nn.Linear(2, 2)) == []
+
+
+def test_a_frozen_vit_leaves_both_models_the_pretrained_one(finetuned):
+    """finetune.freeze_vision: the captioner and the filter keep the MED's ViT (at the finetuning size), so
+    a round's worker sees one ViT and encodes each image once for both (test_run_local)."""
+    d, _ = finetuned
+    frozen = [
+        "finetune.steps=4",
+        "finetune.image_size=48",
+        "finetune.freeze_vision=true",
+        "run.image_size=48",
+    ]
+    cfg = load_config("tiny", frozen)
+    finetune(cfg, d / "med", [str(d / "human.tar")], d / "frozen")
+    captioner, _, _ = load_captioner(d / "frozen" / "captioner")
+    filt, _, _ = load_filter(d / "frozen" / "filter")
+    med = load_med(d / "med")[0]
+    med.resize_image(48)
+    want = med.vision.state_dict()
+    for model in (captioner, filt):
+        got = model.vision_model.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert not torch.equal(
+        captioner.text_decoder.cls.predictions.decoder.weight, med.text_decoder.cls.predictions.decoder.weight
+    )
+    worker = ShardWorker(cfg, str(d / "frozen" / "captioner"), str(d / "frozen" / "filter"), device="cpu")
+    assert worker.shared_vision

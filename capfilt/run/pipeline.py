@@ -135,22 +135,34 @@ def guarded(
 
 
 def score_batch(
-    batch: Batch, captioner: Any, filter_: Any, threshold: float, timings: dict[str, float]
+    batch: Batch,
+    captioner: Any,
+    filter_: Any,
+    threshold: float,
+    timings: dict[str, float],
+    shared_vision: bool = False,
 ) -> tuple[list[ScoredSample], list[Reject]]:
-    """Caption, score and select one decoded batch."""
-    samples, pixels = batch.samples, batch.pixels
+    """Caption, score and select one decoded batch. With ``shared_vision`` (the two hold the same ViT:
+    ``worker.same_vision``) each image is encoded once, and both models take its embeddings."""
+    samples, images = batch.samples, batch.pixels
+    caption, score, rejects = captioner.caption, filter_.score, []
     t0 = time.perf_counter()
-    ok, captions, rejects = guarded(
-        captioner.caption, pixels, [s.key for s in samples], samples, "caption_failed"
-    )
-    samples, pixels = [samples[i] for i in ok], pixels[ok] if ok else pixels[:0]
+    if shared_vision:
+        ok, rows, rejects = guarded(
+            lambda px, _: list(captioner.encode(px)), images, samples, samples, "caption_failed"
+        )
+        samples, images = [samples[i] for i in ok], torch.stack(rows)
+        caption, score = captioner.caption_embeds, filter_.score_embeds
+    ok, captions, failed = guarded(caption, images, [s.key for s in samples], samples, "caption_failed")
+    rejects += failed
+    samples, images = [samples[i] for i in ok], images[ok] if ok else images[:0]
     candidates = [  # an image without a web caption competes with its synthetic ones only
         ([Candidate(s.caption, "web")] if s.caption else []) + [Candidate(t, "synthetic") for t in caps]
         for s, caps in zip(samples, captions)
     ]
     t1 = time.perf_counter()
     ok, scores, failed = guarded(
-        filter_.score, pixels, [[c.text for c in cs] for cs in candidates], samples, "score_failed"
+        score, images, [[c.text for c in cs] for cs in candidates], samples, "score_failed"
     )
     rejects += failed
     t2 = time.perf_counter()
@@ -201,6 +213,7 @@ def process_shard(
     name: str | None = None,
     device: torch.device | None = None,
     models: AbstractContextManager = nullcontext(),
+    shared_vision: bool = False,
 ) -> ShardStats:
     """Clean one shard into ``out_dir/NAME.*`` and return its stats (also written, with the done marker).
 
@@ -208,7 +221,7 @@ def process_shard(
     shard list, so that two inputs with the same file name do not collide. ``device``: the models'; the
     read-ahead thread moves each batch there (in ``run.dtype``), so the models get it ready. ``models``
     is held while a batch is captioned and scored (a lock when other shards share the models); the time
-    spent waiting for it is ``wait_models``.
+    spent waiting for it is ``wait_models``. ``shared_vision``: see :func:`score_batch`.
     """
     start = time.perf_counter()
     name = name or writer.output_name(url)
@@ -234,7 +247,9 @@ def process_shard(
                 t0 = time.perf_counter()
                 with models:
                     timings["wait_models"] += time.perf_counter() - t0
-                    done, failed = score_batch(batch, captioner, filter_, cfg.filter.threshold, timings)
+                    done, failed = score_batch(
+                        batch, captioner, filter_, cfg.filter.threshold, timings, shared_vision
+                    )
                 for r in failed:
                     stats.reject(r)
                 count_results(stats, done)

@@ -33,6 +33,16 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def same_vision(captioner: Captioner, filter_: Filter) -> bool:
+    """Whether the two hold the same ViT weights (both finetuned with ``finetune.freeze_vision``), so that
+    one pass per batch serves both. Beam search encodes its images inside HF ``generate``, so it never
+    shares."""
+    if captioner.cfg.method == "beam":
+        return False
+    ours, theirs = captioner.model.vision_model.state_dict(), filter_.model.vision_model.state_dict()
+    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def human_pairs(human: list[str], cfg: Config) -> tuple[torch.Tensor, list[str]]:
     """The first ``filter.calibration_samples`` decodable images of the ``human`` shard URLs with their
     (first) caption, decoded as a round decodes them."""
@@ -56,6 +66,9 @@ class ShardWorker:
                     f"the {role}'s ViT takes {size}-px images (vision_config.image_size in its config.json) "
                     f"but run.image_size is {cfg.run.image_size}: set run.image_size={size}"
                 )
+        self.shared_vision = same_vision(self.captioner, self.filter)
+        if self.shared_vision:  # one ViT in memory too
+            self.filter.model.vision_model = self.captioner.model.vision_model
         self.models = threading.Lock()
         self.decoders: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(cfg.run.shards_in_flight):
@@ -84,6 +97,7 @@ class ShardWorker:
                 name=name,
                 device=self.device,
                 models=self.models,
+                shared_vision=self.shared_vision,
             )
         finally:
             self.decoders.put(decoder)

@@ -94,15 +94,31 @@ class Captioner:
         """One list of ``num_captions`` captions per image, in input order."""
         if len(keys) != pixels.shape[0]:
             raise ValueError(f"{pixels.shape[0]} images but {len(keys)} keys")
-        pixels, n = pixels.to(self.device, self.dtype), self.cfg.num_captions
         if self.cfg.method == "beam":
-            ids = self._beam(pixels)
-        else:
-            embeds = image_embeds(self.model.vision_model, pixels)  # once per image
-            gens = [self._generator(key, i) for key in keys for i in range(n)]
-            ids = self._sample(embeds.repeat_interleave(n, dim=0), gens)
-        texts = [self._text(row) for row in ids]
-        return [texts[b * n : (b + 1) * n] for b in range(len(keys))]
+            return self._texts(self._beam(pixels.to(self.device, self.dtype)), len(keys))
+        return self.caption_embeds(self.encode(pixels), keys)
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The ViT's image embeddings [B, tokens, width], once per image whatever ``num_captions``."""
+        return image_embeds(self.model.vision_model, pixels.to(self.device, self.dtype))
+
+    @torch.no_grad()
+    def caption_embeds(self, embeds: torch.Tensor, keys: list[str]) -> list[list[str]]:
+        """``caption`` from the images' embeddings (:meth:`encode`), which a filter with the same ViT
+        reuses; nucleus sampling only (beam search runs HF ``generate``, which encodes the pixels itself)."""
+        if self.cfg.method == "beam":
+            raise ValueError("caption.method beam encodes the images itself: call caption(pixels, keys)")
+        if len(keys) != embeds.shape[0]:
+            raise ValueError(f"{embeds.shape[0]} images but {len(keys)} keys")
+        n = self.cfg.num_captions
+        gens = [self._generator(key, i) for key in keys for i in range(n)]
+        return self._texts(self._sample(embeds.repeat_interleave(n, dim=0), gens), len(keys))
+
+    def _texts(self, ids: list[list[int]], images: int) -> list[list[str]]:
+        """Each image's ``num_captions`` texts from the generated rows (image-major)."""
+        texts, n = [self._text(row) for row in ids], self.cfg.num_captions
+        return [texts[b * n : (b + 1) * n] for b in range(images)]
 
     def _generator(self, key: str, index: int) -> torch.Generator:
         return torch.Generator().manual_seed(row_seed(self.seed, key, index))

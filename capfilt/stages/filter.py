@@ -54,9 +54,17 @@ class Filter:
     @torch.no_grad()
     def score(self, pixels: torch.Tensor, captions: list[list[str]]) -> list[list[tuple[float, float]]]:
         """``captions[b]`` are image b's candidates; returns (itm, itc) per candidate, same shape."""
-        if len(captions) != pixels.shape[0]:
-            raise ValueError(f"{pixels.shape[0]} images but {len(captions)} caption lists")
-        image_embeds, image_feat = self.encode_images(pixels)
+        return self.score_embeds(self.encode(pixels), captions)
+
+    @torch.no_grad()
+    def score_embeds(
+        self, image_embeds: torch.Tensor, captions: list[list[str]]
+    ) -> list[list[tuple[float, float]]]:
+        """``score`` from the images' ViT embeddings, e.g. a captioner's that holds the same ViT
+        (``Captioner.encode``): the round then encodes each image once for both."""
+        if len(captions) != image_embeds.shape[0]:
+            raise ValueError(f"{image_embeds.shape[0]} images but {len(captions)} caption lists")
+        image_feat = self.image_features(image_embeds)
         image_kv = self.model.text_encoder.image_keys_values(image_embeds)  # once per image, not per caption
         pairs = [(b, text) for b, texts in enumerate(captions) for text in texts]
         scores: list[tuple[float, float]] = [(0.0, 0.0)] * len(pairs)
@@ -71,10 +79,18 @@ class Filter:
             i += len(texts)
         return out
 
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The ViT's image embeddings [B, tokens, width] of a batch of pixels."""
+        return image_embeds(self.model.vision_model, pixels.to(self.device, self.dtype))
+
     def encode_images(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ViT embeddings [B, N, D], normalised ITC image features [B, E]) of a batch of pixels."""
-        embeds = image_embeds(self.model.vision_model, pixels.to(self.device, self.dtype))
-        return embeds, F.normalize(self.model.vision_proj(embeds[:, 0]), dim=-1)
+        embeds = self.encode(pixels)
+        return embeds, self.image_features(embeds)
+
+    def image_features(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        """Normalised ITC image features [B, E]: the ViT's first token, projected."""
+        return F.normalize(self.model.vision_proj(image_embeds[:, 0]), dim=-1)
 
     def score_pairs(
         self, image_kv: ImageKeysValues, image_feat: torch.Tensor, texts: list[str]

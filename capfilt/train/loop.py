@@ -103,6 +103,8 @@ def train(job: Job, rank: int = 0, world: int = 1) -> dict:
     med, tok, _ = load_med(ckpt / "med" if ckpt else job.init)
     med.resize_image(stage.image_size)
     med.text_chunk = stage.text_chunk
+    if stage.freeze_vision:  # before the optimiser, which takes only what requires a gradient
+        med.vision.requires_grad_(False)
     med.to(device).train()
     opt = make_optimizer(med, stage)
     state = load_state(ckpt, opt) if ckpt else {"step": 0, "history": []}
