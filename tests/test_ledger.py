@@ -27,6 +27,22 @@ def test_other_config_or_models_refuse_with_the_differences(tmp_path):
         ledger.open_run(str(tmp_path), manifest(cfg, models={"captioner": "c1", "filter": "f2"}))
 
 
+def test_a_run_made_before_a_config_key_existed_continues_at_its_default(tmp_path):
+    """A nightly rerun after upgrading capfilt: the old manifest lacks the keys added since, and the run
+    behaved as their defaults do. Another value of such a key is still a difference."""
+    cfg = load_config("tiny")
+    ledger.open_run(str(tmp_path), manifest(cfg))
+    path = tmp_path / ledger.MANIFEST
+    old = json.loads(path.read_text())
+    del old["config"]["finetune"]["freeze_vision"], old["config"]["run"]["shards_in_flight"]
+    path.write_text(json.dumps(old))
+    ledger.open_run(str(tmp_path), manifest(cfg, shards=("a/web-2.tar",)))
+    assert len(ledger.read_manifest(str(tmp_path))["shards"]) == 3
+    path.write_text(json.dumps(old))
+    with pytest.raises(ledger.RunMismatchError, match=r"config\.run\.shards_in_flight: 1 → 2"):
+        ledger.open_run(str(tmp_path), manifest(load_config("tiny", ["run.shards_in_flight=2"])))
+
+
 def test_mistakes_about_the_run_folder_are_user_errors(tmp_path):
     """One line and exit 2 on the command line, not a traceback."""
     with pytest.raises(UserError, match="no manifest.json; not a capfilt run folder"):

@@ -22,7 +22,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-from capfilt.config import Config
+from capfilt.config import Config, ConfigError, config_from_dict
 from capfilt.data import versions, writer
 from capfilt.data.sample import ShardStats
 from capfilt.errors import UserError
@@ -80,8 +80,22 @@ def differences(old: dict[str, Any], new: dict[str, Any], ignore: tuple[str, ...
             return [d for k in sorted(set(a) | set(b)) for d in walk(a.get(k), b.get(k), f"{where}.{k}")]
         return [] if a == b else [f"{where.lstrip('.')}: {a!r} → {b!r}"]
 
-    diff = walk({k: old.get(k) for k in IDENTITY}, {k: new.get(k) for k in IDENTITY}, "")
+    old = {k: old.get(k) for k in IDENTITY} | {"config": with_defaults(old.get("config"))}
+    diff = walk(old, {k: new.get(k) for k in IDENTITY}, "")
     return [d for d in diff if _path(d) not in ignore]
+
+
+def with_defaults(config: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A manifest's config with every key added to capfilt since it was written at its default, which is
+    how that run behaved (a new key's default keeps the old behaviour): so a rerun after an upgrade
+    continues the run. As it is if it no longer parses (a key since removed), so that shows as a
+    difference."""
+    if config is None:
+        return None
+    try:
+        return config_from_dict(config).to_dict()
+    except ConfigError:
+        return config
 
 
 def _path(difference: str) -> str:
