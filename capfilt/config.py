@@ -124,7 +124,7 @@ class TrainConfig:
     text_chunk: int = 0
     prompt: str = "a picture of "  # captioner finetuning prefix, masked out of the LM loss
     # Finetuning only: the captioner and the filter keep the pretrained ViT (not trained), so they hold the
-    # same one and a round encodes each image once for both: 1.3x the models' rate on an H100
+    # same one and a round encodes each image once for both: 1.37x the models' rate on an H100
     # (docs/BENCHMARKS.md). BLIP finetunes the ViT too; what freezing it costs is in docs/RESULTS.md.
     freeze_vision: bool = False
 
