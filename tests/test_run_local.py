@@ -143,6 +143,38 @@ def test_a_rerun_cleans_again_the_shards_whose_input_changed(tmp_path, tiny_mode
     assert outputs(out) == now
 
 
+def test_a_never_cleaned_shard_whose_input_is_gone_is_left_out_not_failed(
+    tmp_path, tiny_models, tiny_shards, capsys
+):
+    """A shard an earlier night named, never committed (it failed, or the job was stopped), whose input is
+    gone since: the nightly rerun leaves it out and says so, rather than fail on it every night; it is
+    cleaned if it comes back."""
+    (tmp_path / "in").mkdir()
+    shards = [shutil.copy(s, tmp_path / "in") for s in tiny_shards[:2]]
+    out, cfg = tmp_path / "run", tiny_cfg()
+
+    def rerun(spec: list[str]) -> dict:
+        return run_round(cfg, spec, str(out), *tiny_models, local=True, progress=False)
+
+    both = rerun(shards)
+    kept = {k: v for k, v in outputs(out).items() if k.startswith("web-000000")}
+    os.remove(out / "web-000001.done")  # uncommitted, as a failed or stopped shard leaves it
+    gone = shards[1] + ".away"
+    os.rename(shards[1], gone)
+    summary = rerun([shards[0]])
+    assert summary["gone_shards"] == [shards[1]] and summary["failed_shards"] == {}
+    assert summary["shards_done"] == 1 and summary["n_in"] == 10 and summary["this_invocation"]["shards"] == 0
+    assert "never cleaned and their input is gone" in capsys.readouterr().err
+    info = json.loads((out / "dataset_info.json").read_text())
+    assert info["files"]["webdataset"] == ["web-000000.tar"] and info["counts"]["gone_shards"] == [shards[1]]
+    assert {k: v for k, v in outputs(out).items() if k.startswith("web-000000")} == kept
+    os.rename(gone, shards[1])  # back: cleaned again
+    back = rerun([shards[0]])
+    assert (
+        back["gone_shards"] == [] and back["this_invocation"]["shards"] == 1 and back["n_in"] == both["n_in"]
+    )
+
+
 class FlakyCaptioner:
     """Raises on any batch holding a poisoned key."""
 

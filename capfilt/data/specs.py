@@ -111,6 +111,11 @@ def stat_each(urls: Iterable[str], pick: Callable[[dict[str, Any]], T]) -> dict[
     return found
 
 
+def missing(urls: Iterable[str]) -> list[str]:
+    """The URLs that name no file now (``stat_each``), in their order."""
+    return [url for url, seen in stat_each(urls, lambda info: True).items() if seen is None]
+
+
 def _check_exist(urls: Iterable[str]) -> None:
     """Raise naming the shards that are not there, or that are folders (``stat_each``)."""
     kinds = stat_each(urls, lambda info: info["type"])

@@ -23,7 +23,7 @@ from typing import Any
 from fsspec.core import url_to_fs
 
 from capfilt.config import Config, ConfigError, config_from_dict
-from capfilt.data import versions, writer
+from capfilt.data import specs, versions, writer
 from capfilt.data.sample import ShardStats
 from capfilt.errors import UserError
 from capfilt.run import card
@@ -251,6 +251,14 @@ def pending_shards(
     now = versions.current_versions([u for u, v in done.items() if v])
     changed = [u for u, v in done.items() if v and versions.changed(v, now[u])]
     return [(u, names[u]) for u in shards if u not in done or u in changed], changed
+
+
+def gone_inputs(jobs: list[tuple[str, str]], given: list[str]) -> list[str]:
+    """The pending shards that only earlier invocations named and whose input is gone: never cleaned,
+    and nothing left to clean. A round leaves them out and says so, rather than fail on them every night
+    until the folder is cleared (the shards this invocation names were checked when its spec expanded)."""
+    named = set(given)
+    return specs.missing([url for url, _ in jobs if url not in named])
 
 
 def remove_stale_temps(out: str, names: list[str]) -> list[str]:

@@ -55,6 +55,18 @@ def say_changed(changed: list[str]) -> None:
         )
 
 
+def say_gone(gone: list[str]) -> None:
+    """Tell the user which shards of earlier invocations were never cleaned and are gone."""
+    if gone:
+        print(
+            f"[capfilt] {len(gone)} shard(s) named by earlier runs of this folder were never cleaned and "
+            f"their input is gone, so they are left out (summary.json's gone_shards): "
+            f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def run_round(
     cfg: Config,
     shards: list[str],
@@ -104,6 +116,10 @@ def run_round(
             urls = manifest["shards"]
             names = ledger.shard_names(urls)
             jobs, changed = ledger.pending_shards(out, names, urls)
+            gone = ledger.gone_inputs(jobs, urls_given)
+            left_out = set(gone)
+            jobs = [(url, name) for url, name in jobs if url not in left_out]
+            say_gone(gone)
             for url in changed:  # uncommitted first: the folder never serves an old input's outputs
                 ledger.clear_shard(out, names[url])
             say_changed(changed)
@@ -111,7 +127,8 @@ def run_round(
             totals, done = RunTotals(), set()
             failed: dict[str, str] = {}
             provenance = provenance_of(cfg, models, mode)
-            with RoundProgress(len(urls), len(urls) - len(jobs), enabled=progress) as bar:
+            shards_now = len(urls) - len(gone)
+            with RoundProgress(shards_now, shards_now - len(jobs), enabled=progress) as bar:
 
                 def on_done(url: str, stats: ShardStats) -> None:
                     done.add(url)
@@ -134,7 +151,8 @@ def run_round(
                 f"after {len(done)} shard(s) and leaves the rest, and the summary, to it"
             )
         ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by workers killed in this run
-        earlier = [names[u] for u in urls if u not in done and u not in failed]  # committed before
+        skip = done | set(failed) | left_out  # cleaned now, failed or gone: the rest were committed before
+        earlier = [names[u] for u in urls if u not in skip]
         for stats in ledger.read_stats(out, earlier):
             totals.add(stats, processed=False)
         summary = totals.summary(failed, time.perf_counter() - start)
@@ -143,9 +161,9 @@ def run_round(
             "close_seconds": closed,
             "inputs_changed": changed,
         }
-        summary |= {"threshold": threshold, "threshold_mode": mode}
+        summary |= {"threshold": threshold, "threshold_mode": mode, "gone_shards": gone}
         ledger.write_json(out.rstrip("/") + "/" + ledger.SUMMARY, summary)
-        committed_names = [names[u] for u in urls if u not in failed]
+        committed_names = [names[u] for u in urls if u not in failed and u not in left_out]
         card.write_card(
             out, card.dataset_info(manifest, summary, provenance, committed_names, totals.input_sha256)
         )
