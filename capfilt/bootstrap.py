@@ -23,12 +23,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from capfilt.config import Config, config_from_dict
+from capfilt.config import Config
 from capfilt.data.mirror import Mirror
 from capfilt.data.writer import atomic_open
 from capfilt.errors import UserError
 from capfilt.run.lease import Lease
-from capfilt.run.ledger import read_json, write_json
+from capfilt.run.ledger import read_json, with_defaults, write_json
 from capfilt.train.checkpoint import LATEST
 
 
@@ -65,7 +65,7 @@ def _check_manifest(out: str, cfg: Config, plan: BootstrapPlan) -> None:
     }
     have = read_json(manifest)
     if have is not None and (
-        config_from_dict(have["config"]).to_dict() != want["config"]
+        with_defaults(have["config"]) != want["config"]
         or {k: have.get(k) for k in want if k != "config"} != {k: v for k, v in want.items() if k != "config"}
     ):
         raise UserError(f"{out} holds a bootstrap with another config or inputs; use a new --out folder")

@@ -44,27 +44,11 @@ def provenance_of(
     }
 
 
-def say_changed(changed: list[str]) -> None:
-    """Tell the user which committed shards are cleaned again because their input changed."""
-    if changed:
-        print(
-            f"[capfilt] {len(changed)} input shard(s) changed since they were cleaned, cleaning them "
-            f"again: {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}",
-            file=sys.stderr,
-            flush=True,
-        )
-
-
-def say_gone(gone: list[str]) -> None:
-    """Tell the user which shards of earlier invocations were never cleaned and are gone."""
-    if gone:
-        print(
-            f"[capfilt] {len(gone)} shard(s) named by earlier runs of this folder were never cleaned and "
-            f"their input is gone, so they are left out (summary.json's gone_shards): "
-            f"{', '.join(gone[:3])}{' ...' if len(gone) > 3 else ''}",
-            file=sys.stderr,
-            flush=True,
-        )
+def say_shards(urls: list[str], what: str) -> None:
+    """Tell the user, on stderr, about shards the round treats apart: how many, ``what``, the first few."""
+    if urls:
+        shown = ", ".join(urls[:3]) + (" ..." if len(urls) > 3 else "")
+        print(f"[capfilt] {len(urls)} {what}: {shown}", file=sys.stderr, flush=True)
 
 
 def run_round(
@@ -119,10 +103,14 @@ def run_round(
             gone = ledger.gone_inputs(jobs, urls_given)
             left_out = set(gone)
             jobs = [(url, name) for url, name in jobs if url not in left_out]
-            say_gone(gone)
+            say_shards(
+                gone,
+                "shard(s) named by earlier runs of this folder were never cleaned and their input is gone, "
+                "so they are left out (summary.json's gone_shards)",
+            )
             for url in changed:  # uncommitted first: the folder never serves an old input's outputs
                 ledger.clear_shard(out, names[url])
-            say_changed(changed)
+            say_shards(changed, "input shard(s) changed since they were cleaned, cleaning them again")
             ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by a killed run
             totals, done = RunTotals(), set()
             failed: dict[str, str] = {}
