@@ -136,9 +136,11 @@ def run_bench(
     random_models: bool = False,
     memory_sizes: tuple[int, ...] = (10_000, 100_000),
     address: str | None = None,
+    processes: bool = False,
 ) -> dict:
     """The requested parts ("decode", "train", "round", "memory") on a demo world folder; the round joins
-    the Ray cluster at ``address`` when given, else starts a local Ray as ``capfilt run`` does."""
+    the Ray cluster at ``address`` when given, runs on worker processes without Ray with ``processes``,
+    else starts a local Ray as ``capfilt run`` does."""
     from capfilt.data.bench_decode import bench_decode
 
     world = Path(world)
@@ -175,6 +177,7 @@ def run_bench(
                 *paths,
                 truth=str(truth) if truth.exists() else None,
                 address=address,
+                processes=processes,
             )
     return result
 

@@ -156,6 +156,9 @@ def run(
     config: ConfigOpt = "demo",
     set_: SetOpt = None,
     local: Annotated[bool, typer.Option(help="run in this process, no Ray (debugging)")] = False,
+    processes: Annotated[
+        bool, typer.Option(help="run.actors worker processes on this machine, no Ray: no Ray start or stop")
+    ] = False,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address; default starts a local Ray")
     ] = None,
@@ -180,6 +183,7 @@ def run(
         address=address,
         new_run=new_run,
         human=human,
+        processes=processes,
     )
     typer.echo(summary)
     if summary["failed_shards"]:  # the run went on past them; a scheduler still needs to know
@@ -347,6 +351,7 @@ def bench(
         str | None,
         typer.Option(help="round: join this Ray cluster (auto: a running one) instead of starting one"),
     ] = None,
+    processes: Annotated[bool, typer.Option(help="round: on worker processes, without Ray")] = False,
 ):
     """Measure decode, training and round throughput (against the batched HF script and the one-image
     loop) on the demo world and print JSON; with --device, the GPU path's table."""
@@ -357,7 +362,7 @@ def bench(
     cfg = _config(config, set_)
     if device is None:
         sizes = tuple(int(x) for x in memory_sizes.split(","))
-        result = run_bench(cfg, world, models, parts.split(","), random_models, sizes, address)
+        result = run_bench(cfg, world, models, parts.split(","), random_models, sizes, address, processes)
         typer.echo(json.dumps(result, indent=1))
         for name, value in result.get("round", {}).get("ratios", {}).items():
             typer.echo(f"{name}: {value:.2f}" if value is not None else f"{name}: -")

@@ -43,9 +43,7 @@ def test_the_hf_script_runs_as_a_command_without_ray(tiny_world, tmp_path):
     writes a round's outputs for every shard and never imports Ray, whose import it would be timed with."""
     cfg = load_config("tiny")
     cap, flt = bench.random_models(cfg.model, tmp_path / "models", web_captions(Path(tiny_world)))
-    ours, script = bench.commands(
-        cfg, [f"{tiny_world}/web-*.tar"], str(tmp_path / "cmd"), cap, flt, False, None
-    )
+    ours, script = bench.commands(cfg, [f"{tiny_world}/web-*.tar"], str(tmp_path / "cmd"), cap, flt, [])
     assert ours[1:4] == ["-m", "capfilt.cli", "run"] and script[1:3] == ["-m", "capfilt.run.hf_script"]
     probe = "import runpy, sys; sys.argv = sys.argv[1:]; "
     probe += "runpy.run_module('capfilt.run.hf_script', run_name='__main__'); print('ray' in sys.modules)"

@@ -1,10 +1,12 @@
-"""The round on a real local Ray: actors SIGKILLed mid-shard, a driver SIGKILLed mid-run, ray job submit.
+"""The round on a real local Ray and on worker processes without Ray (``--processes``): workers
+SIGKILLed mid-shard, a driver SIGKILLed mid-run, ray job submit.
 
-Every recovered run must write the same bytes as an uninterrupted one (stats.json differs only in its
-timings, which are measured).
+Every recovered run must write the same bytes as an uninterrupted one on Ray (stats.json differs only in
+its timings, which are measured): both pools run the same worker with one thread each.
 """
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -31,9 +33,11 @@ from typer.testing import CliRunner
 from capfilt.cli import app
 from capfilt.config import ConfigError, load_config
 from capfilt.data.writer import is_temp
+from capfilt.errors import UserError
 from capfilt.run import lease
+from capfilt.run.dispatch import actors_that_fit
 from capfilt.run.faults import KILL_DIR
-from capfilt.run.ray_pool import actors_that_fit
+from capfilt.run.process_pool import worker_env
 from capfilt.run.round import run_round
 from capfilt.run.worker import ShardWorker
 
@@ -54,9 +58,17 @@ def kill_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local_ray(kill_dir):
-    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {KILL_DIR: str(kill_dir)}})
-    yield
-    ray.shutdown()
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(KILL_DIR, str(kill_dir))  # the worker processes of --processes inherit it
+        ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": {KILL_DIR: str(kill_dir)}})
+        yield
+        ray.shutdown()
+
+
+@pytest.fixture(params=["ray", "processes"])
+def pool(request, local_ray) -> dict:
+    """run_round's options for each pool: a local Ray's actors, or worker processes without Ray."""
+    return {"processes": request.param == "processes"}
 
 
 @pytest.fixture(scope="module")
@@ -70,24 +82,28 @@ def reference(local_ray, tiny_models, shards, tmp_path_factory):
     return out
 
 
-def test_actors_killed_mid_shard_give_identical_outputs(reference, tiny_models, shards, kill_dir, tmp_path):
+def test_actors_killed_mid_shard_give_identical_outputs(
+    reference, pool, tiny_models, shards, kill_dir, tmp_path
+):
     (kill_dir / "web-000001.kill").write_text("2")  # the same shard dies twice, on whichever actor runs it
     (kill_dir / "web-000003.kill").write_text("1")
-    summary = run_round(tiny_cfg(), shards, str(tmp_path / "run"), *tiny_models, progress=False)
+    summary = run_round(tiny_cfg(), shards, str(tmp_path / "run"), *tiny_models, progress=False, **pool)
     assert all((kill_dir / f).read_text() == "0" for f in ("web-000001.kill", "web-000003.kill"))
     assert summary["shards_done"] == 4 and not summary["failed_shards"]
+    built = summary["this_invocation"]["startup_seconds"]["workers"]  # the restarted ones' latest builds
+    assert 1 <= len(built) <= 2  # (one restarted after the last kill and not built yet is left out)
     assert summary["n_in"] == summary["kept"] + summary["dropped"] + sum(summary["rejected"].values())
     assert outputs(tmp_path / "run") == outputs(reference)
     assert not [p.name for p in (tmp_path / "run").iterdir() if is_temp(p.name)]  # the killed tars' temps
 
 
 def test_two_shards_in_flight_survive_a_kill_with_identical_outputs(
-    reference, tiny_models, shards, kill_dir, tmp_path
+    reference, pool, tiny_models, shards, kill_dir, tmp_path
 ):
     """One actor with two shards in flight, SIGKILLed in one of them: both are retried, nothing changes."""
     (kill_dir / "web-000002.kill").write_text("1")
     cfg = tiny_cfg("run.actors=1", "run.shards_in_flight=2")
-    summary = run_round(cfg, shards, str(tmp_path / "run"), *tiny_models, progress=False)
+    summary = run_round(cfg, shards, str(tmp_path / "run"), *tiny_models, progress=False, **pool)
     assert (kill_dir / "web-000002.kill").read_text() == "0"
     assert summary["shards_done"] == 4 and not summary["failed_shards"]
     assert outputs(tmp_path / "run") == outputs(reference)
@@ -105,27 +121,87 @@ def test_auto_pool_fits_the_declared_resources():
         load_config("tiny", ["run.actors=many"])
 
 
-def test_auto_pool_gives_the_same_outputs(reference, tiny_models, shards, tmp_path):
+def test_worker_processes_get_their_threads_and_share_of_the_gpus():
+    """``--processes`` sets what Ray sets for an actor: threads from its CPUs, GPUs handed out in order."""
+
+    def env(*sets: str, index: int = 0, visible: str | None = None) -> dict[str, str]:
+        return worker_env(load_config("tiny", list(sets)).run, index, visible)
+
+    assert env() == {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}  # no GPU
+    half = ["run.num_gpus_per_actor=0.5", "run.num_cpus_per_actor=4"]
+    assert [env(*half, index=i)["CUDA_VISIBLE_DEVICES"] for i in range(4)] == ["0", "0", "1", "1"]
+    assert env(*half, index=3, visible="4,6")["CUDA_VISIBLE_DEVICES"] == "6"  # the driver's own GPUs
+    assert env(*half)["OMP_NUM_THREADS"] == "4"
+    assert env("run.num_gpus_per_actor=2", index=1)["CUDA_VISIBLE_DEVICES"] == "2,3"
+    with pytest.raises(UserError, match="lower run.actors"):
+        env(*half, index=4, visible="4,6")
+
+
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_worker_processes_exit_with_a_killed_driver(tiny_models, shards, tmp_path):
+    """A ``--processes`` driver SIGKILLed mid-run leaves no worker behind (each sees its pipe close), and
+    its rerun finishes the round."""
+    out, (cap, flt) = tmp_path / "run", tiny_models
+    argv = [sys.executable, "-m", "capfilt.cli", "run", *shards, "--out", str(out), "--captioner", cap]
+    argv += ["--filter", flt, "-c", "tiny", "--set", "run.actors=2", "--processes"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not list(out.glob("*.done")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        workers = children(proc.pid)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker, if it runs)
+    deadline = time.time() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    result = CliRunner().invoke(app, argv[3:])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "summary.json").read_text())["shards_done"] == 4
+
+
+def test_auto_pool_gives_the_same_outputs(reference, pool, tiny_models, shards, tmp_path):
+    """ "auto": as many actors as the local Ray's 2 CPUs hold, or worker processes as this machine's CPUs."""
     summary = run_round(
-        tiny_cfg("run.actors=auto"), shards, str(tmp_path / "run"), *tiny_models, progress=False
+        tiny_cfg("run.actors=auto"), shards, str(tmp_path / "run"), *tiny_models, progress=False, **pool
     )
     assert summary["shards_done"] == 4 and not summary["failed_shards"]
+    cpus = 2 if not pool["processes"] else min(4, len(os.sched_getaffinity(0)))
+    assert len(summary["this_invocation"]["startup_seconds"]["workers"]) == cpus
     assert outputs(tmp_path / "run") == outputs(reference)
 
 
-def test_a_shard_that_keeps_failing_is_reported_not_fatal(local_ray, tiny_models, shards, kill_dir, tmp_path):
+def test_a_shard_that_keeps_failing_is_reported_not_fatal(pool, tiny_models, shards, kill_dir, tmp_path):
     (kill_dir / "web-000002.kill").write_text("99")
     summary = run_round(
-        tiny_cfg("run.max_shard_retries=1"), shards, str(tmp_path / "run"), *tiny_models, progress=False
+        tiny_cfg("run.max_shard_retries=1"),
+        shards,
+        str(tmp_path / "run"),
+        *tiny_models,
+        progress=False,
+        **pool,
     )
     (kill_dir / "web-000002.kill").write_text("0")
     assert list(summary["failed_shards"]) == [shards[2]] and summary["shards_done"] == 3
     assert not (tmp_path / "run" / "web-000002.done").exists()
 
 
-def test_a_round_whose_lease_was_taken_over_starts_no_shard(
-    local_ray, tiny_models, shards, monkeypatch, tmp_path
-):
+def test_a_round_whose_lease_was_taken_over_starts_no_shard(pool, tiny_models, shards, monkeypatch, tmp_path):
     """The pool checks the lease before each shard it hands out (here it is lost before the first)."""
     enter = lease.Lease.__enter__
 
@@ -136,17 +212,15 @@ def test_a_round_whose_lease_was_taken_over_starts_no_shard(
 
     monkeypatch.setattr(lease.Lease, "__enter__", lost_at_once)
     with pytest.raises(lease.LeaseLost, match="stopped after 0 shard"):
-        run_round(tiny_cfg(), shards, str(tmp_path / "run"), *tiny_models, progress=False)
+        run_round(tiny_cfg(), shards, str(tmp_path / "run"), *tiny_models, progress=False, **pool)
     assert not list((tmp_path / "run").glob("*.done"))
 
 
-def test_actors_that_cannot_be_built_fail_the_run_with_their_reason(local_ray, tiny_models, shards, tmp_path):
+def test_actors_that_cannot_be_built_fail_the_run_with_their_reason(pool, tiny_models, shards, tmp_path):
     """Each shard fails with the actors' own error, and the command exits 1 after its summary."""
     cap, flt = tiny_models
-    result = CliRunner().invoke(
-        app,
-        ["run", *shards, "--out", str(tmp_path / "run"), "--captioner", flt, "--filter", cap, "-c", "tiny"],
-    )
+    args = ["run", *shards, "--out", str(tmp_path / "run"), "--captioner", flt, "--filter", cap, "-c", "tiny"]
+    result = CliRunner().invoke(app, args + ["--processes"] * pool["processes"])
     assert result.exit_code == 1, result.output
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["shards_done"] == 0 and len(summary["failed_shards"]) == 4
@@ -201,23 +275,23 @@ def test_driver_killed_mid_run_resumes_without_recomputing(reference, tiny_model
             assert texts == ref
 
 
-def test_a_calibrating_driver_imports_no_torch_and_scores_on_an_actor(
-    local_ray, tiny_models, shards, tmp_path
-):
+def test_a_calibrating_driver_imports_no_torch_and_scores_on_an_actor(pool, tiny_models, shards, tmp_path):
     """The models live in the actors, calibration included: a round's driver imports neither torch nor
     transformers (5-7 s of one core at start-up, docs/BENCHMARKS.md), and the actor's calibration scores
-    are those of the same worker in this process."""
+    are those of the same worker in this process. Without Ray, the driver imports no Ray either."""
     out, (cap, flt), human = tmp_path / "run", tiny_models, shards[2:]
     sets = ["run.actors=2", "filter.calibration=keep", "filter.keep_share=0.8"]
+    where = "processes=True" if pool["processes"] else "address='auto'"
     code = (
         "import sys; from capfilt.config import load_config; from capfilt.run.round import run_round; "
         f"s = run_round(load_config('tiny', {sets!r}), {shards[:2]!r}, {str(out)!r}, {cap!r}, {flt!r}, "
-        f"address='auto', progress=False, human={human!r}); "
-        "print(s['shards_done'], s['threshold_mode'], [m for m in ('torch', 'transformers') if m in sys.modules])"
+        f"{where}, progress=False, human={human!r}); "
+        "print(s['shards_done'], s['threshold_mode'], [m for m in ('torch', 'transformers') if m in sys.modules],"
+        " 'ray' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "2 keep []"
+    assert done.stdout.strip().splitlines()[-1] == f"2 keep [] {not pool['processes']}"
     cal = json.loads((out / "calibration.json").read_text())
     here = ShardWorker(load_config("tiny", sets), cap, flt, device="cpu").calibration(human)
     assert cal["n_human"] == here["n_human"] == 20
@@ -225,16 +299,19 @@ def test_a_calibrating_driver_imports_no_torch_and_scores_on_an_actor(
         assert cal[key] == pytest.approx(here[key], abs=1e-5)
 
 
-def test_bench_round_joins_a_running_cluster(local_ray, tiny_world, tmp_path):
+def test_bench_round_joins_a_running_cluster_or_runs_without_ray(pool, tiny_world, tmp_path):
     """`capfilt bench --parts round --address auto`: the round joins the running Ray (as a scheduled job
-    does; ``ray.init(address="auto")`` fails where none runs) instead of starting its own."""
+    does; ``ray.init(address="auto")`` fails where none runs) instead of starting its own; with
+    ``--processes`` it runs (and is timed as a command) on worker processes."""
     args = ["bench", "-c", "tiny", "--world", tiny_world, "--parts", "round", "--random-models"]
-    argv = [sys.executable, "-m", "capfilt.cli", *args, "--address", "auto"]
+    where = ["--processes"] if pool["processes"] else ["--address", "auto"]
+    argv = [sys.executable, "-m", "capfilt.cli", *args, *where]
     done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout[: done.stdout.rindex("}") + 1])["round"]
-    assert result["ray"] == "joined auto" and result["images"] == 64
-    assert len(result["startup_seconds"]["workers"]) == 1  # the tiny config's one actor, built in that Ray
+    ray_is = "none: worker processes" if pool["processes"] else "joined auto"
+    assert result["ray"] == ray_is and result["images"] == 64
+    assert len(result["startup_seconds"]["workers"]) == 1  # the tiny config's one actor
     assert all(v > 0 for v in result["ratios"].values())
 
 

@@ -16,6 +16,7 @@ Used for docs/BENCHMARKS.md; not a test of speed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -92,16 +93,28 @@ def command_seconds(argv: list[str]) -> float:
     return time.perf_counter() - start
 
 
+def where_to_run(local: bool, address: str | None, processes: bool) -> tuple[list[str], str]:
+    """The ``capfilt run`` options that run the round there, and how the result names its Ray."""
+    if local:
+        return ["--local"], "in-process"
+    if processes:
+        return ["--processes"], "none: worker processes"
+    if address:
+        return ["--address", address], f"joined {address}"
+    return [], "started locally"
+
+
 def commands(
-    cfg: Config, shards: list[str], out: str, captioner: str, filter_: str, local: bool, address: str | None
+    cfg: Config, shards: list[str], out: str, captioner: str, filter_: str, where: list[str]
 ) -> tuple[list[str], list[str]]:
-    """``capfilt run`` and the HF script's command on the same shards and config (written to ``out``)."""
+    """``capfilt run`` (with the options ``where`` it runs) and the HF script's command on the same shards
+    and config (written to ``out``)."""
     config = Path(out) / "config.yaml"
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     ours = [sys.executable, "-m", "capfilt.cli", "run", *shards, "--out", f"{out}/capfilt", "-c", str(config)]
     ours += ["--captioner", captioner, "--filter", filter_]
-    ours += ["--local"] if local else ["--address", address] if address else []
+    ours += where
     script = [sys.executable, "-m", "capfilt.run.hf_script", str(config), captioner, filter_, f"{out}/hf"]
     return ours, [*script, *shards]
 
@@ -116,12 +129,14 @@ def bench_round(
     one_image: list[str] | None = None,
     local: bool = False,
     address: str | None = None,
+    processes: bool = False,
 ) -> dict[str, Any]:
     """Model-only and end-to-end images/s of capfilt, the batched HF script and the one-image loop, their
     ratios, capfilt's wall time against its model time, and the filter's precision/recall given ``truth``.
     The one-image loop, the slowest, runs on ``one_image`` (default: the first shard) for its rate.
     capfilt's round starts a local Ray, or joins the cluster at ``address`` (``auto``: a running one), where
-    a scheduled job pays neither Ray's start nor its shutdown."""
+    a scheduled job pays neither Ray's start nor its shutdown, or runs on worker processes without Ray
+    (``processes``), or in this process (``local``)."""
     if cfg.run.actors == "auto":
         raise ConfigError("bench_round compares per-actor model time: set a fixed run.actors")
     urls, bs = expand_shards(shards), cfg.run.batch_size
@@ -139,22 +154,39 @@ def bench_round(
     tmp = tempfile.mkdtemp(prefix="capfilt-bench-")
     try:
         summary, ours_s = timed(
-            run_round, cfg, shards, f"{tmp}/capfilt", captioner, filter_, local, address, progress=False
+            run_round,
+            cfg,
+            shards,
+            f"{tmp}/capfilt",
+            captioner,
+            filter_,
+            local,
+            address,
+            progress=False,
+            processes=processes,
         )
         run = summary["this_invocation"]
         n_script, script_s = timed(
             lambda: script_round(cfg, urls, f"{tmp}/hf", HFScript(cfg, captioner, filter_), bs)
         )
-        ours_cmd, script_cmd = commands(cfg, shards, f"{tmp}/commands", captioner, filter_, local, address)
+        where, ray = where_to_run(local, address, processes)
+        ours_cmd, script_cmd = commands(cfg, shards, f"{tmp}/commands", captioner, filter_, where)
         ours_cmd_s, script_cmd_s = command_seconds(ours_cmd), command_seconds(script_cmd)
         n_one, one_s = timed(
             lambda: script_round(
                 cfg, one_image or urls[:1], f"{tmp}/one", HFScript(cfg, captioner, filter_), 1
             )
         )
-        stage = run["stage_seconds"]
         actors = 1 if local else min(cfg.run.actors, len(urls))
-        model_s = (stage.get("caption", 0.0) + stage.get("score", 0.0)) / actors
+
+        def model_seconds(stage: dict[str, float]) -> float:
+            """A worker's model time: the caption and score stages, summed over the workers, per worker."""
+            return (stage.get("caption", 0.0) + stage.get("score", 0.0)) / actors
+
+        stage = run["stage_seconds"]
+        model_s = model_seconds(stage)
+        command = json.loads((Path(tmp) / "commands" / "capfilt" / "summary.json").read_text())
+        command_model_s = model_seconds(command["this_invocation"]["stage_seconds"])  # its own, same run
         e2e = {
             "capfilt_run": run["n_in"] / ours_s,
             "hf_script": n_script / script_s,
@@ -164,7 +196,7 @@ def bench_round(
         }
         result: dict[str, Any] = {
             "images": run["n_in"],
-            "ray": "in-process" if local else f"joined {address}" if address else "started locally",
+            "ray": ray,
             "model_images": sum(len(k) for _, k, _ in batches),
             "model_images_per_s": model,
             "e2e_images_per_s": e2e,
@@ -175,7 +207,7 @@ def bench_round(
                 "e2e_vs_one_image": e2e["capfilt_run"] / e2e["one_image"],
                 "e2e_commands_vs_hf_script": e2e["capfilt_run_command"] / e2e["hf_script_command"],
                 "wall_over_model_time": ours_s / model_s if model_s else None,
-                "command_wall_over_model_time": ours_cmd_s / model_s if model_s else None,
+                "command_wall_over_model_time": ours_cmd_s / command_model_s if command_model_s else None,
             },
             "stage_seconds": stage,
             "startup_seconds": run["startup_seconds"],

@@ -18,16 +18,14 @@ Fault tolerance, set on purpose (Ray's defaults are 0 and 0):
   reloading its models, so the pool keeps its size.
 - ``max_task_retries=0``: Ray does not silently re-run the shard that was in flight. The driver sees the
   failure, counts the attempt, and resubmits the shard to another free actor when there is one, up to
-  ``cfg.run.max_shard_retries`` times; a shard that still fails is reported in the summary, and the
-  run goes on. Re-running a shard is safe: outputs are written atomically, the done marker last, and
-  the captions depend only on (seed, key, index), so a retry writes the same bytes.
+  ``cfg.run.max_shard_retries`` times (``capfilt.run.dispatch.ShardQueue``); a shard that still fails is
+  reported in the summary, and the run goes on.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +34,7 @@ import ray
 from capfilt.config import Config, RunConfig
 from capfilt.data.sample import ShardStats
 from capfilt.errors import last_line
+from capfilt.run.dispatch import ShardQueue, actors_that_fit, slots
 
 
 class ShardActor:
@@ -75,14 +74,6 @@ def connect_ray(address: str | None) -> bool:
 
 
 GROW_CHECK_S = 2.0  # how often an "auto" pool looks for new cluster capacity while shards are queued
-
-
-def actors_that_fit(run: RunConfig, resources: dict[str, float]) -> int:
-    """How many actors with ``run``'s per-actor CPUs and GPUs the ``resources`` (Ray's totals) hold."""
-    need = {"CPU": run.num_cpus_per_actor, "GPU": run.num_gpus_per_actor}
-    if not any(v > 0 for v in need.values()):
-        raise ValueError("run.actors: auto needs run.num_cpus_per_actor or run.num_gpus_per_actor > 0")
-    return min(int(resources.get(k, 0.0) / v + 1e-9) for k, v in need.items() if v > 0)
 
 
 def pool_size(run: RunConfig, n_jobs: int) -> int:
@@ -169,9 +160,8 @@ class RayPool:
         cfg = self.cfg
         auto = cfg.run.actors == "auto"
         actors = self._ensure(len(jobs))
-        queue = deque((url, name, 0, None) for url, name in jobs)  # (url, name, failures so far, last actor)
-        slots = cfg.run.shards_in_flight
-        free = [a for a in actors for _ in range(slots)]  # an actor once per shard it can take now
+        queue = ShardQueue(jobs, cfg.run.max_shard_retries, on_failed)
+        free = slots(actors, cfg.run.shards_in_flight)
         alive = list(actors)
         lost = ""  # why the last actor to leave the pool died: what the shards left over fail with
         running: dict = {}  # ObjectRef → (actor, job) for shards, (actor, None) for probes
@@ -183,21 +173,17 @@ class RayPool:
                     cfg, pool_size(cfg.run, len(jobs)) - len(alive), self.captioner, self.filter
                 )
                 actors += new
-                free += [a for a in new for _ in range(slots)]
+                free += slots(new, cfg.run.shards_in_flight)
                 alive += new
             if stop():
                 queue.clear()  # left to the job that took the lease over
                 if not running:
                     break
             while queue and free:
-                url, name, failures, last = queue.popleft()
-                actor = next((a for a in free if a is not last), free[0])  # another actor when possible
-                free.remove(actor)
-                ref = actor.run.remote(url, name, out, threshold, provenance)
-                running[ref] = (actor, (url, name, failures))
+                actor, job = queue.take(free)
+                running[actor.run.remote(job[0], job[1], out, threshold, provenance)] = (actor, job)
             if not running:  # work left but no actor alive
-                url, name, _, _ = queue.popleft()
-                on_failed(url, f"no live actor left in the pool; the last one died of {lost}")
+                queue.fail_all(f"no live actor left in the pool; the last one died of {lost}")
                 continue
             ready, _ = ray.wait(list(running), num_returns=1, timeout=GROW_CHECK_S if auto else None)
             if not ready:
@@ -211,11 +197,7 @@ class RayPool:
                     alive = [a for a in alive if a is not actor]  # (each of its slots sent a probe)
                     free = [a for a in free if a is not actor]
                     continue
-                url, name, failures = job
-                if failures < cfg.run.max_shard_retries:
-                    queue.append((url, name, failures + 1, actor))
-                else:
-                    on_failed(url, str(err))
+                queue.failed(job, actor, str(err))
                 running[actor.pid.remote()] = (actor, None)
                 continue
             free.append(actor)

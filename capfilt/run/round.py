@@ -2,7 +2,7 @@
 
 ``run_round`` is what ``capfilt run`` and ``pipelines/run_round.py`` call. It expands the shard specs,
 opens the run folder (manifest; refuses a rerun with another config or models unless ``new_run``),
-skips committed shards, runs the rest locally or on Ray, and writes ``OUT/summary.json`` and the dataset
+skips committed shards, runs the rest on Ray, on worker processes or in this process, and writes ``OUT/summary.json`` and the dataset
 card. The run covers every shard the folder's manifest lists, so a nightly rerun over a grown shard list
 processes only the new shards, any that failed before, and any whose input changed since it was cleaned;
 its summary covers them all.
@@ -18,6 +18,7 @@ from typing import Any
 from capfilt.config import Config
 from capfilt.data.sample import ShardStats
 from capfilt.data.specs import expand_shards
+from capfilt.errors import UserError
 from capfilt.model.hub import model_hash, resolve_model
 from capfilt.run import card, ledger
 from capfilt.run.calibration import check_human, resolve_threshold, store_calibration
@@ -62,11 +63,16 @@ def run_round(
     new_run: bool = False,
     progress: bool = True,
     human: list[str] | None = None,
+    processes: bool = False,
 ) -> dict[str, Any]:
     """Clean ``shards`` into ``out`` with the given captioner and filter (folders or HF hub ids); returns
     the summary. A run's identity is the models' weight hashes, however they were referenced.
     ``human`` (clean pairs) is needed only when ``filter.calibration`` sets the threshold from them.
+    Where the work runs: on Ray (a local one, or the cluster at ``address``), on worker processes of this
+    machine (``processes``), or in this process (``local``).
     """
+    if local + processes + (address is not None) > 1:
+        raise UserError("choose one of --local, --processes and --address")
     start = time.perf_counter()
     refs = {"captioner": resolve_model(captioner), "filter": resolve_model(filter_)}
     models = {
@@ -82,6 +88,10 @@ def run_round(
             from capfilt.run.local import LocalPool
 
             pool = LocalPool(cfg, captioner, filter_)
+        elif processes:
+            from capfilt.run.process_pool import ProcessPool
+
+            pool = ProcessPool(cfg, captioner, filter_, len(urls_given))
         else:
             from capfilt.run.ray_pool import RayPool
 
