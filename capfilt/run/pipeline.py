@@ -1,11 +1,11 @@
 """One shard through the round: read → decode → caption → score → select → write.
 
-This is the unit of work, retry and resume; the local runner and the Ray actors both call
-:func:`process_shard`, so distribution only decides where it runs. Reading and decoding run in a thread
-ahead of the model (bounded queue), so the model does not wait on I/O. Each scored batch goes straight
-to the shard's writer, which streams the kept samples into the uncommitted tar; the shard becomes
-visible only when the whole of it is written (done marker last). So a worker holds a few batches of
-images, whatever the size of its shards.
+This is the unit of work, retry and resume; the local runner, the Ray actors and the worker processes
+all call :func:`process_shard`, so distribution only decides where it runs. Reading and decoding run
+in a thread ahead of the model (bounded queue), so the model does not wait on I/O. Each scored batch
+goes straight to the shard's writer, which streams the kept samples into the uncommitted tar; the shard
+becomes visible only when the whole of it is written (done marker last). So a worker holds a few
+batches of images, whatever the size of its shards.
 
 Errors are data: reader and decoder rejects, and samples on which the captioner or the filter raises,
 become Rejects with a reason. A batch that raises is retried one sample at a time, so one bad sample
