@@ -150,22 +150,39 @@ def children(pid: int) -> list[int]:
     return found
 
 
-def test_worker_processes_exit_with_a_killed_driver(tiny_models, shards, tmp_path):
-    """A ``--processes`` driver SIGKILLed mid-run leaves no worker behind (each sees its pipe close), and
-    its rerun finishes the round."""
+@pytest.mark.parametrize("interrupt", ["SIGKILL to the driver", "Ctrl-C"])
+def test_worker_processes_exit_with_a_killed_driver(interrupt, tiny_models, shards, tmp_path):
+    """A ``--processes`` driver SIGKILLed mid-run leaves no worker behind (each sees its pipe close); on
+    Ctrl-C (SIGINT to the whole process group) the workers leave it to the driver, which stops them
+    without a traceback from each. Either way a rerun finishes the round."""
     out, (cap, flt) = tmp_path / "run", tiny_models
     argv = [sys.executable, "-m", "capfilt.cli", "run", *shards, "--out", str(out), "--captioner", cap]
     argv += ["--filter", flt, "-c", "tiny", "--set", "run.actors=2", "--processes"]
-    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a test runner may ignore it
+    )
     try:
         deadline = time.time() + 120
         while not list(out.glob("*.done")) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         workers = children(proc.pid)
-        proc.send_signal(signal.SIGKILL)
+        if interrupt == "Ctrl-C":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            proc.send_signal(signal.SIGKILL)
+        stderr = proc.communicate(timeout=60)[1]
     finally:
+        proc.kill()
         proc.wait()
     assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker, if it runs)
+    if interrupt == "Ctrl-C":
+        assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
     deadline = time.time() + 30
     while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
         time.sleep(0.1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import signal
 import threading
 import time
 import traceback
@@ -70,6 +71,7 @@ def serve(
     """A worker process: load the models, then answer (job id, method, args) requests until the pool
     says stop (None) or the driver is gone. ``spawned``: the driver's clock when it started the process."""
     os.environ.update(env)  # before torch is imported
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the driver, and so this (its pipe closes)
     try:
         import torch
 
@@ -94,7 +96,10 @@ def serve(
         except Exception as err:
             reply = (job_id, False, failure(err))
         with sending:
-            conn.send(reply)
+            try:
+                conn.send(reply)
+            except Exception as err:  # a result that cannot be pickled fails its job, not the pool
+                conn.send((job_id, False, failure(err)))
 
     with ThreadPoolExecutor(cfg.run.shards_in_flight) as threads:
         while True:
@@ -144,8 +149,9 @@ class WorkerProcess:
             pass
 
     def stop(self) -> None:
-        """Wait for the process to finish what it holds and exit (killed after 10 s)."""
-        self.process.join(timeout=10)
+        """Wait for the process to exit: at once when idle; one still cleaning a shard (the driver was
+        interrupted) is killed, as Ray kills its actors, and the next run cleans its shard again."""
+        self.process.join(timeout=2)
         if self.process.is_alive():
             self.process.kill()
             self.process.join()
