@@ -2,10 +2,10 @@
 
 ``run_round`` is what ``capfilt run`` and ``pipelines/run_round.py`` call. It expands the shard specs,
 opens the run folder (manifest; refuses a rerun with another config or models unless ``new_run``),
-skips committed shards, runs the rest on Ray, on worker processes or in this process, and writes ``OUT/summary.json`` and the dataset
-card. The run covers every shard the folder's manifest lists, so a nightly rerun over a grown shard list
-processes only the new shards, any that failed before, and any whose input changed since it was cleaned;
-its summary covers them all.
+skips committed shards, runs the rest on Ray, on worker processes or in this process, and writes
+``OUT/summary.json`` and the dataset card. The run covers every shard the folder's manifest lists, so a
+nightly rerun over a grown shard list processes only the new shards, any that failed before, and any
+whose input changed since it was cleaned; its summary covers them all.
 """
 
 from __future__ import annotations
