@@ -16,7 +16,6 @@ Used for docs/BENCHMARKS.md; not a test of speed.
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from capfilt.data.decode import PillowDecoder
 from capfilt.data.reader import ShardReader
 from capfilt.data.specs import expand_shards
 from capfilt.model.hf import export_captioner, export_filter
+from capfilt.run import ledger
 from capfilt.run.hf_script import HFScript, script_round
 from capfilt.run.pipeline import decoded_batches
 from capfilt.run.round import run_round
@@ -185,7 +185,7 @@ def bench_round(
 
         stage = run["stage_seconds"]
         model_s = model_seconds(stage)
-        command = json.loads((Path(tmp) / "commands" / "capfilt" / "summary.json").read_text())
+        command = ledger.read_json(f"{tmp}/commands/capfilt/{ledger.SUMMARY}")
         command_model_s = model_seconds(command["this_invocation"]["stage_seconds"])  # its own, same run
         e2e = {
             "capfilt_run": run["n_in"] / ours_s,

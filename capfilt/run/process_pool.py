@@ -31,7 +31,7 @@ from typing import Any
 from capfilt.config import Config, RunConfig
 from capfilt.data.sample import ShardStats
 from capfilt.errors import UserError, last_line
-from capfilt.run.dispatch import ShardQueue, actors_that_fit, slots
+from capfilt.run.dispatch import Job, ShardQueue, actors_that_fit, slots
 
 BUILT = "built"  # a process's first message: its models loaded (True, seconds) or not (False, failure)
 
@@ -52,8 +52,7 @@ def worker_env(run: RunConfig, index: int, visible: str | None) -> dict[str, str
     if gpus <= 0:
         return env | {"CUDA_VISIBLE_DEVICES": ""}
     if gpus <= 1:
-        first = index // int(1 / gpus + 1e-9)
-        mine = [first]
+        mine = [index // int(1 / gpus + 1e-9)]  # 1/gpus processes to a GPU
     else:
         mine = list(range(index * math.ceil(gpus), (index + 1) * math.ceil(gpus)))
     ids = visible.split(",") if visible else [str(i) for i in range(max(mine) + 1)]
@@ -235,7 +234,7 @@ class ProcessPool:
         in_flight = self.cfg.run.shards_in_flight
         queue = ShardQueue(jobs, self.cfg.run.max_shard_retries, on_failed)
         free = slots(self._ensure(len(jobs)), in_flight)
-        running: dict[int, tuple[WorkerProcess, tuple]] = {}  # job id → (process, job)
+        running: dict[int, tuple[WorkerProcess, Job]] = {}  # job id → (process, job)
         lost = ""  # why the last process to leave the pool could not be built
         while queue or running:
             if stop():
@@ -252,9 +251,9 @@ class ProcessPool:
             for conn in wait(list(busy)):
                 worker = busy[conn]
                 message = worker.receive()
-                held = [job_id for job_id, (w, _) in running.items() if w is worker]
                 if message is None or message[0] == BUILT and not message[1]:
                     error = worker.died() if message is None else message[2][0]
+                    held = [job_id for job_id, (w, _) in running.items() if w is worker]
                     for job_id in held:  # the process is gone with every shard it held
                         queue.failed(running.pop(job_id)[1], worker, error)
                     free = [w for w in free if w is not worker]
