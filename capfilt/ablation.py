@@ -236,6 +236,7 @@ def run_side_by_side(args: list[str], seeds: list[int], parallel: int, out: Path
     (docs/RESULTS.md, the ablation's wall time). Each step resumes from its marker, so a rerun of the
     whole ablation afterwards only puts the table together."""
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))}
+    env["PYTHONFAULTHANDLER"] = "1"  # a seed that crashes in native code logs each thread's Python stack
     out.mkdir(parents=True, exist_ok=True)
     queue, running, failed = list(seeds), [], []
     while queue or running:
