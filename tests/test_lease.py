@@ -189,3 +189,26 @@ def test_a_training_into_a_folder_another_job_holds_refuses_before_it_trains(tmp
     with pytest.raises(RunBusy, match="another-node"):
         finetune(load_config("tiny"), tmp_path / "med", tiny_shards, tmp_path / "models")
     assert [p.name for p in tmp_path.glob("*/*")] == ["lease.json", "lease.json"]
+
+
+def test_a_training_whose_lease_is_taken_over_stops_before_its_next_checkpoint(
+    tmp_path, tiny_shards, monkeypatch
+):
+    """As after this training stalled past STALE_S and another job took its folder over: it writes no
+    checkpoint after the takeover and no final model, and leaves the other job's lease alone."""
+    from capfilt.train import loop
+
+    out, save = tmp_path / "med", loop.save_checkpoint
+    other = {"owner": "y", "host": "another-node", "pid": 1, "renewed": time.time()}
+
+    def save_then_stall(job_out, step, *args, **kwargs):
+        written = save(job_out, step, *args, **kwargs)
+        (out / "lease.json").write_text(json.dumps(other))
+        return written
+
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_stall)
+    cfg = load_config("tiny", ["pretrain.steps=8", "pretrain.checkpoint_every=4"])
+    with pytest.raises(LeaseLost, match="another-node"):
+        pretrain(cfg, tiny_shards, out)
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-4"] and not (out / "med").exists()
+    assert json.loads((out / "lease.json").read_text()) == other

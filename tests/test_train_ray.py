@@ -1,11 +1,15 @@
 """Data-parallel pretraining with Ray Train: 2 CPU workers (gloo) finish and leave a loadable checkpoint."""
 
+import json
+import time
+
 import pytest
 import ray
 from test_train_data import make_shard
 
 from capfilt.config import load_config
 from capfilt.model.hf import load_med
+from capfilt.run.lease import LeaseLost
 from capfilt.train.checkpoint import latest_checkpoint
 from capfilt.train.pretrain import pretrain
 
@@ -24,3 +28,26 @@ def test_two_workers_pretrain(local_ray, tmp_path):
     assert latest_checkpoint(tmp_path / "run").name == "step-3"
     med, tok, _ = load_med(out)
     assert int(med.queue_ptr[0]) == (3 * 16) % 32  # the queue advanced by the global batch
+
+
+def test_ranks_on_ray_train_stop_once_the_lease_is_taken_over(local_ray, tmp_path, monkeypatch):
+    """The ranks read the lease themselves (the driver holding it may be the one that stalled): none
+    writes a checkpoint, and the driver says LeaseLost, not Ray Train's wrapped failure. (Without
+    Ray Train's restarts, 20 s each here: a restarted group stops at its first check the same way.)"""
+    from capfilt.train import distributed
+    from capfilt.train import pretrain as pretrain_module
+
+    monkeypatch.setattr(distributed, "MAX_FAILURES", 0)
+
+    out, run_job = tmp_path / "run", pretrain_module.run_job
+    other = {"owner": "y", "host": "another-node", "pid": 1, "renewed": time.time()}
+
+    def taken_over_first(job, stage):
+        (out / "lease.json").write_text(json.dumps(other))
+        run_job(job, stage)
+
+    monkeypatch.setattr(pretrain_module, "run_job", taken_over_first)
+    cfg = load_config("tiny", ["pretrain.steps=3", "pretrain.workers=2"])
+    with pytest.raises(LeaseLost, match="another-node"):
+        pretrain(cfg, [make_shard(tmp_path / "web.tar", 64)], out)
+    assert latest_checkpoint(out) is None and not list(out.glob("step-*"))

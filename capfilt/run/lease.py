@@ -14,7 +14,10 @@ Taking over a dead job's lease is not atomic: the job re-reads it and removes it
 the dead job's, then creates its own exclusively; two jobs doing that in the same millisecond can both
 go ahead. A store without exclusive creation gets a check and a write, two steps. A job that finds
 at renewal that another took its lease over (it stalled past ``STALE_S``) says so, stops renewing and
-sets ``lost``: a round then takes no new shard, and ends with ``LeaseLost`` without a summary.
+sets ``lost``: a round then takes no new shard, and ends with ``LeaseLost`` without a summary. A
+training's ranks, which may run on other nodes than the job that holds the lease, read it themselves
+before each checkpoint (``check_held``) and stop with ``LeaseLost`` rather than write beside the job
+that took over.
 """
 
 from __future__ import annotations
@@ -58,6 +61,22 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def taken_over(held: dict[str, Any] | None, owner: str) -> bool:
+    """Whether ``held`` (the folder's lease, None if there is none) is another job's than ``owner``'s."""
+    return held is not None and held.get("owner") != owner
+
+
+def check_held(url: str, owner: str) -> None:
+    """Raise ``LeaseLost`` if the lease at ``url`` is now another job's than ``owner``'s: what a training
+    rank checks before it writes, wherever it runs (the holder's ``lost`` lives in the driver)."""
+    held = ledger.read_json(url)
+    if taken_over(held, owner):
+        raise LeaseLost(
+            f"{url.rsplit('/', 1)[0]}: another job (host {held.get('host')}, pid {held.get('pid')}) took "
+            "this job's lease over while it was stalled; this one stopped, and leaves the folder to it"
+        )
+
+
 def holder_alive(lease: dict[str, Any], now: float) -> bool:
     """Whether the job that wrote ``lease`` may still be running: renewed recently, and, when it ran
     on this host, its process still exists."""
@@ -75,6 +94,15 @@ class Lease:
         self._stop = threading.Event()
         self.lost = threading.Event()  # set once another job has taken the lease over
         self._thread = threading.Thread(target=self._renew_until_stopped, name="capfilt-lease", daemon=True)
+
+    @property
+    def owner(self) -> str:
+        return self.me["owner"]
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` if another job holds the lease now (read from the store, not ``lost``, which
+        the renewal sets up to ``RENEW_S`` late): before a job writes its final outputs."""
+        check_held(self.url, self.owner)
 
     def _record(self) -> dict[str, Any]:
         return self.me | {"renewed": time.time()}
@@ -110,7 +138,7 @@ class Lease:
         while not self._stop.wait(RENEW_S):
             try:
                 held = self._held()
-                if held is not None and held.get("owner") != self.me["owner"]:
+                if taken_over(held, self.owner):
                     print(  # this job stalled past STALE_S: never overwrite the job that took over
                         f"[capfilt] another job took over {self.url} (host {held.get('host')}, pid "
                         f"{held.get('pid')}) while this one was stalled",

@@ -16,7 +16,7 @@ import dataclasses
 import torch
 
 from capfilt.config import TrainConfig
-from capfilt.train.loop import Job, train
+from capfilt.train.loop import Job, check_lease, train
 
 # Worker-group failures a job recovers from before it fails. A lost node is one; a bug fails every
 # attempt the same way, so more retries only cost a group start each.
@@ -52,4 +52,8 @@ def run_job(job: Job, stage: TrainConfig) -> None:
             failure_config=FailureConfig(max_failures=MAX_FAILURES),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except Exception:  # Ray Train wraps the ranks' LeaseLost: say it as the CLI says its own errors
+        check_lease(job)
+        raise

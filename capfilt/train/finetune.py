@@ -32,7 +32,7 @@ def finetune(cfg: Config, med_path: str | Path, shards: list[str], out: str | Pa
     """Write ``out/captioner`` and ``out/filter`` (HF folders) and ``out/finetune.json``; with ``remote``
     (the URL ``out`` mirrors) every training checkpoint is uploaded there as it is written."""
     out, shards = Path(out), expand_shards(shards)
-    with Lease(str(out)):  # two trainings in one folder would resume from each other's checkpoints
+    with Lease(str(out)) as lease:  # two trainings in one folder would resume from each other's checkpoints
         counted = count_pairs(shards)
         print(f"[finetune] {counted}", flush=True)
         stage = cfg.finetune
@@ -57,6 +57,8 @@ def finetune(cfg: Config, med_path: str | Path, shards: list[str], out: str | Pa
                 out=str(out / "train" / name),
                 n_pairs=counted.n_pairs,
                 remote=f"{remote}/train/{name}" if remote else "",
+                lease=lease.url,
+                lease_owner=lease.owner,
                 **kind,
             )
             run_job(job, stage)
@@ -71,6 +73,7 @@ def finetune(cfg: Config, med_path: str | Path, shards: list[str], out: str | Pa
         (cap, tok, _), (filt, _, _) = models["captioner"], models["filter"]
         if shared := shared_tensors(cap, filt):
             raise AssertionError(f"captioner and filter share tensors: {shared[:5]}")
+        lease.check()
         export_captioner(cap, tok, out / "captioner")
         export_filter(filt, tok, out / "filter")
         (out / "finetune.json").write_text(json.dumps(report, indent=1))

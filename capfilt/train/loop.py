@@ -23,6 +23,7 @@ from capfilt.config import TrainConfig, config_from_dict
 from capfilt.model.hf import load_med
 from capfilt.model.tokenizer import prompt_length, tokenize
 from capfilt.run import faults
+from capfilt.run.lease import check_held
 from capfilt.train.checkpoint import latest_checkpoint, load_state, save_checkpoint
 from capfilt.train.curve import LossCurve
 from capfilt.train.data import epoch_loader
@@ -44,6 +45,8 @@ class Job:
     use_idx: bool = False  # image ids: same-image captions are ITC positives, never ITM negatives
     log_every: int = 10
     remote: str = ""  # URL that ``out`` mirrors (a bootstrap on s3://): every checkpoint is uploaded there
+    lease: str = ""  # the job's lease file and its owner: every rank stops (LeaseLost) once another job
+    lease_owner: str = ""  # holds it, before writing a checkpoint beside that job's
 
 
 @dataclass
@@ -88,8 +91,15 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + rank
 
 
+def check_lease(job: Job) -> None:
+    """Raise ``LeaseLost`` if another job took ``job``'s lease over (none: a job without a lease)."""
+    if job.lease:
+        check_held(job.lease, job.lease_owner)
+
+
 def train(job: Job, rank: int = 0, world: int = 1) -> dict:
     """Run ``job`` to its last step on this rank; rank 0 writes checkpoints. Returns rank 0's state."""
+    check_lease(job)  # a worker group Ray Train restarts after the lease was lost stops at once
     cfg = config_from_dict(job.config)
     stage: TrainConfig = getattr(cfg, job.stage)
     device = (
@@ -155,10 +165,12 @@ def train(job: Job, rank: int = 0, world: int = 1) -> dict:
                     f"[{job.name}] step {step}/{sched.total} {parts} {samples_per_s:.1f} samples/s",
                     flush=True,
                 )
-            if rank == 0 and (step % stage.checkpoint_every == 0 or step == sched.total):
-                state = {"history": curve.points, "samples_per_s": samples_per_s, "total": sched.total}
-                save_checkpoint(job.out, step, med, tok, opt, state, job.remote)
-                faults.maybe_kill(f"{job.name}.step-{step}")
+            if step % stage.checkpoint_every == 0 or step == sched.total:
+                check_lease(job)  # on every rank, so that all of them stop together
+                if rank == 0:
+                    state = {"history": curve.points, "samples_per_s": samples_per_s, "total": sched.total}
+                    save_checkpoint(job.out, step, med, tok, opt, state, job.remote)
+                    faults.maybe_kill(f"{job.name}.step-{step}")
         if wanted:
             raise RuntimeError(
                 f"[{job.name}] epoch {epoch} ran out of data {wanted} batches early on rank {rank}: its "

@@ -55,7 +55,7 @@ def pretrain(
     """Pretrain into ``out`` (checkpoints ``out/step-N``, final model ``out/med``); resumes if interrupted.
     With ``remote`` (the URL ``out`` mirrors) every checkpoint is uploaded there as it is written."""
     out, shards = Path(out), expand_shards(shards)
-    with Lease(str(out)):  # two trainings in one folder would resume from each other's checkpoints
+    with Lease(str(out)) as lease:  # two trainings in one folder would resume from each other's checkpoints
         if init is None:  # an uncached pretrained model fails now, not after a scan of the whole corpus
             for ref in (cfg.model.vision_init, cfg.model.text_init):
                 if ref:
@@ -78,8 +78,11 @@ def pretrain(
             n_pairs=counted.n_pairs,
             losses=["itc", "itm", "lm"],
             remote=remote,
+            lease=lease.url,
+            lease_owner=lease.owner,
         )
         run_job(job, cfg.pretrain)
+        lease.check()
         final = out / "med"
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(final_checkpoint(out) / "med", final)
