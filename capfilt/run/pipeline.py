@@ -155,7 +155,7 @@ def score_batch(
         caption, score = captioner.caption_embeds, filter_.score_embeds
     ok, captions, failed = guarded(caption, images, [s.key for s in samples], samples, "caption_failed")
     rejects += failed
-    samples, images = [samples[i] for i in ok], images[ok] if ok else images[:0]
+    samples, images = [samples[i] for i in ok], images[ok]  # guarded raised if none is ok
     candidates = [  # an image without a web caption competes with its synthetic ones only
         ([Candidate(s.caption, "web")] if s.caption else []) + [Candidate(t, "synthetic") for t in caps]
         for s, caps in zip(samples, captions)

@@ -52,6 +52,56 @@ def say_shards(urls: list[str], what: str) -> None:
         print(f"[capfilt] {len(urls)} {what}: {shown}", file=sys.stderr, flush=True)
 
 
+def make_pool(
+    cfg: Config,
+    captioner: str,
+    filter_: str,
+    n_shards: int,
+    local: bool,
+    processes: bool,
+    address: str | None,
+) -> Any:
+    """Where the shards run: in this process (``local``), on worker processes of this machine
+    (``processes``), or on Ray (a local one, or the cluster at ``address``). Each pool has the same
+    ``calibration``, ``run``, ``startup`` and ``close``."""
+    if local:
+        from capfilt.run.local import LocalPool
+
+        return LocalPool(cfg, captioner, filter_)
+    if processes:
+        from capfilt.run.process_pool import ProcessPool
+
+        return ProcessPool(cfg, captioner, filter_, n_shards)
+    from capfilt.run.ray_pool import RayPool
+
+    return RayPool(cfg, captioner, filter_, n_shards, address)
+
+
+def shards_to_clean(
+    out: str, names: dict[str, str], urls_given: list[str]
+) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """Of the run's shards (``names``: url → output name, in the manifest's order), the (url, name) of
+    those this invocation cleans, the urls among them whose input changed since they were cleaned, and
+    the urls left out because their input is gone (not among ``urls_given``, never cleaned).
+
+    A changed shard's old outputs are cleared first, so the folder never serves an old input's outputs;
+    temp files a killed run left are removed. Both kinds of shards treated apart are said on stderr.
+    """
+    jobs, changed = ledger.pending_shards(out, names, list(names))
+    gone = ledger.gone_inputs(jobs, urls_given)
+    jobs = [(url, name) for url, name in jobs if url not in set(gone)]
+    say_shards(
+        gone,
+        "shard(s) named by earlier runs of this folder were never cleaned and their input is gone, "
+        "so they are left out (summary.json's gone_shards)",
+    )
+    for url in changed:
+        ledger.clear_shard(out, names[url])
+    say_shards(changed, "input shard(s) changed since they were cleaned, cleaning them again")
+    ledger.remove_stale_temps(out, [name for _, name in jobs])
+    return jobs, changed, gone
+
+
 def run_round(
     cfg: Config,
     shards: list[str],
@@ -84,18 +134,7 @@ def run_round(
     ledger.check_out_folder(out, urls_given)
     check_human(cfg, human)
     with Lease(out) as lease:  # one round at a time in a folder
-        if local:
-            from capfilt.run.local import LocalPool
-
-            pool = LocalPool(cfg, captioner, filter_)
-        elif processes:
-            from capfilt.run.process_pool import ProcessPool
-
-            pool = ProcessPool(cfg, captioner, filter_, len(urls_given))
-        else:
-            from capfilt.run.ray_pool import RayPool
-
-            pool = RayPool(cfg, captioner, filter_, len(urls_given), address)
+        pool = make_pool(cfg, captioner, filter_, len(urls_given), local, processes, address)
         try:
             if not new_run:  # before Ray starts and any model is loaded; the threshold comes next
                 ledger.check_rerun(
@@ -109,19 +148,8 @@ def run_round(
             manifest = ledger.read_manifest(out)
             urls = manifest["shards"]
             names = ledger.shard_names(urls)
-            jobs, changed = ledger.pending_shards(out, names, urls)
-            gone = ledger.gone_inputs(jobs, urls_given)
+            jobs, changed, gone = shards_to_clean(out, names, urls_given)
             left_out = set(gone)
-            jobs = [(url, name) for url, name in jobs if url not in left_out]
-            say_shards(
-                gone,
-                "shard(s) named by earlier runs of this folder were never cleaned and their input is gone, "
-                "so they are left out (summary.json's gone_shards)",
-            )
-            for url in changed:  # uncommitted first: the folder never serves an old input's outputs
-                ledger.clear_shard(out, names[url])
-            say_shards(changed, "input shard(s) changed since they were cleaned, cleaning them again")
-            ledger.remove_stale_temps(out, [name for _, name in jobs])  # left by a killed run
             totals, done = RunTotals(), set()
             failed: dict[str, str] = {}
             provenance = provenance_of(cfg, models, mode)
