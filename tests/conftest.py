@@ -222,3 +222,27 @@ def s3(tmp_path_factory):
         yield fs
         s3fs.S3FileSystem.clear_instance_cache()
     server.stop()
+
+
+@pytest.fixture
+def disk_events(monkeypatch) -> list[tuple[str, str]]:
+    """What reaches the disk, in order: ("fsync", path) for each os.fsync, ("rename", destination) for
+    each os.rename and os.replace, so a test can check that data is flushed before it is named."""
+    events: list[tuple[str, str]] = []
+    fsync, rename, replace = os.fsync, os.rename, os.replace
+
+    def record_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recorder(real):
+        def record(src, dst, *args, **kwargs):
+            real(src, dst, *args, **kwargs)
+            events.append(("rename", os.path.abspath(dst)))
+
+        return record
+
+    monkeypatch.setattr(os, "fsync", record_fsync)
+    monkeypatch.setattr(os, "rename", recorder(rename))
+    monkeypatch.setattr(os, "replace", recorder(replace))
+    return events

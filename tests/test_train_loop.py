@@ -91,3 +91,25 @@ def test_a_shard_without_a_pair_is_no_ranks_share(shards, tmp_path, monkeypatch)
     for rank in (0, 1):
         assert len(list(islice(PairBatches(jobs[0].shards, cfg.pretrain, 0, rank, 2), steps))) == steps
     assert jobs[0].shards == [shards[0]]
+
+
+def test_a_checkpoint_is_on_the_disk_before_latest_names_it(tmp_path, disk_events):
+    """After a machine crash, ``latest`` never names a checkpoint whose files did not reach the disk."""
+    from capfilt.model.testing import tiny_med
+    from capfilt.train.checkpoint import save_checkpoint
+    from capfilt.train.loop import make_optimizer
+
+    med, tok = tiny_med()
+    save_checkpoint(tmp_path, 4, med, tok, make_optimizer(med, tiny(4).pretrain), {"history": []})
+    out, final = str(tmp_path), tmp_path / "step-4"
+    renamed = disk_events.index(("rename", str(final)))
+    flushed = {path for kind, path in disk_events[:renamed] if kind == "fsync"}
+    files = [p.relative_to(final) for p in final.rglob("*")]
+    assert files and all(str(tmp_path / ".step-4.tmp" / f) in flushed for f in files)
+    assert disk_events[renamed:] == [
+        ("rename", str(final)),
+        ("fsync", out),
+        ("fsync", f"{out}/.latest.tmp"),
+        ("rename", f"{out}/latest"),
+        ("fsync", out),
+    ]

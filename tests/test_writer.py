@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import os
@@ -291,3 +292,31 @@ def test_inspect_input_and_output_shards(tmp_path):
     text = inspect_shards([f"{tmp_path}/{{bad,cut}}.tar"], samples=2)
     assert "missing_image=1" in text and "duplicate_key=2" in text and "TRUNCATED" in text
     assert "ok  48x40 jpg  'a red circle'" in text
+
+
+def test_a_committed_shard_is_on_the_disk_before_its_done_marker(tmp_path, disk_events):
+    """Each file's data is flushed under its temp name before the rename, and the folder after it: after
+    a power loss a visible file is whole, and the done marker is never on the disk before what it commits."""
+    results, stats = scored()
+    write_round_shard(str(tmp_path), "web-000000", results, stats, PROVENANCE)
+    folder, expected = str(tmp_path), []
+    for ext in (".tar", ".parquet", ".scores.parquet", ".stats.json", ".done"):
+        expected += [("fsync", f"{folder}/.web-000000{ext}.*.tmp"), ("rename", f"{folder}/web-000000{ext}")]
+        expected += [("fsync", folder)]
+    assert len(disk_events) == len(expected)
+    for (kind, path), (want_kind, pattern) in zip(disk_events, expected):
+        assert kind == want_kind and fnmatch.fnmatch(path, pattern), (kind, path, pattern)
+
+
+def test_a_local_mirror_flushes_a_finished_step_before_its_marker(tmp_path, disk_events):
+    """For a local bootstrap folder, `push` (called before a step's marker) puts the step on the disk."""
+    from capfilt.data.mirror import Mirror
+
+    step = tmp_path / "round-0" / "finetune"
+    (step / "captioner").mkdir(parents=True)
+    (step / "captioner" / "model.safetensors").write_bytes(b"w")
+    (step / "finetune.json").write_text("{}")
+    Mirror(tmp_path).push(step)
+    flushed = {path for kind, path in disk_events if kind == "fsync"}
+    want = [step / "captioner" / "model.safetensors", step / "finetune.json", step / "captioner", step]
+    assert {str(p) for p in [*want, step.parent]} <= flushed

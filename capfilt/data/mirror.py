@@ -5,7 +5,7 @@ local scratch folder keyed by the URL and uploads what it finishes: each checkpo
 each step's outputs before its marker. The remote folder is the truth and the scratch only a cache: a
 rerun on a fresh machine pulls the remote folder (the newest checkpoint of each training job, not the
 older ones) and goes on from there. For a local ``--out`` the working copy is the folder itself and
-pull and push do nothing.
+pull does nothing and push flushes to the disk.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import re
 from pathlib import Path
 
 from fsspec.core import url_to_fs
+
+from capfilt.data.writer import fsync_tree
 
 SCRATCH_ENV = "CAPFILT_SCRATCH"  # where working copies of remote folders go (default ~/.cache/capfilt)
 CHECKPOINT = re.compile(r"step-\d+")
@@ -76,9 +78,12 @@ class Mirror:
             fs.get_file(p, str(dest))
 
     def push(self, path: Path) -> None:
-        """Upload a file or a folder of the working copy."""
+        """Make a finished file or folder of the working copy last, before a marker says it is done: upload
+        it, or, in a local folder, flush it to the disk (else a crash could leave a marker before it)."""
         if self.remote:
             put_tree(Path(path), self.url_of(path))
+        else:
+            fsync_tree(path)
 
 
 def put_tree(path: Path, url: str) -> None:

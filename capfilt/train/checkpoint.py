@@ -1,8 +1,9 @@
 """Training checkpoints: ``OUT/step-N/`` (the MED folder, the optimiser in safetensors, a small json)
 and ``OUT/latest`` naming the newest one, optionally uploaded to a remote copy of OUT. Never pickle.
 
-A checkpoint is written to a temporary folder and renamed, and ``latest`` is replaced atomically, so a
-run killed mid-write resumes from the previous checkpoint. No RNG state is stored: the loop derives all
+A checkpoint is written to a temporary folder, flushed to the disk and renamed, and ``latest`` is
+replaced atomically, so a run killed mid-write, or a machine that crashed, resumes from the previous
+checkpoint. No RNG state is stored: the loop derives all
 randomness from (seed, step) and the data order from (seed, epoch).
 """
 
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from capfilt.data.mirror import put_tree
+from capfilt.data.writer import fsync_path, fsync_tree
 from capfilt.model.hf import save_med
 
 LATEST = "latest"
@@ -52,11 +54,15 @@ def save_checkpoint(
     tensors, groups = optimizer_tensors(opt)
     save_file(tensors, tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps(state | {"step": step, "param_groups": groups}))
+    fsync_tree(tmp)  # on the disk before ``latest`` can name it: a crash must not leave it naming a torn one
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    fsync_path(out)
     pointer = out / f".{LATEST}.tmp"
     pointer.write_text(final.name)
+    fsync_path(pointer)
     os.replace(pointer, out / LATEST)
+    fsync_path(out)
     if remote:
         put_tree(final, f"{remote}/{final.name}")
         put_tree(out / LATEST, f"{remote}/{LATEST}")
