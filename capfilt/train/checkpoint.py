@@ -3,8 +3,8 @@ and ``OUT/latest`` naming the newest one, optionally uploaded to a remote copy o
 
 A checkpoint is written to a temporary folder, flushed to the disk and renamed, and ``latest`` is
 replaced atomically, so a run killed mid-write, or a machine that crashed, resumes from the previous
-checkpoint. No RNG state is stored: the loop derives all
-randomness from (seed, step) and the data order from (seed, epoch).
+checkpoint. No RNG state is stored: the loop derives all randomness from (seed, step) and the data
+order from (seed, epoch).
 """
 
 from __future__ import annotations
