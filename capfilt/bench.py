@@ -189,12 +189,15 @@ def bench_device(
     batch_sizes: list[int],
     images: int,
     actors: list[int],
+    address: str | None = None,
+    processes: bool = False,
 ) -> tuple[dict, str]:
     """The GPU path, measured on ``device`` (it runs on the CPU too, at a small size): decode at the run's
     image size (Pillow, and DALI ``mixed`` on CUDA or DALI CPU), the captioner and the filter at the
     config's model size with random weights (bf16 on CUDA) over a batch-size sweep beside the batched HF
-    script, and the end-to-end round with 1..n actors sharing the device. Returns the figures and a
-    markdown table."""
+    script, and the end-to-end round with 1..n actors sharing the device: on a local Ray, the cluster at
+    ``address``, or worker processes without Ray (``processes``). Returns the figures and a markdown
+    table."""
     from capfilt.data.bench_decode import bench_decode
     from capfilt.data.decode import PillowDecoder
     from capfilt.data.reader import ShardReader
@@ -248,10 +251,12 @@ def bench_device(
             run.run.actors, run.run.dtype, run.run.decoder = n, dtype, decoder_name
             run.run.num_gpus_per_actor = 1 / n if cuda else 0.0
             out = f"{tmp}/round-{decoder_name}-{n}"
-            summary = run_round(run, web, out, cap_path, flt_path, progress=False)["this_invocation"]
+            summary = run_round(
+                run, web, out, cap_path, flt_path, address=address, progress=False, processes=processes
+            )["this_invocation"]
+            who = "worker process(es)" if processes else "actor(s)"
             what = (
-                f"end to end, {summary['n_in']:,} images, {n} actor(s) on one {device}, "
-                f"{decoder_name}, {dtype}"
+                f"end to end, {summary['n_in']:,} images, {n} {who} on one {device}, {decoder_name}, {dtype}"
             )
             add(("round", what, summary["images_per_s"]), summary["stage_seconds"])
     table = "\n".join(

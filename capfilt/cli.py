@@ -345,7 +345,9 @@ def bench(
     device: Annotated[str | None, typer.Option(help="cuda or cpu: the GPU path's table instead")] = None,
     batch_sizes: Annotated[str, typer.Option(help="--device: the model batch-size sweep")] = "32,64,128,256",
     images: Annotated[int, typer.Option(help="--device: images per decode and model measurement")] = 1024,
-    actors: Annotated[str, typer.Option(help="--device: actors sharing the device, per round")] = "1,2",
+    actors: Annotated[
+        str, typer.Option(help="--device: actors (or worker processes) sharing the device, per round")
+    ] = "1,2",
     table: Annotated[Path | None, typer.Option(help="--device: also write the markdown table here")] = None,
     address: Annotated[
         str | None,
@@ -368,7 +370,7 @@ def bench(
             typer.echo(f"{name}: {value:.2f}" if value is not None else f"{name}: -")
         return
     ints = [[int(x) for x in s.split(",")] for s in (batch_sizes, actors)]
-    result, md = bench_device(cfg, world, device, ints[0], images, ints[1])
+    result, md = bench_device(cfg, world, device, ints[0], images, ints[1], address, processes)
     typer.echo(json.dumps(result, indent=1))
     typer.echo(md)
     if table is not None:

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from typer.testing import CliRunner
 
 from capfilt.bench import web_captions
@@ -15,15 +16,17 @@ from capfilt.run import bench
 from capfilt.run.hf_script import HFScript, script_round
 
 
-def test_bench_device_cpu_writes_the_table(tiny_world, tmp_path):
+@pytest.mark.parametrize("where", [[], ["--processes"]], ids=["ray", "processes"])
+def test_bench_device_cpu_writes_the_table(tiny_world, tmp_path, where):
+    """Its rounds run where ``capfilt run``'s do: a local Ray, or worker processes sharing the device."""
     table = tmp_path / "table.md"
-    args = ["bench", "-c", "tiny", "--world", tiny_world, "--device", "cpu", "--batch-sizes", "4,8"]
+    args = ["bench", "-c", "tiny", "--world", tiny_world, "--device", "cpu", "--batch-sizes", "4,8", *where]
     result = CliRunner().invoke(app, [*args, "--images", "16", "--actors", "1,2", "--table", str(table)])
     assert result.exit_code == 0, result.output
     rows = [line.split(" | ") for line in table.read_text().splitlines()[2:]]
     assert [r[0].strip("| ") for r in rows] == ["decode"] * 2 + ["model"] * 4 + ["round"] * 2
     assert "captioner + filter, batch 8, float32" in rows[4][1] and "HF script, batch 8" in rows[5][1]
-    assert "2 actor(s)" in rows[7][1]
+    assert ("2 worker process(es)" if where else "2 actor(s)") in rows[7][1]
     assert all(float(r[2].strip(" |").replace(",", "")) > 0 for r in rows)
 
 
