@@ -93,6 +93,17 @@ def negative_mask(batch_size: int, idx: torch.Tensor | None = None) -> torch.Ten
     return torch.eq(idx, idx.t())
 
 
+def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``x[rows]`` whose backward adds the gradients of repeated rows in order (``index_select``).
+
+    Why: advanced indexing's backward adds them with parallel atomic adds on the CPU, in an order that
+    changes from run to run, and hard negatives repeat images (several texts pick the same similar one),
+    so the same pretraining step gave other weights each run and two runs drifted apart
+    (docs/BENCHMARKS.md, 'Pretraining the same twice').
+    """
+    return x.index_select(0, rows)
+
+
 @torch.no_grad()
 def sample_negatives(
     sim: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None = None

@@ -371,7 +371,7 @@ class MED(nn.Module):
                 neg_text = L.sample_negatives(sim_i2t, mask)  # per image, a negative text
             ids_all = [input_ids, input_ids, input_ids[neg_text]]
             atts_all = [attention_mask, attention_mask, attention_mask[neg_text]]
-            embeds_all = [image_embeds, image_embeds[neg_image], image_embeds]
+            embeds_all = [image_embeds, L.take_rows(image_embeds, neg_image), image_embeds]
             if self.cfg.itm_swap_negatives:  # the image with its caption, one token swapped
                 swapped, ok = L.swap_one_token(input_ids, attention_mask)
                 ids_all.append(swapped[ok])
