@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import io
 import json
@@ -320,3 +321,27 @@ def test_a_local_mirror_flushes_a_finished_step_before_its_marker(tmp_path, disk
     flushed = {path for kind, path in disk_events if kind == "fsync"}
     want = [step / "captioner" / "model.safetensors", step / "finetune.json", step / "captioner", step]
     assert {str(p) for p in [*want, step.parent]} <= flushed
+
+
+def test_a_folder_the_file_system_cannot_flush_still_commits_but_a_file_must_flush(tmp_path, monkeypatch):
+    """Some FUSE mounts of buckets answer a folder's fsync with EINVAL: the shard commits as that file
+    system keeps renames. A file whose data cannot reach the disk (EIO) fails the write."""
+    fsync = os.fsync
+
+    def folders_unsupported(fd):
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", folders_unsupported)
+    results, stats = scored()
+    write_round_shard(str(tmp_path), "web-000000", results, stats, PROVENANCE)
+    assert (tmp_path / "web-000000.done").exists()
+
+    def broken_disk(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_disk)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_round_shard(str(tmp_path / "again"), "web-000000", results, stats, PROVENANCE)
+    assert list((tmp_path / "again").iterdir()) == []  # not even a temp file

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -94,10 +95,14 @@ def is_object_store(fs) -> bool:
 
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a file's data, or a folder's entries, to the disk: a rename in a folder survives a crash only
-    once the folder is flushed."""
+    once the folder is flushed. A file system that cannot flush a folder (some FUSE mounts of buckets say
+    EINVAL) keeps its renames as it does; a file that cannot be flushed is an error."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as err:
+        if not (os.path.isdir(path) and err.errno in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP)):
+            raise
     finally:
         os.close(fd)
 
