@@ -317,6 +317,8 @@ def test_a_local_mirror_flushes_a_finished_step_before_its_marker(tmp_path, disk
     (step / "captioner").mkdir(parents=True)
     (step / "captioner" / "model.safetensors").write_bytes(b"w")
     (step / "finetune.json").write_text("{}")
+    os.mkfifo(step / "a-pipe")  # left alone: opening it would wait for a writer
+    (step / "a-link").symlink_to(tmp_path / "gone")
     Mirror(tmp_path).push(step)
     flushed = {path for kind, path in disk_events if kind == "fsync"}
     want = [step / "captioner" / "model.safetensors", step / "finetune.json", step / "captioner", step]

@@ -112,7 +112,9 @@ def fsync_tree(path: str | os.PathLike) -> None:
     before something that says it is complete (a rename into place, a marker) is written."""
     for root, _, files in os.walk(path):
         for name in files:
-            fsync_path(os.path.join(root, name))
+            file = os.path.join(root, name)
+            if os.path.isfile(file) and not os.path.islink(file):  # not a pipe (opening one would wait)
+                fsync_path(file)
         fsync_path(root)
     if not os.path.isdir(path):
         fsync_path(path)
