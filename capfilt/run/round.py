@@ -89,7 +89,8 @@ def shards_to_clean(
     """
     jobs, changed = ledger.pending_shards(out, names, list(names))
     gone = ledger.gone_inputs(jobs, urls_given)
-    jobs = [(url, name) for url, name in jobs if url not in set(gone)]
+    left_out = set(gone)
+    jobs = [(url, name) for url, name in jobs if url not in left_out]
     say_shards(
         gone,
         "shard(s) named by earlier runs of this folder were never cleaned and their input is gone, "
