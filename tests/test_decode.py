@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -146,6 +148,21 @@ def test_dali_mixed_without_cuda_is_a_clear_error():
         pytest.skip("CUDA is available")
     with pytest.raises(RuntimeError, match="CUDA is not available"):
         _dali(image_size=32, device="mixed")
+
+
+def test_dali_missing_is_a_clear_error_not_a_silent_pillow_fallback(monkeypatch):
+    """Without DALI, ``decoder: dali`` fails when the decoder is made. Before, the import failed inside
+    each batch's run, which the per-sample fallback took for a bad batch: every image went through Pillow,
+    one DALI build attempt each, and benchmarks labelled Pillow's rate as DALI's."""
+    if "nvidia" in sys.modules:
+        monkeypatch.delattr(sys.modules["nvidia"], "dali", raising=False)
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    from capfilt.data.dali import DaliDecoder
+
+    with pytest.raises(ImportError, match="run.decoder=pillow"):
+        DaliDecoder(32, device="cpu")
+    with pytest.raises(ImportError, match="needs NVIDIA DALI"):
+        make_decoder(RunConfig(decoder="dali", image_size=32))
 
 
 def test_pillow_decode_batch_equals_decoding_one_at_a_time():

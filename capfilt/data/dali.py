@@ -60,6 +60,7 @@ class DaliDecoder(Decoder):
             raise ValueError(f"device must be 'cpu' or 'mixed', not {device!r}")
         if device == "mixed" and not torch.cuda.is_available():
             raise RuntimeError("DALI device='mixed' decodes on a GPU, and CUDA is not available here")
+        _import_dali()  # now: a missing DALI inside ``_run`` would pass for a bad batch, decoded by Pillow
         self.image_size, self.device, self.batch_size = image_size, device, batch_size
         self.threads, self.max_pixels = threads, max_pixels
         self.device_id = device_id if device == "mixed" else None
