@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import gc
 import json
 import multiprocessing
 import platform
@@ -249,6 +250,9 @@ def bench_device(
             for who, ips in bench.model_images_per_s(pairs, batches).items():
                 add(("model", f"{who}, batch {bs}, {dtype}", ips))
         del ours, script
+        if cuda:  # the sweep's cached blocks (53 GB at batch 512) would leave the rounds' workers short
+            gc.collect()
+            torch.cuda.empty_cache()
         rounds = [("pillow", 1)] * cuda + [(cfg.run.decoder, n) for n in actors]
         for decoder_name, n in rounds:
             run = copy.deepcopy(cfg)
