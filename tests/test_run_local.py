@@ -204,7 +204,36 @@ def test_a_failing_sample_costs_only_itself(tmp_path, tiny_shards, capsys):
     assert stats.rejected == {"undecodable_image": 1, "caption_failed": 1}
     assert [r["key"] for r in stats.rejects if r["reason"] == "caption_failed"] == ["s0-005"]
     said = capsys.readouterr().err  # the batch's failure, once, with the error the sample met
-    assert said.count("raised") == 1 and "(caption); retrying its samples one at a time" in said
+    assert said.count("raised") == 1 and "(caption); retrying it in halves" in said
+
+
+class MemoryBoundCaptioner:
+    """Raises as a GPU out of memory does on any batch of more than 3 images; records each call's size."""
+
+    def __init__(self):
+        self.calls: list[int] = []
+
+    def caption(self, pixels, keys):
+        self.calls.append(len(keys))
+        if len(keys) > 3:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.54 GiB")
+        return [[f"a caption of {k}"] for k in keys]
+
+
+def test_a_batch_too_big_for_memory_goes_on_in_halves(tmp_path, tiny_shards, capsys):
+    """The shard's first batch (7 images) raises. Before, its images then went through one at a time; now
+    its halves (3 and 4), and the 4's halves, run as batches, then the second batch (2): nothing is
+    rejected, and each image keeps its own caption."""
+    cfg, captioner = tiny_cfg(), MemoryBoundCaptioner()
+    stats = process_shard(
+        tiny_shards[0], str(tmp_path), captioner, ConstantFilter(), make_decoder(cfg.run), cfg, {}
+    )
+    assert captioner.calls == [7, 3, 4, 2, 2, 2]
+    assert stats.kept == 9 and stats.rejected == {"undecodable_image": 1}
+    rows = pq.read_table(tmp_path / "web-000000.parquet").to_pylist()
+    synthetic = [(r["key"], c["text"]) for r in rows for c in r["candidates"] if c["source"] == "synthetic"]
+    assert len(synthetic) == 9 and all(text == f"a caption of {key}" for key, text in synthetic)
+    assert capsys.readouterr().err.count("retrying it in halves") == 1
 
 
 class BrokenFilter:
