@@ -80,18 +80,25 @@ def _step(
     log: Callable[[str], None],
     inputs: dict | None = None,
     outputs: tuple[str, ...] = (),
+    lease: Lease | None = None,
 ) -> None:
     """Run one step unless its marker exists with the same ``inputs``; then upload its ``outputs`` (names
-    in ``round_dir``) and write the marker, which records the inputs, its time and any dict it returned."""
+    in ``round_dir``) and write the marker, which records the inputs, its time and any dict it returned.
+    With the bootstrap's ``lease``: raise ``LeaseLost`` instead of starting the step, or instead of
+    marking it done, once another job has taken the bootstrap over (the eval step holds no lease itself)."""
     marker, inputs = f"{mirror.url_of(round_dir)}/{step}.done", inputs or {}
     have = read_json(marker)
     if have is not None and all(have.get(k) == v for k, v in inputs.items()):
         log(f"{round_dir.name}: {step} already done")
         return
+    if lease:
+        lease.check()
     log(f"{round_dir.name}: {step} ...")
     t0 = time.time()
     info = fn()
     info = info if isinstance(info, dict) else {}
+    if lease:
+        lease.check()
     for name in outputs:
         mirror.push(round_dir / name)
     with atomic_open(marker) as f:
@@ -107,10 +114,12 @@ def train_and_evaluate(
     run_dir: str | None = None,
     log: Callable[[str], None] = print,
     mirror: Mirror | None = None,
+    lease: Lease | None = None,
 ) -> None:
     """Pretrain a MED on ``train_shards``, finetune a captioner and a filter on the human shards, and
     evaluate them on the test shards (and ``run_dir``'s cleaning against truth), each step resumable.
-    ``rd`` is in ``mirror``'s working copy (default: a local folder, its own mirror)."""
+    ``rd`` is in ``mirror``'s working copy (default: a local folder, its own mirror); ``lease``: the
+    bootstrap's, checked around each step (``_step``)."""
     from capfilt.eval.report import evaluate_all
     from capfilt.train.finetune import finetune
     from capfilt.train.pretrain import pretrain
@@ -125,6 +134,7 @@ def train_and_evaluate(
         lambda: pretrain(cfg, train_shards, pre, init, mirror.upload_url(pre)),
         log,
         outputs=("pretrain",),
+        lease=lease,
     )
     _step(
         mirror,
@@ -133,6 +143,7 @@ def train_and_evaluate(
         lambda: finetune(cfg, pre / "med", plan.human, fin, mirror.upload_url(fin)),
         log,
         outputs=("finetune",),
+        lease=lease,
     )
     _step(
         mirror,
@@ -152,6 +163,7 @@ def train_and_evaluate(
         log,
         inputs={"truth": plan.truth},
         outputs=("eval.json",),
+        lease=lease,
     )
 
 
@@ -162,6 +174,7 @@ def clean(
     rd: Path,
     log: Callable[[str], None] = print,
     mirror: Mirror | None = None,
+    lease: Lease | None = None,
 ) -> str:
     """`capfilt run` over the web shards with the captioner and filter in ``models``; returns the run
     folder, ``rd/run`` on ``mirror``'s side (its shards go there directly, each resumable on its own).
@@ -190,7 +203,7 @@ def clean(
             raise UserError(f"{rd.name}'s cleaning: {failed_note(summary)}")
         return summary
 
-    _step(mirror, rd, "run", run, log)
+    _step(mirror, rd, "run", run, log, lease=lease)
     return run_dir
 
 
@@ -204,20 +217,22 @@ def bootstrap(
             f"({cfg.finetune.image_size}) px images, but run.image_size is {cfg.run.image_size}: set them equal"
         )
     mirror = Mirror(out)
-    with Lease(mirror.url):  # a scheduled bootstrap that overlaps the last one would train into its folders
+    with Lease(
+        mirror.url
+    ) as lease:  # a scheduled bootstrap that overlaps the last one would train into its folders
         _check_manifest(mirror.url, cfg, plan)
         mirror.pull(skip_dirs=("run",), pointer=LATEST)
         round_dirs = []
         for r in range(plan.rounds + 1):
             rd, prev = mirror.local / f"round-{r}", mirror.local / f"round-{r - 1}"
-            run_dir = clean(cfg, plan, prev / "finetune", rd, log, mirror) if r > 0 else None
+            run_dir = clean(cfg, plan, prev / "finetune", rd, log, mirror, lease) if r > 0 else None
             train_shards = [f"{run_dir}/*.tar", *plan.human] if run_dir else plan.web + plan.human
             if r == 0:
                 init = plan.init
             else:
                 init = prev / "pretrain" / "med" if plan.warm_start else None
             train_and_evaluate(
-                cfg, train_shards, plan, rd, init=init, run_dir=run_dir, log=log, mirror=mirror
+                cfg, train_shards, plan, rd, init=init, run_dir=run_dir, log=log, mirror=mirror, lease=lease
             )
             round_dirs.append(mirror.url_of(rd))
     return round_dirs

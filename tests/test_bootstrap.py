@@ -15,12 +15,13 @@ import pytest
 
 import capfilt.run.round as round_module
 import capfilt.train.finetune as finetune_module
+import capfilt.train.pretrain as pretrain_module
 from capfilt.bootstrap import BootstrapPlan, bootstrap, clean
 from capfilt.config import load_config
 from capfilt.demo import world_plan
 from capfilt.errors import UserError
 from capfilt.report import round_table, write_report
-from capfilt.run.lease import RunBusy
+from capfilt.run.lease import LeaseLost, RunBusy
 
 
 @pytest.mark.slow
@@ -125,3 +126,25 @@ def test_a_bootstrap_into_a_folder_another_one_holds_is_refused_before_any_work(
     with pytest.raises(RunBusy, match="another-node"):
         bootstrap(load_config("tiny"), plan, tmp_path / "boot", log=lambda _: None)
     assert sorted(p.name for p in (tmp_path / "boot").iterdir()) == ["lease.json"]
+
+
+def test_a_bootstrap_taken_over_mid_step_marks_it_not_done_and_starts_no_other(tmp_path, monkeypatch):
+    """A bootstrap that stalled past the lease's staleness, and that another one took over, stops: the
+    step it was in is not marked done and no later step starts. Before, it went on, into the eval too,
+    which holds no lease of its own, beside the job that took over."""
+    plan = BootstrapPlan(web=["web-{0..2}.tar"], human=["human.tar"], test=["test.tar"])
+    out = tmp_path / "boot"
+    other = {"owner": "x", "host": "another-node", "pid": 1, "renewed": time.time()}
+
+    def taken_over_while_training(cfg, shards, pre, *args):
+        (out / "lease.json").write_text(json.dumps(other))
+        Path(pre).mkdir(parents=True)
+
+    monkeypatch.setattr(pretrain_module, "pretrain", taken_over_while_training)
+    monkeypatch.setattr(
+        finetune_module, "finetune", lambda *a: pytest.fail("finetune ran after the takeover")
+    )
+    with pytest.raises(LeaseLost, match="another-node"):
+        bootstrap(load_config("tiny"), plan, out, log=lambda _: None)
+    assert not (out / "round-0" / "pretrain.done").exists()
+    assert json.loads((out / "lease.json").read_text()) == other  # the other job's, untouched
