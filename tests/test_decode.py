@@ -133,6 +133,21 @@ def test_dali_batch_with_one_corrupt_image_rejects_only_it():
     assert all(isinstance(r, torch.Tensor) for r in dec.decode(samples[:3]))  # the pipeline recovered
 
 
+def test_dali_that_fails_every_image_is_said_once_and_pillow_decodes(monkeypatch, capsys):
+    """DALI broken at run time (here its pipeline cannot be built, as after a driver or memory error):
+    every image still decodes, by Pillow, to Pillow's pixels, and stderr says so once, not per batch.
+    Before, nothing was said and a DALI round ran at Pillow's speed with a DALI attempt per image."""
+    dec = _dali(image_size=32, batch_size=4)
+    monkeypatch.setattr(dec, "_build", lambda: (_ for _ in ()).throw(RuntimeError("nvJPEG: out of memory")))
+    samples = [Sample(f"k{i}", "m", encode(smooth_image()), "jpg", "c") for i in range(8)]
+    with PillowDecoder(32) as pillow:
+        want = pillow.decode(samples)
+    got = dec.decode(samples)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    said = capsys.readouterr().err
+    assert said.count("[capfilt] DALI (cpu) failed a batch of 4") == 1 and "nvJPEG: out of memory" in said
+
+
 @ON_GPU
 def test_dali_mixed_agrees_with_cpu_and_stays_on_the_gpu():
     samples = [Sample(f"k{i}", "m", encode(smooth_image(seed=i)), "jpg", "c") for i in range(4)]

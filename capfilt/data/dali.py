@@ -17,10 +17,14 @@ DALI fails the whole batch on one corrupt image and its pipeline is unusable aft
    DALI applies EXIF orientation itself, and 16-bit, palette, grayscale and CMYK images decode to
    the same pixels (measured in tests/test_decode.py);
 3. when a batch still fails, the pipeline is rebuilt and the batch re-run one sample at a time; a
-   sample that fails alone is decoded by Pillow, whose verdict (tensor or Reject) is final.
+   sample that fails alone is decoded by Pillow, whose verdict (tensor or Reject) is final. When every
+   image of a batch fails alone too and Pillow decodes them all, DALI itself is not working here (a
+   missing install is refused when the decoder is made): said once on stderr.
 """
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import torch
@@ -64,7 +68,7 @@ class DaliDecoder(Decoder):
         self.image_size, self.device, self.batch_size = image_size, device, batch_size
         self.threads, self.max_pixels = threads, max_pixels
         self.device_id = device_id if device == "mixed" else None
-        self._pipe = None
+        self._pipe, self._said = None, False  # _said: whether DALI's failing here was said (_say_broken)
 
     def _build(self):
         dali, fn, types = _import_dali()
@@ -134,19 +138,39 @@ class DaliDecoder(Decoder):
             chunk = to_dali[start : start + self.batch_size]
             try:
                 tensors = self._run([samples[i].image for i in chunk])
-            except Exception:
-                tensors = [self._one(samples[i]) for i in chunk]
+            except Exception as err:
+                alone = [self._one(samples[i]) for i in chunk]
+                tensors = [t for t, _ in alone]
+                if len(chunk) > 1 and all(t is not None for _, t in alone):
+                    self._say_broken(err, len(chunk))
             for i, t in zip(chunk, tensors):
                 results[i] = t
         if self.device == "mixed":  # Pillow's fallbacks join DALI's tensors on the GPU
             results = [r.cuda(self.device_id) if isinstance(r, torch.Tensor) else r for r in results]
         return results
 
-    def _one(self, sample: Sample) -> torch.Tensor | Reject:
+    def _one(self, sample: Sample) -> tuple[torch.Tensor | Reject, torch.Tensor | None]:
+        """(the sample's result, and Pillow's tensor when DALI failed it alone and Pillow decoded it)."""
         try:
-            return self._run([sample.image])[0]
+            return self._run([sample.image])[0], None
         except Exception:
-            return self._pillow(sample)
+            out = self._pillow(sample)
+            return out, out if isinstance(out, torch.Tensor) else None
+
+    def _say_broken(self, err: Exception, n: int) -> None:
+        """Once per decoder: DALI failed a whole batch and then each of its images alone, all of which
+        Pillow decoded. That is DALI not working here (a build, driver or memory error), not bad images:
+        said, because the round goes on decoding every image with Pillow, one DALI attempt each."""
+        if not self._said:
+            self._said = True
+            first = (str(err).splitlines() or [""])[0][:200]
+            print(
+                f"[capfilt] DALI ({self.device}) failed a batch of {n} and each of its images alone, which "
+                f"Pillow decoded: {type(err).__name__}: {first}. Decoding goes on with Pillow; fix DALI or set "
+                "run.decoder=pillow",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _pillow(self, sample: Sample) -> torch.Tensor | Reject:
         return pillow_decode(sample, self.image_size, self.max_pixels)
