@@ -219,13 +219,14 @@ def bench_device(
         rows.append(row)
         print(f"[bench] {row[0]} | {row[1]} | {row[2]:,.1f} images/s {detail}", file=sys.stderr, flush=True)
 
-    size = cfg.run.image_size
+    size, round_decoder = cfg.run.image_size, cfg.run.decoder
     for name in ("pillow", "dali"):
         label = {"pillow": "Pillow", "dali": "DALI mixed" if cuda else "DALI CPU"}[name]
         try:
             r = bench_decode(web, name, size, cfg.run.decode_threads, cfg.run.batch_size, images, 1, gpu=cuda)
-        except ImportError as err:  # a GPU machine without DALI still measures the rest
-            print(f"[bench] decode | {label}: skipped, {err}", file=sys.stderr, flush=True)
+        except ImportError as err:  # a GPU machine without DALI still measures the rest, rounds with Pillow
+            round_decoder = "pillow"
+            print(f"[bench] decode | {label}: skipped, {err}; rounds decode with Pillow", file=sys.stderr)
             continue
         add(("decode", f"{label}, {size} px, {r['threads']} thread(s)", r["images_per_s"]))
     with tempfile.TemporaryDirectory(prefix="capfilt-models-") as tmp:
@@ -253,7 +254,7 @@ def bench_device(
         if cuda:  # the sweep's cached blocks (53 GB at batch 512) would leave the rounds' workers short
             gc.collect()
             torch.cuda.empty_cache()
-        rounds = [("pillow", 1)] * cuda + [(cfg.run.decoder, n) for n in actors]
+        rounds = [("pillow", 1)] * (cuda and round_decoder != "pillow") + [(round_decoder, n) for n in actors]
         for decoder_name, n in rounds:
             run = copy.deepcopy(cfg)
             run.run.actors, run.run.dtype, run.run.decoder = n, dtype, decoder_name

@@ -16,17 +16,24 @@ from capfilt.run import bench
 from capfilt.run.hf_script import HFScript, script_round
 
 
-@pytest.mark.parametrize("where", [[], ["--processes"]], ids=["ray", "processes"])
-def test_bench_device_cpu_writes_the_table(tiny_world, tmp_path, where):
-    """Its rounds run where ``capfilt run``'s do: a local Ray, or worker processes sharing the device."""
+@pytest.mark.parametrize("where", [[], ["--processes"]], ids=["ray", "processes-without-dali"])
+def test_bench_device_cpu_writes_the_table(tiny_world, tmp_path, where, monkeypatch):
+    """Its rounds run where ``capfilt run``'s do: a local Ray, or worker processes sharing the device. The
+    second case runs as on a GPU machine without DALI (the device tool's): the DALI row is skipped and a
+    config's ``decoder: dali`` rounds decode with Pillow, where before the row measured Pillow as DALI."""
     table = tmp_path / "table.md"
     args = ["bench", "-c", "tiny", "--world", tiny_world, "--device", "cpu", "--batch-sizes", "4,8", *where]
+    if where:
+        if "nvidia" in sys.modules:
+            monkeypatch.delattr(sys.modules["nvidia"], "dali", raising=False)
+        monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+        args += ["--set", "run.decoder=dali"]
     result = CliRunner().invoke(app, [*args, "--images", "16", "--actors", "1,2", "--table", str(table)])
     assert result.exit_code == 0, result.output
     rows = [line.split(" | ") for line in table.read_text().splitlines()[2:]]
-    assert [r[0].strip("| ") for r in rows] == ["decode"] * 2 + ["model"] * 4 + ["round"] * 2
-    assert "captioner + filter, batch 8, float32" in rows[4][1] and "HF script, batch 8" in rows[5][1]
-    assert ("2 worker process(es)" if where else "2 actor(s)") in rows[7][1]
+    assert [r[0].strip("| ") for r in rows] == ["decode"] * (2 - len(where)) + ["model"] * 4 + ["round"] * 2
+    assert "captioner + filter, batch 8, float32" in rows[-4][1] and "HF script, batch 8" in rows[-3][1]
+    assert ("2 worker process(es) on one cpu, pillow" if where else "2 actor(s)") in rows[-1][1]
     assert all(float(r[2].strip(" |").replace(",", "")) > 0 for r in rows)
 
 
