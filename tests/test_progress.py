@@ -6,7 +6,7 @@ import weakref
 import pytest
 
 from capfilt.data.sample import Reject, ShardStats
-from capfilt.run.progress import RunTotals, failed_note
+from capfilt.run.progress import RoundProgress, RunTotals, failed_note
 
 
 def shard(name: str, kept: int, dropped: int, rejects: int, truncated: bool = False) -> ShardStats:
@@ -61,3 +61,12 @@ def test_no_shard_stats_outlive_their_fold():
     assert [r() for r in refs] == [None] * 3 and totals.summary({}, 1.0)["rejected"][
         "undecodable_image"
     ] == 300
+
+
+def test_a_failed_shard_is_printed_whole(capsys):
+    """Brackets in a URL or a reason (pip's extras in an install hint) reach the console: rich took them
+    for markup and printed ``pip install 'capfilt'``."""
+    with RoundProgress(1, 0) as progress:
+        progress.shard_failed("b/web-[0].tar", "ImportError: pip install 'capfilt[dali]'")
+    said = capsys.readouterr()
+    assert "b/web-[0].tar: ImportError: pip install 'capfilt[dali]'" in said.out + said.err

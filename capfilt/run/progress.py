@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from capfilt.data.sample import ShardStats
@@ -127,5 +128,6 @@ class RoundProgress:
         self.progress.update(self.task, advance=1, rate=rate)
 
     def shard_failed(self, url: str, error: str) -> None:
-        self.progress.console.print(f"[red]shard failed[/red] {url}: {last_line(error)}")
+        # escaped: rich read "capfilt[dali]" in an install hint, or "[0]" in a URL, as markup and dropped it
+        self.progress.console.print(f"[red]shard failed[/red] {escape(url)}: {escape(last_line(error))}")
         self.progress.update(self.task, advance=1)
