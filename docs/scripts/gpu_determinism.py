@@ -41,15 +41,15 @@ web = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(8)) for i in 
 cap_path, flt_path = bench.random_models(
     dataclasses.replace(cfg.model, image_size=size), tempfile.mkdtemp(), web
 )
-pixels = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device, torch.bfloat16)
+pixels = torch.randn(B, 3, size, size, generator=torch.Generator().manual_seed(1)).to(device)
 keys = [f"k{i:04d}" for i in range(B)]
 
 
-def twice(backends: list | None, eager: bool = False) -> dict:
+def twice(backends: list | None, eager: bool = False, dtype: str = "bfloat16") -> dict:
     """Captions and scores of the batch, twice, with only ``backends`` allowed (None: PyTorch's choice)."""
     with sdpa_kernel(backends) if backends else contextlib.nullcontext():
-        cap = Captioner(cap_path, cfg.caption, device, cfg.run.seed, "bfloat16")
-        flt = Filter(flt_path, cfg.filter, device, "bfloat16")
+        cap = Captioner(cap_path, cfg.caption, device, cfg.run.seed, dtype)
+        flt = Filter(flt_path, cfg.filter, device, dtype)
         if eager:
             cap.sampler.graphed, cap.sampler.attention = False, written_out_attention
         runs = []
@@ -101,16 +101,17 @@ def first_apart(model: torch.nn.Module, run) -> dict:
 
 report = {"batch": B, "strict": STRICT}
 ways = {
-    "default": (None, False),
-    "sampler eager, written-out attention": (None, True),
-    "flash (math where masked)": ([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], False),
-    "efficient": ([SDPBackend.EFFICIENT_ATTENTION], False),
-    "cudnn (math where it cannot)": ([SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH], False),
-    "math": ([SDPBackend.MATH], False),
+    "default": (None, False, "bfloat16"),
+    "default, float32": (None, False, "float32"),
+    "sampler eager, written-out attention": (None, True, "bfloat16"),
+    "flash (math where masked)": ([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH], False, "bfloat16"),
+    "efficient": ([SDPBackend.EFFICIENT_ATTENTION], False, "bfloat16"),
+    "cudnn (math where it cannot)": ([SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH], False, "bfloat16"),
+    "math": ([SDPBackend.MATH], False, "bfloat16"),
 }
-for name, (backends, eager) in ways.items():
+for name, way in ways.items():
     try:
-        report[name] = twice(backends, eager)
+        report[name] = twice(*way)
     except Exception as err:  # a backend that cannot run these shapes says so, and the others go on
         report[name] = f"{type(err).__name__}: {str(err)[:300]}"
     print(name, report[name], file=sys.stderr, flush=True)
