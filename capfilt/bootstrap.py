@@ -217,9 +217,8 @@ def bootstrap(
             f"({cfg.finetune.image_size}) px images, but run.image_size is {cfg.run.image_size}: set them equal"
         )
     mirror = Mirror(out)
-    with Lease(
-        mirror.url
-    ) as lease:  # a scheduled bootstrap that overlaps the last one would train into its folders
+    # a scheduled bootstrap that overlaps the last one would train into its folders
+    with Lease(mirror.url) as lease:
         _check_manifest(mirror.url, cfg, plan)
         mirror.pull(skip_dirs=("run",), pointer=LATEST)
         round_dirs = []

@@ -141,7 +141,7 @@ class DaliDecoder(Decoder):
             except Exception as err:
                 alone = [self._one(samples[i]) for i in chunk]
                 tensors = [t for t, _ in alone]
-                if len(chunk) > 1 and all(t is not None for _, t in alone):
+                if len(chunk) > 1 and all(rescued for _, rescued in alone):
                     self._say_broken(err, len(chunk))
             for i, t in zip(chunk, tensors):
                 results[i] = t
@@ -149,13 +149,13 @@ class DaliDecoder(Decoder):
             results = [r.cuda(self.device_id) if isinstance(r, torch.Tensor) else r for r in results]
         return results
 
-    def _one(self, sample: Sample) -> tuple[torch.Tensor | Reject, torch.Tensor | None]:
-        """(the sample's result, and Pillow's tensor when DALI failed it alone and Pillow decoded it)."""
+    def _one(self, sample: Sample) -> tuple[torch.Tensor | Reject, bool]:
+        """The sample's result, and whether DALI failed it alone where Pillow decoded it."""
         try:
-            return self._run([sample.image])[0], None
+            return self._run([sample.image])[0], False
         except Exception:
             out = self._pillow(sample)
-            return out, out if isinstance(out, torch.Tensor) else None
+            return out, isinstance(out, torch.Tensor)
 
     def _say_broken(self, err: Exception, n: int) -> None:
         """Once per decoder: DALI failed a whole batch and then each of its images alone, all of which
