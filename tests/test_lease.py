@@ -151,8 +151,16 @@ def test_a_round_whose_lease_is_taken_over_takes_no_new_shard_and_leaves_the_sum
     other = {"owner": "y", "host": "another-node", "pid": 1, "renewed": time.time()}
 
     def stalled(self, url, *args, **kwargs):
-        (out / "lease.json").write_text(json.dumps(other))
-        time.sleep(0.3)  # a renewal finds the other job's lease
+        """The other job's lease, until it has stood for 5 renewal periods. The takeover is not atomic: a
+        renewal that read this job's lease just before it was written over writes its own back (a CI run
+        saw the round stop a shard late that way), so it is written again until the renewals find it."""
+        stood_since = None
+        while stood_since is None or time.time() - stood_since < 0.25:
+            if json.loads((out / "lease.json").read_text()) != other:
+                (out / "lease.tmp").write_text(json.dumps(other))
+                os.replace(out / "lease.tmp", out / "lease.json")
+                stood_since = time.time()
+            time.sleep(0.01)
         return run(self, url, *args, **kwargs)
 
     monkeypatch.setattr(ShardWorker, "run", stalled)
