@@ -18,7 +18,7 @@ from capfilt.data import writer
 from capfilt.data.decode import make_decoder
 from capfilt.data.reader import ShardReader
 from capfilt.errors import UserError
-from capfilt.run.pipeline import ModelFailed, decoded_batches, process_shard
+from capfilt.run.pipeline import BatchLimit, ModelFailed, decoded_batches, process_shard
 from capfilt.run.reselect import reselect
 from capfilt.run.round import run_round
 from capfilt.run.worker import ShardWorker
@@ -216,24 +216,35 @@ class MemoryBoundCaptioner:
     def caption(self, pixels, keys):
         self.calls.append(len(keys))
         if len(keys) > 3:
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.54 GiB")
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.54 GiB")
         return [[f"a caption of {k}"] for k in keys]
 
 
-def test_a_batch_too_big_for_memory_goes_on_in_halves(tmp_path, tiny_shards, capsys):
-    """The shard's first batch (7 images) raises. Before, its images then went through one at a time; now
-    its halves (3 and 4), and the 4's halves, run as batches, then the second batch (2): nothing is
-    rejected, and each image keeps its own caption."""
-    cfg, captioner = tiny_cfg(), MemoryBoundCaptioner()
-    stats = process_shard(
-        tiny_shards[0], str(tmp_path), captioner, ConstantFilter(), make_decoder(cfg.run), cfg, {}
-    )
-    assert captioner.calls == [7, 3, 4, 2, 2, 2]
-    assert stats.kept == 9 and stats.rejected == {"undecodable_image": 1}
+def test_a_batch_too_big_for_memory_goes_on_in_halves_and_later_batches_in_parts_that_fit(
+    tmp_path, tiny_shards, capsys
+):
+    """Batches of 8: the first shard's first (7 images and an undecodable one) runs out of memory. Before, its images then went through
+    one at a time; now its halves (3 and 4), and the 4's halves, run as batches: nothing is rejected, and
+    each image keeps its own caption. The worker's limit then holds the caption stage to parts of 2:
+    the second shard's batches of 8 and 2 (all 10 decodable) go as 2, 2, 2, 2 and 2 without running out
+    of memory again (without the limit: 8, 4, 2, 2, 4, 2, 2, 2, as the first shard's batch)."""
+    cfg, captioner, limit = tiny_cfg(), MemoryBoundCaptioner(), BatchLimit()
+    kept = [
+        process_shard(
+            shard, str(tmp_path), captioner, ConstantFilter(), make_decoder(cfg.run), cfg, {}, limit=limit
+        ).kept
+        for shard in tiny_shards[:2]
+    ]
+    assert kept == [9, 10]
+    assert captioner.calls == [7, 3, 4, 2, 2, 2] + [2, 2, 2, 2, 2]
+    assert limit.sizes == {"caption": 2}
     rows = pq.read_table(tmp_path / "web-000000.parquet").to_pylist()
     synthetic = [(r["key"], c["text"]) for r in rows for c in r["candidates"] if c["source"] == "synthetic"]
     assert len(synthetic) == 9 and all(text == f"a caption of {key}" for key, text in synthetic)
-    assert capsys.readouterr().err.count("retrying it in halves") == 1
+    said = capsys.readouterr().err
+    assert said.count("retrying it in halves") == 1
+    assert "caption ran out of memory at a batch of 7; its batches go in parts of at most 4" in said
+    assert "caption ran out of memory at a batch of 4; its batches go in parts of at most 2" in said
 
 
 class BrokenFilter:

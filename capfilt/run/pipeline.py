@@ -8,8 +8,8 @@ becomes visible only when the whole of it is written (done marker last). So a wo
 batches of images, whatever the size of its shards.
 
 Errors are data: reader and decoder rejects, and samples on which the captioner or the filter raises,
-become Rejects with a reason. A batch that raises is retried one sample at a time, so one bad sample
-costs only itself; a batch whose every sample raises alone too is a broken model or setting, not bad
+become Rejects with a reason. A batch that raises is retried in halves, so one bad sample costs only
+itself; a batch whose every sample raises alone too is a broken model or setting, not bad
 data, and fails the shard (``ModelFailed``), which is then reported and retried by a rerun instead of
 committed with every sample rejected. ``stats.check()`` (in = kept + dropped + rejected) runs before
 anything is written.
@@ -96,63 +96,113 @@ def on_device(batches: Iterator[Batch], device: torch.device, dtype: torch.dtype
         yield batch
 
 
+@dataclass
+class BatchLimit:
+    """The most samples each model call may take at once, set when a batch runs out of memory: later
+    batches go in parts that fit, instead of running out of memory again before their halves run. A worker
+    keeps one across its shards, keyed by the stage ("encode", "caption", "score"); a limit is never raised
+    again (memory another process frees is not taken back)."""
+
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    def ran_out(self, stage: str, n: int, shard: str) -> None:
+        """A batch of ``n`` ran out of memory: ``stage``'s calls take at most half of it from now on."""
+        size = (n + 1) // 2
+        if size < self.sizes.get(stage, n):
+            self.sizes[stage] = size
+            print(
+                f"[capfilt] {shard}: {stage} ran out of memory at a batch of {n}; "
+                f"its batches go in parts of at most {size} from now on",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
 def guarded(
     fn: Callable[[torch.Tensor, list], list],
     pixels: torch.Tensor,
     args: list,
     samples: list[Sample],
     reason: str,
+    stage: str,
+    limit: BatchLimit,
 ) -> tuple[list[int], list, list[Reject]]:
-    """``fn(pixels, args)`` on the batch; if it raises, on its halves (:func:`in_halves`), rejecting only
-    the samples that raise alone.
+    """``fn(pixels, args)`` on the batch, in parts of ``limit.sizes[stage]`` if one is set; a part that
+    raises goes on in halves (:meth:`Retry.halves`), rejecting only the samples that raise alone.
 
-    Returns the indices that succeeded, their outputs, and the rejects. A batch that raised is said on
-    stderr: a batch too big for the GPU's memory would otherwise only show as a slow round. If every
+    Returns the indices that succeeded, their outputs, and the rejects. The first part that raised is said
+    on stderr: a batch too big for the GPU's memory would otherwise only show as a slow round. If every
     sample raises alone too, raises ``ModelFailed``.
     """
-    try:
-        return list(range(len(samples))), fn(pixels, args), []
-    except Exception as err:
-        first, stage = (str(err).splitlines() or [""])[0][:200], reason.removesuffix("_failed")
-        print(
-            f"[capfilt] {samples[0].shard}: a batch of {len(samples)} raised {type(err).__name__}: {first} "
-            f"({stage}); retrying it in halves",
-            file=sys.stderr,
-            flush=True,
-        )
-        ok, outs, rejects = in_halves(fn, pixels, args, samples, reason, err)
-        if not ok:
-            raise ModelFailed(
-                f"every sample of a batch of {len(samples)} raised ({stage}), "
-                f"alone too; the first: {rejects[0].detail.splitlines()[0][:200]}"
-            ) from err
+    errors: list[Exception] = []
+
+    def say(err: Exception, n: int) -> None:
+        if not errors:
+            first = (str(err).splitlines() or [""])[0][:200]
+            print(
+                f"[capfilt] {samples[0].shard}: a batch of {n} raised {type(err).__name__}: {first} "
+                f"({stage}); retrying it in halves",
+                file=sys.stderr,
+                flush=True,
+            )
+        errors.append(err)
+
+    n, size = len(samples), limit.sizes.get(stage, len(samples))
+    parts = [slice(i, min(i + size, n)) for i in range(0, n, size)]
+    ok, outs, rejects = Retry(fn, reason, stage, limit).parts(pixels, args, samples, parts, say)
+    if not ok:
+        raise ModelFailed(
+            f"every sample of a batch of {n} raised ({stage}), "
+            f"alone too; the first: {rejects[0].detail.splitlines()[0][:200]}"
+        ) from errors[0]
+    return ok, outs, rejects
+
+
+@dataclass
+class Retry:
+    """One model stage's calls on parts of a batch, a part that raises split in halves."""
+
+    fn: Callable[[torch.Tensor, list], list]
+    reason: str
+    stage: str
+    limit: BatchLimit
+
+    def parts(
+        self,
+        pixels: torch.Tensor,
+        args: list,
+        samples: list[Sample],
+        parts: list[slice],
+        say: Callable[[Exception, int], None] | None = None,
+    ) -> tuple[list[int], list, list[Reject]]:
+        """``fn`` on each part; a part that raises goes on in halves. Indices are the batch's."""
+        ok, outs, rejects = [], [], []
+        for part in parts:
+            try:
+                got = list(range(part.stop - part.start)), self.fn(pixels[part], args[part]), []
+            except Exception as err:
+                if say:
+                    say(err, part.stop - part.start)
+                got = self.halves(pixels[part], args[part], samples[part], err)
+            ok += [part.start + i for i in got[0]]
+            outs += got[1]
+            rejects += got[2]
         return ok, outs, rejects
 
-
-def in_halves(
-    fn: Callable[[torch.Tensor, list], list],
-    pixels: torch.Tensor,
-    args: list,
-    samples: list[Sample],
-    reason: str,
-    err: Exception,
-) -> tuple[list[int], list, list[Reject]]:
-    """A batch that raised ``err``, run again as two halves, a half that raises split in turn; a sample
-    that raises alone is rejected with its own error. Why halves: one bad sample of 256 costs about 16
-    calls instead of 256, and a batch too big for the GPU's memory goes on as halves instead of single
-    images."""
-    if len(samples) == 1:
-        return [], [], [Reject(samples[0].key, samples[0].shard, reason, f"{type(err).__name__}: {err}")]
-    ok, outs, rejects, mid = [], [], [], len(samples) // 2
-    for part in (slice(0, mid), slice(mid, len(samples))):
-        try:
-            got = list(range(part.stop - part.start)), fn(pixels[part], args[part]), []
-        except Exception as part_err:
-            got = in_halves(fn, pixels[part], args[part], samples[part], reason, part_err)
-        ok += [part.start + i for i in got[0]]
-        outs += got[1]
-        rejects += got[2]
-    return ok, outs, rejects
+    def halves(
+        self, pixels: torch.Tensor, args: list, samples: list[Sample], err: Exception
+    ) -> tuple[list[int], list, list[Reject]]:
+        """A batch that raised ``err``, run again as two halves, a half that raises split in turn; a sample
+        that raises alone is rejected with its own error. Why halves: one bad sample of 256 costs about
+        16 calls instead of 256, and a batch too big for the GPU's memory goes on as halves instead of
+        single images (and sets the limit for the batches after it)."""
+        if isinstance(err, torch.OutOfMemoryError):
+            self.limit.ran_out(self.stage, len(samples), samples[0].shard)
+        if len(samples) == 1:
+            key, shard = samples[0].key, samples[0].shard
+            return [], [], [Reject(key, shard, self.reason, f"{type(err).__name__}: {err}")]
+        mid = len(samples) // 2
+        return self.parts(pixels, args, samples, [slice(0, mid), slice(mid, len(samples))])
 
 
 def score_batch(
@@ -162,19 +212,30 @@ def score_batch(
     threshold: float,
     timings: dict[str, float],
     shared_vision: bool = False,
+    limit: BatchLimit | None = None,
 ) -> tuple[list[ScoredSample], list[Reject]]:
     """Caption, score and select one decoded batch. With ``shared_vision`` (the two hold the same ViT:
-    ``worker.same_vision``) each image is encoded once, and both models take its embeddings."""
+    ``worker.same_vision``) each image is encoded once, and both models take its embeddings. ``limit``:
+    the worker's, kept across batches (a fresh one if none)."""
+    limit = limit or BatchLimit()
     samples, images = batch.samples, batch.pixels
     caption, score, rejects = captioner.caption, filter_.score, []
     t0 = time.perf_counter()
     if shared_vision:
         ok, rows, rejects = guarded(
-            lambda px, _: list(captioner.encode(px)), images, samples, samples, "caption_failed"
+            lambda px, _: list(captioner.encode(px)),
+            images,
+            samples,
+            samples,
+            "caption_failed",
+            "encode",
+            limit,
         )
         samples, images = [samples[i] for i in ok], torch.stack(rows)
         caption, score = captioner.caption_embeds, filter_.score_embeds
-    ok, captions, failed = guarded(caption, images, [s.key for s in samples], samples, "caption_failed")
+    ok, captions, failed = guarded(
+        caption, images, [s.key for s in samples], samples, "caption_failed", "caption", limit
+    )
     rejects += failed
     samples, images = [samples[i] for i in ok], images[ok]  # guarded raised if none is ok
     candidates = [  # an image without a web caption competes with its synthetic ones only
@@ -183,7 +244,7 @@ def score_batch(
     ]
     t1 = time.perf_counter()
     ok, scores, failed = guarded(
-        score, images, [[c.text for c in cs] for cs in candidates], samples, "score_failed"
+        score, images, [[c.text for c in cs] for cs in candidates], samples, "score_failed", "score", limit
     )
     rejects += failed
     t2 = time.perf_counter()
@@ -235,6 +296,7 @@ def process_shard(
     device: torch.device | None = None,
     models: AbstractContextManager = nullcontext(),
     shared_vision: bool = False,
+    limit: BatchLimit | None = None,
 ) -> ShardStats:
     """Clean one shard into ``out_dir/NAME.*`` and return its stats (also written, with the done marker).
 
@@ -242,8 +304,9 @@ def process_shard(
     shard list, so that two inputs with the same file name do not collide. ``device``: the models'; the
     read-ahead thread moves each batch there (in ``run.dtype``), so the models get it ready. ``models``
     is held while a batch is captioned and scored (a lock when other shards share the models); the time
-    spent waiting for it is ``wait_models``. ``shared_vision``: see :func:`score_batch`.
+    spent waiting for it is ``wait_models``. ``shared_vision``, ``limit``: see :func:`score_batch`.
     """
+    limit = limit or BatchLimit()
     start = time.perf_counter()
     name = name or writer.output_name(url)
     stats = ShardStats(shard=url)
@@ -269,7 +332,7 @@ def process_shard(
                 with models:
                     timings["wait_models"] += time.perf_counter() - t0
                     done, failed = score_batch(
-                        batch, captioner, filter_, cfg.filter.threshold, timings, shared_vision
+                        batch, captioner, filter_, cfg.filter.threshold, timings, shared_vision, limit
                     )
                 for r in failed:
                     stats.reject(r)

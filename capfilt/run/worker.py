@@ -23,7 +23,7 @@ from capfilt.data.decode import make_decoder
 from capfilt.data.sample import ShardStats
 from capfilt.errors import UserError
 from capfilt.eval.heldout import load_heldout
-from capfilt.run.pipeline import process_shard
+from capfilt.run.pipeline import BatchLimit, process_shard
 from capfilt.stages.calibrate import calibrate
 from capfilt.stages.captioner import Captioner
 from capfilt.stages.filter import Filter
@@ -71,6 +71,7 @@ class ShardWorker:
         if self.shared_vision:  # one ViT in memory too
             self.filter.model.vision_model = self.captioner.model.vision_model
         self.models = threading.Lock()
+        self.limit = BatchLimit()  # what fits in memory, learnt once for all the worker's shards
         self.decoders: queue.SimpleQueue = queue.SimpleQueue()
         for _ in range(cfg.run.shards_in_flight):
             self.decoders.put(make_decoder(cfg.run))
@@ -99,6 +100,7 @@ class ShardWorker:
                 device=self.device,
                 models=self.models,
                 shared_vision=self.shared_vision,
+                limit=self.limit,
             )
         finally:
             self.decoders.put(decoder)

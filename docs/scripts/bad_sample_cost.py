@@ -14,6 +14,7 @@ import torch
 from capfilt.config import load_config
 from capfilt.data.decode import PillowDecoder
 from capfilt.data.reader import ShardReader
+from capfilt.run import pipeline
 from capfilt.run.pipeline import decoded_batches, guarded
 from capfilt.stages.captioner import Captioner
 
@@ -36,12 +37,14 @@ def caption(pixels, batch_keys):
     return cap.caption(pixels, batch_keys)
 
 
+# checkouts before the BatchLimit (9681a92 and earlier) take neither the stage nor the limit
+extra = ("caption", pipeline.BatchLimit()) if hasattr(pipeline, "BatchLimit") else ()
 seconds = {"clean batch": [], "one bad sample": []}
 for _ in range(repeats):
     for name, ks in (("clean batch", [k if k != bad else k + "-ok" for k in keys]), ("one bad sample", keys)):
         calls.clear()
         start = time.perf_counter()
-        ok, _, rejects = guarded(caption, batch.pixels, ks, samples, "caption_failed")
+        ok, _, rejects = guarded(caption, batch.pixels, ks, samples, "caption_failed", *extra)
         seconds[name].append(round(time.perf_counter() - start, 2))
     assert len(ok) == len(keys) - 1 and [r.key for r in rejects] == [bad], (len(ok), rejects)
 print(json.dumps({"images": len(keys), "calls_with_bad_sample": len(calls), "seconds": seconds}))
