@@ -197,8 +197,9 @@ def bench_device(
     image size (Pillow, and DALI ``mixed`` on CUDA or DALI CPU), the captioner and the filter at the
     config's model size with random weights (bf16 on CUDA) over a batch-size sweep beside the batched HF
     script, and the end-to-end round with 1..n actors sharing the device: on a local Ray, the cluster at
-    ``address``, or worker processes without Ray (``processes``). Returns the figures and a markdown
-    table."""
+    ``address``, or worker processes without Ray (``processes``). Without DALI installed, the DALI row is
+    skipped and rounds the config gives to DALI decode with Pillow, both said on stderr. Returns the
+    figures and a markdown table."""
     from capfilt.data.bench_decode import bench_decode
     from capfilt.data.decode import PillowDecoder
     from capfilt.data.reader import ShardReader
