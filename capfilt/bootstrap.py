@@ -216,6 +216,11 @@ def bootstrap(
             f"the cleaning rounds run the finetuned models, whose ViT takes finetune.image_size "
             f"({cfg.finetune.image_size}) px images, but run.image_size is {cfg.run.image_size}: set them equal"
         )
+    if cfg.run.keep_actors:  # each round's would hold the cluster the next round's actors need
+        raise UserError(
+            "run.keep_actors keeps actors for later rounds with the same models; each bootstrap round cleans "
+            "with new ones, so its warm actors would only hold the resources the next round needs"
+        )
     mirror = Mirror(out)
     # a scheduled bootstrap that overlaps the last one would train into its folders
     with Lease(mirror.url) as lease:

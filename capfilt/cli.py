@@ -192,6 +192,21 @@ def run(
 
 
 @app.command()
+def actors(
+    address: Annotated[str, typer.Option(help="the Ray cluster's address")] = "auto",
+    stop: Annotated[bool, typer.Option(help="kill them: their CPUs and GPUs go back to the cluster")] = False,
+):
+    """The warm actors (run.keep_actors) that a Ray cluster runs, each named by the config, model weights
+    and capfilt code it serves."""
+    from capfilt.run.ray_pool import warm_actors
+
+    names = warm_actors(address, stop)
+    typer.echo("\n".join(names) if names else "no warm capfilt actors")
+    if stop and names:
+        typer.echo(f"stopped {len(names)}", err=True)
+
+
+@app.command()
 def select(
     run_dir: Annotated[str, typer.Argument(help="a finished round's output folder")],
     out: Annotated[str, typer.Option("--out", "-o", help="where to write the re-selected shards")],

@@ -223,6 +223,10 @@ class RunConfig:
     # time. With 2, one shard's first batches and its write overlap the other's model work: on a GPU the
     # models sat idle for a fifth of an actor's time at shard boundaries (docs/BENCHMARKS.md).
     shards_in_flight: int = 1
+    # Leave the round's Ray actors running in the cluster (--address) with their models loaded, for the
+    # next run with the same config and models: no imports or model loading at its start. They hold their
+    # CPUs and GPUs until `capfilt actors --stop` (capfilt/run/ray_pool.py, 'Warm actors').
+    keep_actors: bool = False
 
     def __post_init__(self):
         _at_least(

@@ -117,6 +117,14 @@ def test_a_round_image_size_the_finetuned_models_do_not_take_is_refused_before_a
     assert not (tmp_path / "boot").exists()
 
 
+def test_a_bootstrap_with_warm_actors_is_refused_before_any_work(tmp_path):
+    """Each round cleans with new models: the warm actors of one would hold what the next one needs."""
+    plan = BootstrapPlan(web=["web-{0..2}.tar"], human=["human.tar"], test=["test.tar"], rounds=1)
+    with pytest.raises(UserError, match="keep_actors"):
+        bootstrap(load_config("tiny", ["run.keep_actors=true"]), plan, tmp_path / "boot", log=lambda _: None)
+    assert not (tmp_path / "boot").exists()
+
+
 def test_a_bootstrap_into_a_folder_another_one_holds_is_refused_before_any_work(tmp_path):
     """A scheduled bootstrap that overlaps the previous one would train into the same folders."""
     plan = BootstrapPlan(web=["web-{0..2}.tar"], human=["human.tar"], test=["test.tar"], rounds=1)

@@ -38,6 +38,7 @@ from capfilt.run import lease
 from capfilt.run.dispatch import actors_that_fit
 from capfilt.run.faults import KILL_DIR
 from capfilt.run.process_pool import worker_env
+from capfilt.run.ray_pool import NAMESPACE, RayPool, warm_actors, warm_prefix
 from capfilt.run.round import run_round
 from capfilt.run.worker import ShardWorker
 
@@ -201,6 +202,47 @@ def test_auto_pool_gives_the_same_outputs(reference, pool, tiny_models, shards, 
     cpus = 2 if not pool["processes"] else min(4, len(os.sched_getaffinity(0)))
     assert len(summary["this_invocation"]["startup_seconds"]["workers"]) == cpus
     assert outputs(tmp_path / "run") == outputs(reference)
+
+
+def test_warm_actors_serve_the_next_run_and_give_the_same_outputs(
+    reference, tiny_models, shards, tmp_path, capsys
+):
+    """With run.keep_actors the round's actors outlive it, named and detached, and the next run with the
+    same config and models takes them (the same processes) instead of building new ones: no imports or
+    model loading at its start, and the same bytes. A round that finds them holding the cluster's CPUs says
+    so. `capfilt actors --stop` frees them."""
+    cfg = tiny_cfg("run.keep_actors=true")
+    try:
+        first = run_round(cfg, shards, str(tmp_path / "a"), *tiny_models, progress=False, address="auto")
+        names = warm_actors("auto")
+        pids = {n: ray.get(ray.get_actor(n, namespace=NAMESPACE).pid.remote()) for n in names}
+        second = run_round(cfg, shards, str(tmp_path / "b"), *tiny_models, progress=False, address="auto")
+        assert warm_actors("auto") == names and len(names) == 2
+        assert {n: ray.get(ray.get_actor(n, namespace=NAMESPACE).pid.remote()) for n in names} == pids
+        capsys.readouterr()
+        cold = RayPool(tiny_cfg(), *tiny_models, n_shards=1, address="auto")
+        cold._ensure(1)  # its actor waits for the CPUs the warm ones hold: said, not a silent wait
+        cold.close()
+        assert "2 warm actor(s) of other runs" in capsys.readouterr().err
+    finally:
+        result = CliRunner().invoke(app, ["actors", "--address", "auto", "--stop"])
+    assert result.exit_code == 0 and result.stdout.split() == names
+    assert warm_actors("auto") == []
+    built = [run["this_invocation"]["startup_seconds"] for run in (first, second)]
+    assert (
+        [b["warm"] for b in built] == [0, 2] and len(built[0]["workers"]) == 2 and built[1]["workers"] == []
+    )
+    assert outputs(tmp_path / "a") == outputs(tmp_path / "b") == outputs(reference)
+
+
+def test_warm_actors_are_named_by_config_models_and_code_and_need_a_cluster(tiny_models, shards, tmp_path):
+    cfg, hashes = tiny_cfg("run.keep_actors=true"), {"captioner": "c1", "filter": "f1"}
+    other_cfg, other_models = tiny_cfg("run.keep_actors=true", "run.seed=1"), hashes | {"filter": "f2"}
+    names = {warm_prefix(cfg, hashes), warm_prefix(other_cfg, hashes), warm_prefix(cfg, other_models)}
+    assert len(names) == 3 and warm_prefix(cfg, dict(hashes)) in names
+    for where in ({}, {"processes": True}, {"local": True}):
+        with pytest.raises(UserError, match="keep_actors .* --address"):
+            run_round(cfg, shards, str(tmp_path / "run"), *tiny_models, progress=False, **where)
 
 
 def test_a_shard_that_keeps_failing_is_reported_not_fatal(pool, tiny_models, shards, kill_dir, tmp_path):

@@ -20,17 +20,27 @@ Fault tolerance, set on purpose (Ray's defaults are 0 and 0):
   failure, counts the attempt, and resubmits the shard to another free actor when there is one, up to
   ``cfg.run.max_shard_retries`` times (``capfilt.run.dispatch.ShardQueue``); a shard that still fails is
   reported in the summary, and the run goes on.
+
+Warm actors (``run.keep_actors``, on a running cluster only): the actors are named, detached from the job,
+and left running when it ends, so the next run with the same config, the same model weights and the same
+capfilt code finds them with their models loaded instead of building new ones (a scheduled job's start-up
+then has no imports or model loading). They hold their CPUs and GPUs until ``capfilt actors --stop``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import ray
 
+import capfilt
 from capfilt.config import Config, RunConfig
 from capfilt.data.sample import ShardStats
 from capfilt.errors import last_line
@@ -83,40 +93,106 @@ def pool_size(run: RunConfig, n_jobs: int) -> int:
     return max(1, min(n, n_jobs))
 
 
-def make_actors(cfg: Config, n: int, captioner: str, filter_: str) -> list:
-    actor_cls = ray.remote(ShardActor).options(
-        num_cpus=cfg.run.num_cpus_per_actor,
-        num_gpus=cfg.run.num_gpus_per_actor,
-        max_restarts=-1,
-        max_task_retries=0,
-        max_concurrency=cfg.run.shards_in_flight,  # threads; each shard (or probe) holds one
-    )
-    return [actor_cls.remote(cfg, captioner, filter_) for _ in range(n)]
+NAMESPACE = "capfilt"  # the warm actors' Ray namespace
+
+
+def make_actors(cfg: Config, n: int, captioner: str, filter_: str, warm: str | None = None, first: int = 0):
+    """``n`` actors; with ``warm`` (a :func:`warm_prefix`), named ``WARM-i`` from ``i = first`` and detached:
+    those the cluster already runs are taken as they are. Returns the actors and those of them built now."""
+    options = {
+        "num_cpus": cfg.run.num_cpus_per_actor,
+        "num_gpus": cfg.run.num_gpus_per_actor,
+        "max_restarts": -1,
+        "max_task_retries": 0,
+        "max_concurrency": cfg.run.shards_in_flight,  # threads; each shard (or probe) holds one
+    }
+    if warm is None:
+        actors = [ray.remote(ShardActor).options(**options).remote(cfg, captioner, filter_) for _ in range(n)]
+        return actors, actors
+    actors, built = [], []
+    for name in (f"{warm}-{i}" for i in range(first, first + n)):
+        try:
+            actors.append(ray.get_actor(name, namespace=NAMESPACE))
+        except ValueError:  # none yet (get_if_exists: another job may be creating it this instant)
+            named = {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "get_if_exists": True}
+            built.append(ray.remote(ShardActor).options(**options, **named).remote(cfg, captioner, filter_))
+            actors.append(built[-1])
+    return actors, built
+
+
+def warm_prefix(cfg: Config, hashes: dict[str, str]) -> str:
+    """The name of the warm actors that serve exactly this config, these model weights (``hashes``) and
+    this capfilt code: a change to any of them gets new actors, never ones that would clean otherwise."""
+    code = hashlib.sha256()
+    for path in sorted(Path(capfilt.__file__).parent.rglob("*.py")):
+        code.update(path.read_bytes())
+    key = {"config": cfg.to_dict(), "models": hashes, "code": code.hexdigest()}
+    return "capfilt-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def warm_names() -> list[str]:
+    """The warm actors the connected cluster runs, whatever they serve."""
+    named = ray.util.list_named_actors(all_namespaces=True)
+    return sorted(a["name"] for a in named if a["namespace"] == NAMESPACE)
+
+
+def warm_actors(address: str, stop: bool = False) -> list[str]:
+    """The names of the warm actors the cluster at ``address`` runs; ``stop`` kills them (their CPUs and
+    GPUs go back to the cluster)."""
+    connect_ray(address)
+    names = warm_names()
+    if stop:
+        for name in names:
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+    return names
 
 
 class RayPool:
     """Actors built on first need: for calibration, before the threshold is known, so that they load
     their models while the round starts; else when the shards are known, as many as there are."""
 
-    def __init__(self, cfg: Config, captioner: str, filter_: str, n_shards: int, address: str | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        captioner: str,
+        filter_: str,
+        n_shards: int,
+        address: str | None = None,
+        warm: str | None = None,
+    ):
         self.cfg, self.captioner, self.filter, self.n_shards = cfg, captioner, filter_, n_shards
-        self.address, self.started_ray = address, False
+        self.address, self.started_ray, self.warm = address, False, warm
         self.actors: list = []
+        self.built: list = []  # the actors built by this run (the others are warm ones an earlier run built)
         self.ray_seconds = 0.0
+
+    def _more(self, n: int) -> list:
+        new, built = make_actors(self.cfg, n, self.captioner, self.filter, self.warm, first=len(self.actors))
+        self.actors += new
+        self.built += built
+        return new
 
     def _ensure(self, n_jobs: int) -> list:
         if not self.actors:
             start = time.perf_counter()
             self.started_ray = connect_ray(self.address)
             self.ray_seconds = time.perf_counter() - start
-            self.actors = make_actors(self.cfg, pool_size(self.cfg.run, n_jobs), self.captioner, self.filter)
+            others = [n for n in warm_names() if not (self.warm and n.startswith(self.warm + "-"))]
+            if others:  # else a round that finds no room for its actors waits without a word
+                print(
+                    f"[capfilt] {len(others)} warm actor(s) of other runs ({others[0].rsplit('-', 1)[0]}-* ...) hold "
+                    "their CPUs and GPUs in this cluster; `capfilt actors --stop` frees them",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            self._more(pool_size(self.cfg.run, n_jobs))
         return self.actors
 
     def startup(self) -> dict[str, Any]:
         """Where the pool's start went: starting (or joining) Ray, and each live actor's build (imports and
-        model loading, its latest if it was restarted). An actor that does not answer in a few seconds is
-        left out rather than waited for."""
-        refs = [actor.build_seconds.remote() for actor in self.actors]
+        model loading, its latest if it was restarted; a warm actor's was an earlier run's). An actor that
+        does not answer in a few seconds is left out rather than waited for."""
+        refs = [actor.build_seconds.remote() for actor in self.built]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=5.0) if refs else ([], [])
         workers = []
         for ref in ready:
@@ -124,15 +200,23 @@ class RayPool:
                 workers.append(round(ray.get(ref), 3))
             except ray.exceptions.RayError:
                 continue
-        return {"ray": round(self.ray_seconds, 3), "workers": workers}
+        warm = {"warm": len(self.actors) - len(self.built)} if self.warm else {}
+        return {"ray": round(self.ray_seconds, 3), "workers": workers} | warm
 
     def calibration(self, human: list[str]) -> dict[str, Any]:
         """The calibration scores, from the first actor (on the round's device, its filter loaded)."""
         return ray.get(self._ensure(self.n_shards)[0].calibration.remote(human))
 
     def close(self) -> None:
-        """Kill the actors, and stop Ray if this pool started it."""
-        for actor in self.actors:
+        """Kill the actors (or leave warm ones running), and stop Ray if this pool started it."""
+        if self.warm and self.actors:
+            print(
+                f"[capfilt] {len(self.actors)} warm actor(s) {self.warm}-* left running with their models, "
+                "for the next run with the same models and config; `capfilt actors --stop` frees them",
+                file=sys.stderr,
+                flush=True,
+            )
+        for actor in [] if self.warm else self.actors:
             ray.kill(actor)
         if self.started_ray:
             ray.shutdown()
@@ -169,10 +253,7 @@ class RayPool:
         while queue or any(job is not None for _, job in running.values()):
             if auto and queue and time.monotonic() >= next_check:
                 next_check = time.monotonic() + GROW_CHECK_S
-                new = make_actors(
-                    cfg, pool_size(cfg.run, len(jobs)) - len(alive), self.captioner, self.filter
-                )
-                actors += new
+                new = self._more(pool_size(cfg.run, len(jobs)) - len(alive))
                 free += slots(new, cfg.run.shards_in_flight)
                 alive += new
             if stop():

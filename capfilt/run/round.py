@@ -60,10 +60,17 @@ def make_pool(
     local: bool,
     processes: bool,
     address: str | None,
+    hashes: dict[str, str],
 ) -> Any:
     """Where the shards run: in this process (``local``), on worker processes of this machine
     (``processes``), or on Ray (a local one, or the cluster at ``address``). Each pool has the same
-    ``calibration``, ``run``, ``startup`` and ``close``."""
+    ``calibration``, ``run``, ``startup`` and ``close``. ``hashes``: the models' weights, which name the
+    warm actors (``run.keep_actors``)."""
+    if cfg.run.keep_actors and address is None:
+        raise UserError(
+            "run.keep_actors leaves the round's actors running in a Ray cluster for the next run: give the "
+            "cluster's --address (a local Ray, --processes and --local all end with the run)"
+        )
     if local:
         from capfilt.run.local import LocalPool
 
@@ -72,9 +79,10 @@ def make_pool(
         from capfilt.run.process_pool import ProcessPool
 
         return ProcessPool(cfg, captioner, filter_, n_shards)
-    from capfilt.run.ray_pool import RayPool
+    from capfilt.run.ray_pool import RayPool, warm_prefix
 
-    return RayPool(cfg, captioner, filter_, n_shards, address)
+    warm = warm_prefix(cfg, hashes) if cfg.run.keep_actors else None
+    return RayPool(cfg, captioner, filter_, n_shards, address, warm)
 
 
 def shards_to_clean(
@@ -135,7 +143,7 @@ def run_round(
     ledger.check_out_folder(out, urls_given)
     check_human(cfg, human)
     with Lease(out) as lease:  # one round at a time in a folder
-        pool = make_pool(cfg, captioner, filter_, len(urls_given), local, processes, address)
+        pool = make_pool(cfg, captioner, filter_, len(urls_given), local, processes, address, hashes)
         try:
             if not new_run:  # before Ray starts and any model is loaded; the threshold comes next
                 ledger.check_rerun(
