@@ -12,6 +12,7 @@ import pytest
 from run_helpers import tiny_cfg
 
 from capfilt.config import load_config
+from capfilt.errors import UserError
 from capfilt.run import lease
 from capfilt.run.lease import Lease, LeaseLost, RunBusy, holder_alive
 from capfilt.run.round import run_round
@@ -104,6 +105,14 @@ def test_a_lease_that_cannot_be_read_refuses_with_what_to_do(tmp_path):
     (tmp_path / "lease.json").write_text('{"owner": ')
     with pytest.raises(RunBusy, match="cannot be read .* delete it if no capfilt job is running"):
         with Lease(str(tmp_path)):
+            pass
+
+
+def test_a_file_where_the_folder_should_be_is_a_clear_error(tmp_path):
+    """Before, `capfilt run -o FILE` ended in a FileExistsError traceback from fsspec's makedirs."""
+    (tmp_path / "out").write_text("x")
+    with pytest.raises(UserError, match="out is a file; give a folder"):
+        with Lease(str(tmp_path / "out")):
             pass
 
 

@@ -153,7 +153,12 @@ class Lease:
 
     def __enter__(self) -> Lease:
         fs, path = url_to_fs(self.url)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        try:
+            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        except FileExistsError:  # a file where the folder should be
+            raise UserError(
+                f"{self.url.rsplit('/', 1)[0]} is a file; give a folder (new or an earlier run's)"
+            ) from None
         for _ in range(TRIES):
             if self._create():
                 break

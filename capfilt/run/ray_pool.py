@@ -43,7 +43,7 @@ import ray
 import capfilt
 from capfilt.config import Config, RunConfig
 from capfilt.data.sample import ShardStats
-from capfilt.errors import last_line
+from capfilt.errors import UserError, last_line
 from capfilt.run.dispatch import ShardQueue, actors_that_fit, slots
 
 
@@ -78,8 +78,14 @@ def connect_ray(address: str | None) -> bool:
         return False
     if address is None:
         ray.init(include_dashboard=False)
-    else:
+        return True
+    try:
         ray.init(address=address)
+    except ConnectionError as err:
+        raise UserError(
+            f"no Ray cluster at --address {address} ({last_line(str(err))}); start one (`ray start --head`), "
+            "or leave --address out to start a local Ray, or run with --processes"
+        ) from None
     return True
 
 
