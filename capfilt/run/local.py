@@ -12,6 +12,7 @@ from typing import Any
 
 from capfilt.config import Config
 from capfilt.data.sample import ShardStats
+from capfilt.run.lease import LeaseLost
 from capfilt.run.worker import ShardWorker
 
 
@@ -49,6 +50,7 @@ class LocalPool:
         on_done: Callable[[str, ShardStats], None],
         on_failed: Callable[[str, str], None],
         stop: Callable[[], bool] = lambda: False,
+        owner: str | None = None,
     ) -> None:
         """Clean ``jobs`` one after another until done or ``stop()``."""
         if not jobs:
@@ -60,7 +62,9 @@ class LocalPool:
             error = ""
             for _ in range(self.cfg.run.max_shard_retries + 1):
                 try:
-                    stats = worker.run(url, name, out, threshold, provenance)
+                    stats = worker.run(url, name, out, threshold, provenance, owner)
+                except LeaseLost:  # another job holds the folder now: no retry, no other shard
+                    raise
                 except Exception:
                     error = traceback.format_exc()
                     continue

@@ -29,7 +29,7 @@ import torch
 from capfilt.config import Config
 from capfilt.data import reader, writer
 from capfilt.data.sample import Candidate, Reject, Sample, ScoredSample, ShardStats
-from capfilt.run import faults
+from capfilt.run import faults, lease
 from capfilt.run.prefetch import prefetch
 from capfilt.stages.select import decide
 
@@ -297,6 +297,7 @@ def process_shard(
     models: AbstractContextManager = nullcontext(),
     shared_vision: bool = False,
     limit: BatchLimit | None = None,
+    owner: str | None = None,
 ) -> ShardStats:
     """Clean one shard into ``out_dir/NAME.*`` and return its stats (also written, with the done marker).
 
@@ -305,6 +306,9 @@ def process_shard(
     read-ahead thread moves each batch there (in ``run.dtype``), so the models get it ready. ``models``
     is held while a batch is captioned and scored (a lock when other shards share the models); the time
     spent waiting for it is ``wait_models``. ``shared_vision``, ``limit``: see :func:`score_batch`.
+    ``owner``: the round's lease, read just before the commit; once another job holds the folder the shard
+    is not committed (``LeaseLost``). A worker can outlive its driver (a warm actor, a killed driver's
+    in-flight shard) and must not commit beside the job that took the folder over.
     """
     limit = limit or BatchLimit()
     start = time.perf_counter()
@@ -346,6 +350,8 @@ def process_shard(
         stats.check()
         stats.timings = timings  # stats.json gets the timings up to the commit; the caller's copy all
         t0 = time.perf_counter()
+        if owner is not None:
+            lease.check_held(out_dir.rstrip("/") + "/" + lease.LEASE, owner)
         out.commit(stats)
         timings["write"] += time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start

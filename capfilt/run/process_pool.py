@@ -226,6 +226,7 @@ class ProcessPool:
         on_done: Callable[[str, ShardStats], None],
         on_failed: Callable[[str, str], None],
         stop: Callable[[], bool] = lambda: False,
+        owner: str | None = None,
     ) -> None:
         """Feed ``jobs`` (url, name) to the processes; report each shard through on_done or on_failed. Once
         ``stop()``, no new shard is started; those running are waited for."""
@@ -243,7 +244,10 @@ class ProcessPool:
                     break
             while queue and free:
                 worker, job = queue.take(free)
-                running[self._send(worker, "run", job[0], job[1], out, threshold, provenance)] = (worker, job)
+                running[self._send(worker, "run", job[0], job[1], out, threshold, provenance, owner)] = (
+                    worker,
+                    job,
+                )
             if not running:
                 queue.fail_all(f"no worker process left in the pool; the last one failed with {lost}")
                 continue

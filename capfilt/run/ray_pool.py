@@ -68,8 +68,10 @@ class ShardActor:
     def calibration(self, human: list[str]) -> dict[str, Any]:
         return self.worker.calibration(human)
 
-    def run(self, url: str, name: str, out: str, threshold: float, provenance: dict[str, Any]) -> ShardStats:
-        return self.worker.run(url, name, out, threshold, provenance)
+    def run(
+        self, url: str, name: str, out: str, threshold: float, provenance: dict[str, Any], owner: str | None
+    ) -> ShardStats:
+        return self.worker.run(url, name, out, threshold, provenance, owner)
 
 
 def connect_ray(address: str | None) -> bool:
@@ -236,6 +238,7 @@ class RayPool:
         on_done: Callable[[str, ShardStats], None],
         on_failed: Callable[[str, str], None],
         stop: Callable[[], bool] = lambda: False,
+        owner: str | None = None,
     ) -> None:
         """Feed ``jobs`` (url, name) to the actors; report each shard through on_done or on_failed. Once
         ``stop()``, no new shard is started; those running are waited for.
@@ -268,7 +271,7 @@ class RayPool:
                     break
             while queue and free:
                 actor, job = queue.take(free)
-                running[actor.run.remote(job[0], job[1], out, threshold, provenance)] = (actor, job)
+                running[actor.run.remote(job[0], job[1], out, threshold, provenance, owner)] = (actor, job)
             if not running:  # work left but no actor alive
                 queue.fail_all(f"no live actor left in the pool; the last one died of {lost}")
                 continue

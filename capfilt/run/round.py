@@ -174,7 +174,16 @@ def run_round(
                     failed[url] = error
                     bar.shard_failed(url, error)
 
-                pool.run(jobs, out, threshold, provenance, on_done, on_failed, stop=lease.lost.is_set)
+                pool.run(
+                    jobs,
+                    out,
+                    threshold,
+                    provenance,
+                    on_done,
+                    on_failed,
+                    stop=lease.lost.is_set,
+                    owner=lease.owner,
+                )
             startup = pool.startup()
         finally:
             closing = time.perf_counter()

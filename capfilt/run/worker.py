@@ -83,7 +83,13 @@ class ShardWorker:
             return calibrate(self.filter.itm_only(), *human_pairs(human, self.cfg), self.cfg.run.seed)
 
     def run(
-        self, url: str, name: str, out_dir: str, threshold: float, provenance: dict[str, Any]
+        self,
+        url: str,
+        name: str,
+        out_dir: str,
+        threshold: float,
+        provenance: dict[str, Any],
+        owner: str | None = None,
     ) -> ShardStats:
         cfg = dataclasses.replace(self.cfg, filter=dataclasses.replace(self.cfg.filter, threshold=threshold))
         decoder = self.decoders.get()
@@ -101,6 +107,7 @@ class ShardWorker:
                 models=self.models,
                 shared_vision=self.shared_vision,
                 limit=self.limit,
+                owner=owner,
             )
         finally:
             self.decoders.put(decoder)
