@@ -196,8 +196,8 @@ def actors(
     address: Annotated[str, typer.Option(help="the Ray cluster's address")] = "auto",
     stop: Annotated[bool, typer.Option(help="kill them: their CPUs and GPUs go back to the cluster")] = False,
 ):
-    """The warm actors (run.keep_actors) that a Ray cluster runs, each named by the config, model weights
-    and capfilt code it serves."""
+    """The warm actors (run.keep_actors) that a Ray cluster runs, each named by the config, model weights,
+    code and library versions it serves."""
     from capfilt.run.ray_pool import warm_actors
 
     names = warm_actors(address, stop)

@@ -35,6 +35,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -129,12 +130,14 @@ def make_actors(cfg: Config, n: int, captioner: str, filter_: str, warm: str | N
 
 
 def warm_prefix(cfg: Config, hashes: dict[str, str]) -> str:
-    """The name of the warm actors that serve exactly this config, these model weights (``hashes``) and
-    this capfilt code: a change to any of them gets new actors, never ones that would clean otherwise."""
+    """The name of the warm actors that serve exactly this config, these model weights (``hashes``), this
+    capfilt code and these torch and transformers versions (from their metadata: the driver imports
+    neither): a change to any of them gets new actors, never ones that would clean otherwise."""
     code = hashlib.sha256()
     for path in sorted(Path(capfilt.__file__).parent.rglob("*.py")):
         code.update(path.read_bytes())
-    key = {"config": cfg.to_dict(), "models": hashes, "code": code.hexdigest()}
+    versions = {name: metadata.version(name) for name in ("torch", "transformers")}
+    key = {"config": cfg.to_dict(), "models": hashes, "code": code.hexdigest(), "versions": versions}
     return "capfilt-" + hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
