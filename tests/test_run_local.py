@@ -223,9 +223,9 @@ class MemoryBoundCaptioner:
 def test_a_batch_too_big_for_memory_goes_on_in_halves_and_later_batches_in_parts_that_fit(
     tmp_path, tiny_shards, capsys
 ):
-    """Batches of 8: the first shard's first (7 images and an undecodable one) runs out of memory. Before, its images then went through
-    one at a time; now its halves (3 and 4), and the 4's halves, run as batches: nothing is rejected, and
-    each image keeps its own caption. The worker's limit then holds the caption stage to parts of 2:
+    """Batches of 8: the first shard's first (7 images and an undecodable one) runs out of memory. Before,
+    its images then went through one at a time; now its halves (3 and 4), and the 4's halves, run as
+    batches: nothing is rejected, and each image keeps its own caption. The worker's limit then holds the caption stage to parts of 2:
     the second shard's batches of 8 and 2 (all 10 decodable) go as 2, 2, 2, 2 and 2 without running out
     of memory again (without the limit: 8, 4, 2, 2, 4, 2, 2, 2, as the first shard's batch)."""
     cfg, captioner, limit = tiny_cfg(), MemoryBoundCaptioner(), BatchLimit()

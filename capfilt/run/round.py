@@ -66,11 +66,6 @@ def make_pool(
     (``processes``), or on Ray (a local one, or the cluster at ``address``). Each pool has the same
     ``calibration``, ``run``, ``startup`` and ``close``. ``hashes``: the models' weights, which name the
     warm actors (``run.keep_actors``)."""
-    if cfg.run.keep_actors and address is None:
-        raise UserError(
-            "run.keep_actors leaves the round's actors running in a Ray cluster for the next run: give the "
-            "cluster's --address (a local Ray, --processes and --local all end with the run)"
-        )
     if local:
         from capfilt.run.local import LocalPool
 
@@ -132,6 +127,11 @@ def run_round(
     """
     if local + processes + (address is not None) > 1:
         raise UserError("choose one of --local, --processes and --address")
+    if cfg.run.keep_actors and address is None:  # before the lease creates the folder
+        raise UserError(
+            "run.keep_actors leaves the round's actors running in a Ray cluster for the next run: give the "
+            "cluster's --address (a local Ray, --processes and --local all end with the run)"
+        )
     start = time.perf_counter()
     refs = {"captioner": resolve_model(captioner), "filter": resolve_model(filter_)}
     models = {
