@@ -27,6 +27,17 @@ def test_split_key_follows_webdataset():
     assert split_key("README") is None
 
 
+def test_a_dotted_key_says_why_its_image_is_missing(tmp_path):
+    url = str(tmp_path / "dots.tar")
+    write_tar(url, [("img.0001.jpg", encode(smooth_image())), ("img.0001.txt", b"a cat"), ("ok.jpg", b"x")])
+    reject = next(iter(ShardReader(url)))
+    assert (reject.key, reject.reason) == ("img", "missing_image")
+    assert "img.0001.jpg is key 'img' with extension '0001.jpg'" in reject.detail
+    plain = [("cat.txt", b"a cat")]  # no image at all: no hint about dots
+    write_tar(url, plain)
+    assert "first dot" not in next(iter(ShardReader(url))).detail
+
+
 def test_every_reader_reject_reason(tmp_path):
     members, expected = bad_shard_members()
     url = str(tmp_path / "bad.tar")

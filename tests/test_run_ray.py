@@ -275,6 +275,30 @@ def test_a_round_whose_lease_was_taken_over_starts_no_shard(pool, tiny_models, s
     assert not list((tmp_path / "run").glob("*.done"))
 
 
+def test_a_commit_that_finds_the_lease_taken_over_stops_the_round_at_once(
+    pool, tiny_models, shards, monkeypatch, tmp_path
+):
+    """The worker's own reading of the lease, before the driver's renewal notices (up to RENEW_S later):
+    its LeaseLost ends the round at once instead of being retried like a failed shard, and no summary is
+    written into the folder another job now holds."""
+    enter, other = (
+        lease.Lease.__enter__,
+        {"owner": "y", "host": "another-node", "pid": 1, "renewed": time.time()},
+    )
+
+    def taken_over_at_once(self):
+        enter(self)
+        Path(self.url).write_text(json.dumps(other))
+        return self
+
+    monkeypatch.setattr(lease.Lease, "__enter__", taken_over_at_once)
+    out = tmp_path / "run"
+    with pytest.raises(lease.LeaseLost, match="another-node"):
+        run_round(tiny_cfg(), shards, str(out), *tiny_models, progress=False, **pool)
+    assert not list(out.glob("*.done")) and not (out / "summary.json").exists()
+    assert json.loads((out / "lease.json").read_text()) == other
+
+
 def test_actors_that_cannot_be_built_fail_the_run_with_their_reason(pool, tiny_models, shards, tmp_path):
     """Each shard fails with the actors' own error, and the command exits 1 after its summary."""
     cap, flt = tiny_models

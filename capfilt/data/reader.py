@@ -155,11 +155,22 @@ def _caption(key: str, url: str, members: dict[str, bytes], meta: dict) -> str |
     return text.strip()
 
 
+def _dotted_hint(key: str, members: dict[str, bytes]) -> str:
+    """Why an image named ``img.0001.jpg`` is not found: its key is ``img``, its extension ``0001.jpg``."""
+    dotted = sorted(ext for ext in members if "." in ext and ext.rsplit(".", 1)[1] in IMAGE_EXTS)
+    if not dotted:
+        return ""
+    return (
+        f"; a key ends at the first dot of a file name, as in webdataset, so {key}.{dotted[0]} is key "
+        f"{key!r} with extension {dotted[0]!r}: rename the files without dots in the key"
+    )
+
+
 def make_sample(key: str, url: str, members: dict[str, bytes]) -> Sample | Reject:
     """Build a Sample from one key's members, or the Reject that says why it cannot be one."""
     image_ext = next((ext for ext in IMAGE_EXTS if ext in members), None)
     if image_ext is None:
-        return Reject(key, url, "missing_image", f"members: {sorted(members)}")
+        return Reject(key, url, "missing_image", f"members: {sorted(members)}{_dotted_hint(key, members)}")
     if not members[image_ext]:
         return Reject(key, url, "empty_image", f"{key}.{image_ext} has 0 bytes")
     meta = {}

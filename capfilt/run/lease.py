@@ -15,7 +15,8 @@ the dead job's, then creates its own exclusively; two jobs doing that in the sam
 go ahead. A store without exclusive creation gets a check and a write, two steps. A job that finds
 at renewal that another took its lease over (it stalled past ``STALE_S``) says so, stops renewing and
 sets ``lost``: a round then takes no new shard, and ends with ``LeaseLost`` without a summary; its
-workers read the lease before each shard's commit and commit none of another job's folder. A
+workers read the lease before each shard's commit and commit none of another job's folder; the first
+worker to find it taken ends the round at once (its ``LeaseLost`` is not retried like a failed shard). A
 training's ranks, which may run on other nodes than the job that holds the lease, read it themselves
 before each checkpoint (``check_held``) and stop with ``LeaseLost`` rather than write beside the job
 that took over.

@@ -32,6 +32,7 @@ from capfilt.config import Config, RunConfig
 from capfilt.data.sample import ShardStats
 from capfilt.errors import UserError, last_line
 from capfilt.run.dispatch import Job, ShardQueue, actors_that_fit, slots
+from capfilt.run.lease import LeaseLost
 
 BUILT = "built"  # a process's first message: its models loaded (True, seconds) or not (False, failure)
 
@@ -277,5 +278,7 @@ class ProcessPool:
                 free.append(worker)
                 if ok:
                     on_done(job[0], payload)
+                elif isinstance(payload[1], LeaseLost):  # another job's folder now: stop, no retry
+                    raise payload[1]
                 else:
                     queue.failed(job, worker, payload[0])

@@ -46,6 +46,7 @@ from capfilt.config import Config, RunConfig
 from capfilt.data.sample import ShardStats
 from capfilt.errors import UserError, last_line
 from capfilt.run.dispatch import ShardQueue, actors_that_fit, slots
+from capfilt.run.lease import LeaseLost
 
 
 class ShardActor:
@@ -290,6 +291,8 @@ class RayPool:
                     alive = [a for a in alive if a is not actor]  # (each of its slots sent a probe)
                     free = [a for a in free if a is not actor]
                     continue
+                if isinstance(getattr(err, "cause", None), LeaseLost):  # another job's folder now: stop
+                    raise err.cause from None
                 queue.failed(job, actor, str(err))
                 running[actor.pid.remote()] = (actor, None)
                 continue
