@@ -18,6 +18,7 @@ from capfilt.data import writer
 from capfilt.data.decode import make_decoder
 from capfilt.data.reader import ShardReader
 from capfilt.errors import UserError
+from capfilt.run.dispatch import RoundOutput
 from capfilt.run.pipeline import BatchLimit, ModelFailed, decoded_batches, process_shard
 from capfilt.run.reselect import reselect
 from capfilt.run.round import run_round
@@ -319,17 +320,13 @@ def test_the_models_get_each_batch_on_their_device_in_the_run_dtype(tmp_path, ti
 def test_a_worker_serving_two_shards_at_once_writes_the_same_bytes(tmp_path, tiny_models, tiny_shards):
     """Two shards in flight (as a Ray actor with run.shards_in_flight=2 runs them, from two threads) share
     the models one batch at a time and write what one shard after the other writes."""
-    selection = (0.5, {"test": True})  # threshold, provenance
     one = ShardWorker(tiny_cfg(), *tiny_models, device="cpu")
     for url in tiny_shards:
-        one.run(url, writer.output_name(url), str(tmp_path / "one"), *selection)
+        one.run(url, writer.output_name(url), RoundOutput(str(tmp_path / "one"), 0.5, {"test": True}))
     two = ShardWorker(tiny_cfg("run.shards_in_flight=2"), *tiny_models, device="cpu")
+    output = RoundOutput(str(tmp_path / "two"), 0.5, {"test": True})
     with ThreadPoolExecutor(2) as pool:
-        stats = list(
-            pool.map(
-                lambda u: two.run(u, writer.output_name(u), str(tmp_path / "two"), *selection), tiny_shards
-            )
-        )
+        stats = list(pool.map(lambda u: two.run(u, writer.output_name(u), output), tiny_shards))
     assert sum(s.n_in for s in stats) == 30 and outputs(tmp_path / "two") == outputs(tmp_path / "one")
 
 
@@ -361,7 +358,7 @@ def test_models_with_one_vit_encode_each_image_once_and_write_the_same_bytes(
         monkeypatch.setattr(
             module, "image_embeds", lambda v, px, encode=encode: passes.append(len(px)) or encode(v, px)
         )
-    models, selection = one_vit(tmp_path / "filter", tiny_models), (0.5, {"test": True})
+    models = one_vit(tmp_path / "filter", tiny_models)
     assert not ShardWorker(tiny_cfg(), *tiny_models, device="cpu").shared_vision
     assert not ShardWorker(tiny_cfg("caption.method=beam"), *models, device="cpu").shared_vision
     once = ShardWorker(tiny_cfg(), *models, device="cpu")
@@ -370,7 +367,8 @@ def test_models_with_one_vit_encode_each_image_once_and_write_the_same_bytes(
     twice.shared_vision = False
     for worker, out in ((once, "once"), (twice, "twice")):
         passes.clear()
-        stats = [worker.run(u, writer.output_name(u), str(tmp_path / out), *selection) for u in tiny_shards]
+        output = RoundOutput(str(tmp_path / out), 0.5, {"test": True})
+        stats = [worker.run(u, writer.output_name(u), output) for u in tiny_shards]
         images = sum(s.kept + s.dropped for s in stats)  # decoded (no model failure here)
         assert sum(passes) == images * (1 if out == "once" else 2)
     assert outputs(tmp_path / "once") == outputs(tmp_path / "twice")

@@ -8,11 +8,24 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from capfilt.config import RunConfig
 
 Job = tuple[str, str, int]  # (url, name, failed attempts so far)
+
+
+@dataclass(frozen=True)
+class RoundOutput:
+    """What every shard of a round is written with, sent to its worker beside the shard: the folder
+    (``out``), the threshold the selection keeps at, the provenance stamped on every output, and the
+    round's lease (``owner``), read before each commit (None: no lease, as in a test)."""
+
+    out: str
+    threshold: float
+    provenance: dict[str, Any]
+    owner: str | None = None
 
 
 def actors_that_fit(run: RunConfig, resources: dict[str, float]) -> int:

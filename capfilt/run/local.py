@@ -12,6 +12,7 @@ from typing import Any
 
 from capfilt.config import Config
 from capfilt.data.sample import ShardStats
+from capfilt.run.dispatch import RoundOutput
 from capfilt.run.lease import LeaseLost
 from capfilt.run.worker import ShardWorker
 
@@ -44,13 +45,10 @@ class LocalPool:
     def run(
         self,
         jobs: list[tuple[str, str]],
-        out: str,
-        threshold: float,
-        provenance: dict[str, Any],
+        output: RoundOutput,
         on_done: Callable[[str, ShardStats], None],
         on_failed: Callable[[str, str], None],
         stop: Callable[[], bool] = lambda: False,
-        owner: str | None = None,
     ) -> None:
         """Clean ``jobs`` one after another until done or ``stop()``."""
         if not jobs:
@@ -62,7 +60,7 @@ class LocalPool:
             error = ""
             for _ in range(self.cfg.run.max_shard_retries + 1):
                 try:
-                    stats = worker.run(url, name, out, threshold, provenance, owner)
+                    stats = worker.run(url, name, output)
                 except LeaseLost:  # another job holds the folder now: no retry, no other shard
                     raise
                 except Exception:

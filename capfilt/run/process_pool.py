@@ -31,7 +31,7 @@ from typing import Any
 from capfilt.config import Config, RunConfig
 from capfilt.data.sample import ShardStats
 from capfilt.errors import UserError, last_line
-from capfilt.run.dispatch import Job, ShardQueue, actors_that_fit, slots
+from capfilt.run.dispatch import Job, RoundOutput, ShardQueue, actors_that_fit, slots
 from capfilt.run.lease import LeaseLost
 
 BUILT = "built"  # a process's first message: its models loaded (True, seconds) or not (False, failure)
@@ -221,13 +221,10 @@ class ProcessPool:
     def run(
         self,
         jobs: list[tuple[str, str]],
-        out: str,
-        threshold: float,
-        provenance: dict[str, Any],
+        output: RoundOutput,
         on_done: Callable[[str, ShardStats], None],
         on_failed: Callable[[str, str], None],
         stop: Callable[[], bool] = lambda: False,
-        owner: str | None = None,
     ) -> None:
         """Feed ``jobs`` (url, name) to the processes; report each shard through on_done or on_failed. Once
         ``stop()``, no new shard is started; those running are waited for."""
@@ -245,10 +242,7 @@ class ProcessPool:
                     break
             while queue and free:
                 worker, job = queue.take(free)
-                running[self._send(worker, "run", job[0], job[1], out, threshold, provenance, owner)] = (
-                    worker,
-                    job,
-                )
+                running[self._send(worker, "run", job[0], job[1], output)] = (worker, job)
             if not running:
                 queue.fail_all(f"no worker process left in the pool; the last one failed with {lost}")
                 continue

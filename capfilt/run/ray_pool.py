@@ -45,7 +45,7 @@ import capfilt
 from capfilt.config import Config, RunConfig
 from capfilt.data.sample import ShardStats
 from capfilt.errors import UserError, last_line
-from capfilt.run.dispatch import ShardQueue, actors_that_fit, slots
+from capfilt.run.dispatch import RoundOutput, ShardQueue, actors_that_fit, slots
 from capfilt.run.lease import LeaseLost
 
 
@@ -70,10 +70,8 @@ class ShardActor:
     def calibration(self, human: list[str]) -> dict[str, Any]:
         return self.worker.calibration(human)
 
-    def run(
-        self, url: str, name: str, out: str, threshold: float, provenance: dict[str, Any], owner: str | None
-    ) -> ShardStats:
-        return self.worker.run(url, name, out, threshold, provenance, owner)
+    def run(self, url: str, name: str, output: RoundOutput) -> ShardStats:
+        return self.worker.run(url, name, output)
 
 
 def connect_ray(address: str | None) -> bool:
@@ -236,13 +234,10 @@ class RayPool:
     def run(
         self,
         jobs: list[tuple[str, str]],
-        out: str,
-        threshold: float,
-        provenance: dict[str, Any],
+        output: RoundOutput,
         on_done: Callable[[str, ShardStats], None],
         on_failed: Callable[[str, str], None],
         stop: Callable[[], bool] = lambda: False,
-        owner: str | None = None,
     ) -> None:
         """Feed ``jobs`` (url, name) to the actors; report each shard through on_done or on_failed. Once
         ``stop()``, no new shard is started; those running are waited for.
@@ -275,7 +270,7 @@ class RayPool:
                     break
             while queue and free:
                 actor, job = queue.take(free)
-                running[actor.run.remote(job[0], job[1], out, threshold, provenance, owner)] = (actor, job)
+                running[actor.run.remote(job[0], job[1], output)] = (actor, job)
             if not running:  # work left but no actor alive
                 queue.fail_all(f"no live actor left in the pool; the last one died of {lost}")
                 continue

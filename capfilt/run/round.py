@@ -22,6 +22,7 @@ from capfilt.errors import UserError
 from capfilt.model.hub import model_hash, resolve_model
 from capfilt.run import card, ledger
 from capfilt.run.calibration import check_human, resolve_threshold, store_calibration
+from capfilt.run.dispatch import RoundOutput
 from capfilt.run.lease import Lease, LeaseLost
 from capfilt.run.progress import RoundProgress, RunTotals
 
@@ -174,16 +175,8 @@ def run_round(
                     failed[url] = error
                     bar.shard_failed(url, error)
 
-                pool.run(
-                    jobs,
-                    out,
-                    threshold,
-                    provenance,
-                    on_done,
-                    on_failed,
-                    stop=lease.lost.is_set,
-                    owner=lease.owner,
-                )
+                output = RoundOutput(out, threshold, provenance, lease.owner)
+                pool.run(jobs, output, on_done, on_failed, stop=lease.lost.is_set)
             startup = pool.startup()
         finally:
             closing = time.perf_counter()

@@ -2,7 +2,7 @@
 
 The local runner holds one; each Ray actor and each worker process (``--processes``) holds one. Either
 way a shard goes through the same :func:`capfilt.run.pipeline.process_shard`. The threshold and the
-provenance come with each shard, not with the worker: a calibrated threshold is scored by a worker (on
+provenance come with each shard (a ``dispatch.RoundOutput``), not with the worker: a calibrated threshold is scored by a worker (on
 the round's own device and dtype), so it is known only once the workers are up. A worker can serve
 ``run.shards_in_flight`` shards at once (a Ray actor or a worker process calls ``run`` from that many
 threads): each takes a decoder of its own, and a lock lets one batch at a time through the models, which
@@ -23,6 +23,7 @@ from capfilt.data.decode import make_decoder
 from capfilt.data.sample import ShardStats
 from capfilt.errors import UserError
 from capfilt.eval.heldout import load_heldout
+from capfilt.run.dispatch import RoundOutput
 from capfilt.run.pipeline import BatchLimit, process_shard
 from capfilt.stages.calibrate import calibrate
 from capfilt.stages.captioner import Captioner
@@ -82,32 +83,26 @@ class ShardWorker:
         with self.models:
             return calibrate(self.filter.itm_only(), *human_pairs(human, self.cfg), self.cfg.run.seed)
 
-    def run(
-        self,
-        url: str,
-        name: str,
-        out_dir: str,
-        threshold: float,
-        provenance: dict[str, Any],
-        owner: str | None = None,
-    ) -> ShardStats:
+    def run(self, url: str, name: str, output: RoundOutput) -> ShardStats:
+        """Clean shard ``url`` into ``output.out/NAME.*``."""
+        threshold = output.threshold
         cfg = dataclasses.replace(self.cfg, filter=dataclasses.replace(self.cfg.filter, threshold=threshold))
         decoder = self.decoders.get()
         try:
             return process_shard(
                 url,
-                out_dir,
+                output.out,
                 self.captioner,
                 self.filter,
                 decoder,
                 cfg,
-                provenance,
+                output.provenance,
                 name=name,
                 device=self.device,
                 models=self.models,
                 shared_vision=self.shared_vision,
                 limit=self.limit,
-                owner=owner,
+                owner=output.owner,
             )
         finally:
             self.decoders.put(decoder)

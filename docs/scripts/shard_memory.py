@@ -49,13 +49,14 @@ def clean(models: str, url: str, q) -> None:
 
     torch.set_num_threads(1)
     from capfilt.config import load_config
+    from capfilt.run.dispatch import RoundOutput
     from capfilt.run.worker import ShardWorker
 
     cfg = load_config("demo", ["filter.calibration=none"])
     worker = ShardWorker(cfg, f"{models}/captioner", f"{models}/filter", device="cpu")
     with tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
-        stats = worker.run(url, "big", out, cfg.filter.threshold, {"probe": "shard_memory"})
+        stats = worker.run(url, "big", RoundOutput(out, cfg.filter.threshold, {"probe": "shard_memory"}))
         seconds = time.perf_counter() - start
     q.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, stats.n_in, seconds))
 
