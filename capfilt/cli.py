@@ -41,6 +41,13 @@ SetOpt = Annotated[
 ]
 
 
+def echo_json(obj: dict) -> None:
+    """A command's result on stdout as JSON (what summary.json holds), for ``jq`` and schedulers' logs."""
+    import json
+
+    typer.echo(json.dumps(obj, indent=1))
+
+
 def _config(name: str, overrides: list[str] | None):
     from capfilt.config import load_config
 
@@ -144,15 +151,18 @@ def evaluate(
         truth=truth,
         out=out,
     )
-    typer.echo(metrics)
+    echo_json(metrics)
+
+
+MODEL_HELP = "folder, or HF hub id org/name or org/name@rev (from the local cache)"
 
 
 @app.command()
 def run(
     shards: Annotated[list[str], typer.Argument(help="web shards to clean")],
     out: Annotated[str, typer.Option("--out", "-o", help="run folder or fsspec URL")],
-    captioner: Annotated[str, typer.Option(help="captioner HF folder")],
-    filter_: Annotated[str, typer.Option("--filter", help="filter HF folder")],
+    captioner: Annotated[str, typer.Option(help=f"captioner {MODEL_HELP}")],
+    filter_: Annotated[str, typer.Option("--filter", help=f"filter {MODEL_HELP}")],
     config: ConfigOpt = "demo",
     set_: SetOpt = None,
     local: Annotated[bool, typer.Option(help="run in this process, no Ray (debugging)")] = False,
@@ -185,7 +195,7 @@ def run(
         human=human,
         processes=processes,
     )
-    typer.echo(summary)
+    echo_json(summary)
     if summary["failed_shards"]:  # the run went on past them; a scheduler still needs to know
         typer.echo(f"capfilt: {failed_note(summary)}", err=True)
         raise typer.Exit(1)
@@ -220,7 +230,7 @@ def select(
     """Re-apply the selection policy to a finished round's stored scores; no model is loaded."""
     from capfilt.run.reselect import reselect
 
-    typer.echo(reselect(run_dir, out, threshold, calibration, keep_share, new_run))
+    echo_json(reselect(run_dir, out, threshold, calibration, keep_share, new_run))
 
 
 @app.command()
@@ -372,7 +382,6 @@ def bench(
 ):
     """Measure decode, training and round throughput (against the batched HF script and the one-image
     loop) on the demo world and print JSON; with --device, the GPU path's table."""
-    import json
 
     from capfilt.bench import bench_device, run_bench
 
@@ -380,13 +389,13 @@ def bench(
     if device is None:
         sizes = tuple(int(x) for x in memory_sizes.split(","))
         result = run_bench(cfg, world, models, parts.split(","), random_models, sizes, address, processes)
-        typer.echo(json.dumps(result, indent=1))
+        echo_json(result)
         for name, value in result.get("round", {}).get("ratios", {}).items():
             typer.echo(f"{name}: {value:.2f}" if value is not None else f"{name}: -")
         return
     ints = [[int(x) for x in s.split(",")] for s in (batch_sizes, actors)]
     result, md = bench_device(cfg, world, device, ints[0], images, ints[1], address, processes)
-    typer.echo(json.dumps(result, indent=1))
+    echo_json(result)
     typer.echo(md)
     if table is not None:
         table.write_text(md + "\n")

@@ -38,6 +38,7 @@ def test_images_without_alt_text_are_captioned_and_image_only_shards_work(tmp_pa
     )
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
+    assert json.loads(result.stdout) == summary  # the same JSON on stdout, for jq and schedulers' logs
     assert summary["n_in"] == 10 and summary["rejected"] == {"bad_text": 1}  # m3: a caption, not UTF-8
     assert summary["no_web_caption"] == 8 and summary["kept"] + summary["dropped"] == 9
     image_only = json.loads((out / "web-000001.stats.json").read_text())

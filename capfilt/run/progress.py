@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from typing import Any
 
+from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -98,7 +99,8 @@ def failed_note(summary: dict[str, Any]) -> str:
 
 
 class RoundProgress:
-    """Shards done/total, samples/s and kept rate, updated as shards finish."""
+    """Shards done/total, samples/s and kept rate, updated as shards finish; on stderr, so that stdout
+    holds only the command's result (the summary as JSON)."""
 
     def __init__(self, total: int, already_done: int, enabled: bool = True):
         self.start = time.perf_counter()
@@ -109,6 +111,7 @@ class RoundProgress:
             MofNCompleteColumn(),
             TimeElapsedColumn(),
             TextColumn("{task.fields[rate]}"),
+            console=Console(stderr=True),
             disable=not enabled,
         )
         self.task = self.progress.add_task("shards", total=total, completed=already_done, rate="")
