@@ -283,7 +283,11 @@ def test_inspect_input_and_output_shards(tmp_path):
 
     text = inspect_shards([str(tmp_path / "out")], samples=1)
     assert "in=5 kept=2 dropped=2 rejected=1" in text and "bad_json=1" in text
-    assert "kept synthetic itm=0.9" in text and "web-00000001" in text and "web-00000003" not in text
+    assert (
+        "kept synthetic itm=0.9000 itc=0.4000" in text
+        and "web-00000001" in text
+        and "web-00000003" not in text
+    )
     assert inspect_shards([str(tmp_path / "out" / "web-000000.tar")], samples=0).startswith(
         f"{tmp_path}/out/web-000000: output shard"
     )

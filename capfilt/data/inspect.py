@@ -20,6 +20,11 @@ from capfilt.data.sample import Reject
 from capfilt.data.specs import expand_shards
 
 
+def _score(x: float | None) -> str:
+    """A stored score to 4 places; "-" for none (``filter.itc: false`` stores no ITC)."""
+    return "-" if x is None else f"{x:.4f}"
+
+
 def _image_size(data: bytes) -> str:
     try:
         w, h = Image.open(io.BytesIO(data)).size
@@ -75,7 +80,7 @@ def inspect_output(stats_url: str, samples: int) -> str:
             for c in row["candidates"]:
                 mark = "kept" if c["kept"] else "    "
                 lines.append(
-                    f"      {mark} {c['source']:9s} itm={c['itm']} itc={c['itc']}  {c['text'][:70]!r}"
+                    f"      {mark} {c['source']:9s} itm={_score(c['itm'])} itc={_score(c['itc'])}  {c['text'][:70]!r}"
                 )
     if not fs.exists(base_path + ".done"):
         lines.append("  not committed (no .done marker)")
