@@ -178,11 +178,17 @@ def run(
     human: Annotated[
         list[str] | None, typer.Option(help="human shards to calibrate the threshold (filter.calibration)")
     ] = None,
+    dry_run: Annotated[
+        bool, typer.Option(help="print what the round would clean (JSON), doing nothing: no model, no write")
+    ] = False,
 ):
     """One CapFilt round: read → decode → caption → score → select → write, resumable."""
     from capfilt.run.progress import failed_note
-    from capfilt.run.round import run_round
+    from capfilt.run.round import plan_round, run_round
 
+    if dry_run:
+        echo_json(plan_round(_config(config, set_), shards, out, captioner, filter_, new_run, human))
+        return
     summary = run_round(
         _config(config, set_),
         shards,

@@ -16,12 +16,6 @@ from __future__ import annotations
 
 import argparse
 
-import ray
-
-from capfilt.bootstrap import BootstrapPlan, bootstrap
-from capfilt.config import load_config
-from capfilt.report import round_table
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -36,6 +30,11 @@ def main() -> None:
     ap.add_argument("--warm-start", action="store_true")
     ap.add_argument("--init", help="round 0's MED starts from this MED folder (see `capfilt convert`)")
     args = ap.parse_args()
+    import ray  # after the arguments: `--help` and a wrong option answer at once, not after torch's import
+
+    from capfilt.bootstrap import BootstrapPlan, bootstrap
+    from capfilt.config import load_config
+    from capfilt.report import round_table
 
     ray.init(address="auto")  # the cluster this job was submitted to
     plan = BootstrapPlan(

@@ -16,22 +16,29 @@ import sys
 
 from capfilt.config import load_config
 from capfilt.run.progress import failed_note
-from capfilt.run.round import run_round
+from capfilt.run.round import plan_round, run_round
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("shards", nargs="+", help="web shard specs (fsspec URLs, brace patterns, globs, lists)")
     p.add_argument("--out", required=True, help="run folder or fsspec URL")
-    p.add_argument("--captioner", required=True, help="captioner HF folder")
-    p.add_argument("--filter", required=True, help="filter HF folder")
+    p.add_argument("--captioner", required=True, help="captioner folder, or HF hub id org/name[@rev]")
+    p.add_argument("--filter", required=True, help="filter folder, or HF hub id org/name[@rev]")
     p.add_argument("--config", default="demo", help="config name in configs/ or a YAML path")
     p.add_argument("--set", action="append", default=[], help="override: section.key=value (repeatable)")
     p.add_argument("--new-run", action="store_true", help="clear a run made with another config/models")
+    p.add_argument("--human", action="append", help="human shards to calibrate the threshold (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print what the round would clean, doing nothing")
     args = p.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    if args.dry_run:
+        plan = plan_round(cfg, args.shards, args.out, args.captioner, args.filter, args.new_run, args.human)
+        print(json.dumps(plan, indent=1))
+        return plan
     address = "auto" if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS") else None
     summary = run_round(
-        load_config(args.config, args.set),
+        cfg,
         args.shards,
         args.out,
         captioner=args.captioner,
@@ -39,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
         address=address,
         new_run=args.new_run,
         progress=False,
+        human=args.human,
     )
     print(json.dumps(summary, indent=1))
     return summary
@@ -46,5 +54,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     summary = main()
-    if summary["failed_shards"]:  # `ray job submit` then reports the job FAILED; a rerun retries them
+    if summary.get("failed_shards"):  # `ray job submit` then reports the job FAILED; a rerun retries them
         sys.exit(f"run_round: {failed_note(summary)}")

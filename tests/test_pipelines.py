@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from run_helpers import make_shards
 
@@ -61,6 +62,8 @@ def test_rayjob_entrypoint_cleans_only_new_shards_each_night(s3, tiny_models, tm
     summaries = []
     for night, new in enumerate((local[:2], local[2:])):
         _upload(s3, new, web)
+        plan = subprocess.run([*argv, "--dry-run"], cwd=ROOT, env=env, capture_output=True, text=True)
+        assert len(json.loads(plan.stdout)["to_clean"]) == len(new), plan.stderr[-3000:]
         done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
         assert done.returncode == 0, done.stderr[-3000:]
         summaries.append(json.loads(s3.cat(f"{out}/summary.json")))
@@ -74,14 +77,22 @@ def test_rayjob_entrypoint_cleans_only_new_shards_each_night(s3, tiny_models, tm
     )
 
 
-def test_bootstrap_job_takes_every_option_of_capfilt_bootstrap():
-    """The cluster job runs `capfilt bootstrap`'s rounds: all its options but where they run are the job's."""
+@pytest.mark.parametrize(
+    "command, script, where",
+    [
+        ("bootstrap", "bootstrap.py", {"--local", "--address"}),
+        ("run", "run_round.py", {"--local", "--address", "--processes"}),
+    ],
+)
+def test_a_cluster_job_takes_every_option_of_its_command(command, script, where):
+    """The cluster jobs run `capfilt bootstrap`'s rounds and `capfilt run`'s round: all their options but
+    where they run are the job's (run_round.py once lacked --human, so a calibrated round could not run)."""
     import typer.main
 
     from capfilt.cli import app
 
-    command = typer.main.get_command(app).commands["bootstrap"]
-    options = {o for p in command.params for o in p.opts if o.startswith("--")} - {"--local", "--address"}
-    job = [sys.executable, str(ROOT / "pipelines" / "bootstrap.py"), "--help"]
+    params = typer.main.get_command(app).commands[command].params
+    options = {o for p in params for o in p.opts if o.startswith("--")} - where
+    job = [sys.executable, str(ROOT / "pipelines" / script), "--help"]
     usage = subprocess.run(job, capture_output=True, text=True, check=True).stdout
-    assert "--init" in options and options <= set(re.findall(r"--[a-z-]+", usage))
+    assert "--set" in options and options <= set(re.findall(r"--[a-z-]+", usage))

@@ -12,16 +12,19 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from run_helpers import free_port, outputs, tiny_cfg
+from typer.testing import CliRunner
 
+from capfilt.cli import app
 from capfilt.config import ConfigError
 from capfilt.data import writer
 from capfilt.data.decode import make_decoder
 from capfilt.data.reader import ShardReader
 from capfilt.errors import UserError
 from capfilt.run.dispatch import RoundOutput
+from capfilt.run.ledger import RunMismatchError
 from capfilt.run.pipeline import BatchLimit, ModelFailed, decoded_batches, process_shard
 from capfilt.run.reselect import reselect
-from capfilt.run.round import run_round
+from capfilt.run.round import plan_round, run_round
 from capfilt.run.worker import ShardWorker
 
 pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
@@ -142,6 +145,45 @@ def test_a_rerun_cleans_again_the_shards_whose_input_changed(tmp_path, tiny_mode
     gone = rerun([shards[1]])
     assert gone["this_invocation"]["inputs_changed"] == [] and gone["shards_done"] == 2
     assert outputs(out) == now
+
+
+def folder_state(folder) -> dict[str, tuple[int, bytes]]:
+    """Every file in ``folder`` with its modification time and bytes."""
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.iterdir())}
+
+
+def test_a_dry_run_says_what_the_round_then_does_and_touches_nothing(tmp_path, tiny_models, tiny_shards):
+    """``capfilt run --dry-run``: committed, changed and new shards as the round then finds them; no folder
+    made, no file touched; a busy folder names its holder; another config is refused as the round would."""
+    (tmp_path / "in").mkdir()
+    shards = [shutil.copy(s, tmp_path / "in") for s in tiny_shards]
+    out, cfg = tmp_path / "run", tiny_cfg()
+    plan = plan_round(cfg, shards, str(out), *tiny_models)
+    assert (plan["shards"], plan["committed"], plan["to_clean"]) == (3, 0, shards) and not out.exists()
+    run_round(cfg, shards[:2], str(out), *tiny_models, local=True, progress=False)
+    shutil.copy(tiny_shards[2], shards[1])  # re-downloaded with other samples
+    before = folder_state(out)
+    plan = plan_round(cfg, shards, str(out), *tiny_models)
+    assert folder_state(out) == before
+    assert plan["committed"] == 1 and plan["to_clean"] == shards[1:] and plan["inputs_changed"] == [shards[1]]
+    summary = run_round(cfg, shards, str(out), *tiny_models, local=True, progress=False)
+    assert summary["this_invocation"]["shards"] == 2 and summary["this_invocation"]["inputs_changed"] == [
+        shards[1]
+    ]
+    assert plan_round(cfg, shards, str(out), *tiny_models)["to_clean"] == []
+
+    other = tiny_cfg("caption.top_p=0.5")
+    with pytest.raises(RunMismatchError, match="top_p"):
+        plan_round(other, shards, str(out), *tiny_models)
+    cleared = plan_round(other, shards, str(out), *tiny_models, new_run=True)
+    assert cleared["clears_run"] and cleared["to_clean"] == shards
+    held = {"owner": "y", "host": "another-node", "pid": 1, "renewed": time.time()}
+    (out / "lease.json").write_text(json.dumps(held))
+    argv = ["run", *shards, "-o", str(out), "--captioner", tiny_models[0], "--filter", tiny_models[1]]
+    tiny = ["-c", "tiny", "--set", "run.actors=2", "--set", "caption.num_captions=2"]
+    result = CliRunner().invoke(app, [*argv, *tiny, "--dry-run"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["held_by"]["host"] == "another-node"
+    assert (out / "lease.json").read_text() == json.dumps(held)
 
 
 def test_a_never_cleaned_shard_whose_input_is_gone_is_left_out_not_failed(

@@ -184,15 +184,21 @@ def open_run(out: str, manifest: dict[str, Any], new_run: bool = False) -> None:
         if diff:
             clear_run(out, old)
         else:  # same run, maybe more shards (a nightly rerun over new downloads): remember them all
-            grown = list(dict.fromkeys(old["shards"] + manifest["shards"]))
-            renamed = sorted(u for u, n in shard_names(old["shards"]).items() if shard_names(grown)[u] != n)
-            if renamed:
-                raise RunMismatchError(
-                    f"{out}: the new shards share file names with {renamed[:5]} from other folders, "
-                    "which would rename their outputs; use another --out"
-                )
-            manifest = {**manifest, "shards": grown}
+            manifest = {**manifest, "shards": grown_shards(out, old["shards"], manifest["shards"])}
     write_json(_join(out, MANIFEST), manifest)
+
+
+def grown_shards(out: str, old: list[str], given: list[str]) -> list[str]:
+    """The shards a rerun covers: the folder's earlier ones, then the new ones it is given. Refused if a
+    new shard's file name would rename an earlier shard's outputs."""
+    grown = list(dict.fromkeys(old + given))
+    renamed = sorted(u for u, n in shard_names(old).items() if shard_names(grown)[u] != n)
+    if renamed:
+        raise RunMismatchError(
+            f"{out}: the new shards share file names with {renamed[:5]} from other folders, "
+            "which would rename their outputs; use another --out"
+        )
+    return grown
 
 
 def shard_names(shards: list[str]) -> dict[str, str]:

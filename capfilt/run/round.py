@@ -23,7 +23,7 @@ from capfilt.model.hub import model_hash, resolve_model
 from capfilt.run import card, ledger
 from capfilt.run.calibration import check_human, resolve_threshold, store_calibration
 from capfilt.run.dispatch import RoundOutput
-from capfilt.run.lease import Lease, LeaseLost
+from capfilt.run.lease import LEASE, Lease, LeaseLost, holder_alive
 from capfilt.run.progress import RoundProgress, RunTotals
 
 
@@ -44,6 +44,16 @@ def provenance_of(
         "dtype": cfg.run.dtype,
         "config": cfg.name,
     }
+
+
+def identify_models(captioner: str, filter_: str) -> tuple[dict[str, dict[str, Any]], str, str]:
+    """Each model as the provenance records it (the reference's ``id``, hub ``revision`` and weight
+    ``hash``: a run's identity, however the model was referenced), and the two folders to load."""
+    refs = {"captioner": resolve_model(captioner), "filter": resolve_model(filter_)}
+    models = {
+        role: {"id": r.id, "revision": r.revision, "hash": model_hash(r.path)} for role, r in refs.items()
+    }
+    return models, str(refs["captioner"].path), str(refs["filter"].path)
 
 
 def say_shards(urls: list[str], what: str) -> None:
@@ -134,11 +144,7 @@ def run_round(
             "cluster's --address (a local Ray, --processes and --local all end with the run)"
         )
     start = time.perf_counter()
-    refs = {"captioner": resolve_model(captioner), "filter": resolve_model(filter_)}
-    models = {
-        role: {"id": r.id, "revision": r.revision, "hash": model_hash(r.path)} for role, r in refs.items()
-    }
-    captioner, filter_ = str(refs["captioner"].path), str(refs["filter"].path)
+    models, captioner, filter_ = identify_models(captioner, filter_)
     hashes = {role: m["hash"] for role, m in models.items()}
     urls_given = expand_shards(shards)
     ledger.check_out_folder(out, urls_given)
@@ -205,3 +211,47 @@ def run_round(
             out, card.dataset_info(manifest, summary, provenance, committed_names, totals.input_sha256)
         )
         return summary
+
+
+def plan_round(
+    cfg: Config,
+    shards: list[str],
+    out: str,
+    captioner: str,
+    filter_: str,
+    new_run: bool = False,
+    human: list[str] | None = None,
+) -> dict[str, Any]:
+    """What ``run_round`` would do in ``out`` now, doing none of it (``capfilt run --dry-run``): no lease
+    taken, no file written, no model loaded, no worker started (the models' weights are read for their
+    hashes, the run's identity). It refuses what the round would refuse before its work: missing shards,
+    an output folder holding the inputs, another config or models than the folder's run (unless
+    ``new_run``, which would clear it: ``clears_run``), a calibration without human shards.
+    ``held_by``: the job holding the folder's lease now, whose round this one would wait for (None: free).
+    """
+    models, _, _ = identify_models(captioner, filter_)
+    given = expand_shards(shards)
+    ledger.check_out_folder(out, given)
+    check_human(cfg, human)
+    manifest = ledger.make_manifest(given, cfg, {role: m["hash"] for role, m in models.items()})
+    ignore = (ledger.THRESHOLD,)  # set by the calibration, when there is one
+    if not new_run:
+        ledger.check_rerun(out, manifest, ignore)
+    old = ledger.read_json(out.rstrip("/") + "/" + ledger.MANIFEST)
+    clears = old is not None and bool(ledger.differences(old, manifest, ignore))
+    urls = ledger.grown_shards(out, old["shards"], given) if old is not None and not clears else given
+    names = ledger.shard_names(urls)
+    jobs, changed = ([(u, names[u]) for u in urls], []) if clears else ledger.pending_shards(out, names, urls)
+    gone = ledger.gone_inputs(jobs, given)
+    held = ledger.read_json(out.rstrip("/") + "/" + LEASE)
+    busy = held is not None and holder_alive(held, time.time())
+    return {
+        "out": out,
+        "shards": len(urls),
+        "committed": len(urls) - len(jobs),
+        "to_clean": [url for url, _ in jobs if url not in set(gone)],
+        "inputs_changed": changed,
+        "gone_shards": gone,
+        "clears_run": clears,
+        "held_by": {k: held[k] for k in ("host", "pid", "renewed")} if busy else None,
+    }
