@@ -5,7 +5,8 @@ opens the run folder (manifest; refuses a rerun with another config or models un
 skips committed shards, runs the rest on Ray, on worker processes or in this process, and writes
 ``OUT/summary.json`` and the dataset card. The run covers every shard the folder's manifest lists, so a
 nightly rerun over a grown shard list processes only the new shards, any that failed before, and any
-whose input changed since it was cleaned; its summary covers them all.
+whose input changed since it was cleaned; its summary covers them all. ``plan_round`` says which, doing
+nothing (``capfilt run --dry-run``).
 """
 
 from __future__ import annotations
@@ -243,13 +244,14 @@ def plan_round(
     names = ledger.shard_names(urls)
     jobs, changed = ([(u, names[u]) for u in urls], []) if clears else ledger.pending_shards(out, names, urls)
     gone = ledger.gone_inputs(jobs, given)
+    left_out = set(gone)
     held = ledger.read_json(out.rstrip("/") + "/" + LEASE)
     busy = held is not None and holder_alive(held, time.time())
     return {
         "out": out,
         "shards": len(urls),
         "committed": len(urls) - len(jobs),
-        "to_clean": [url for url, _ in jobs if url not in set(gone)],
+        "to_clean": [url for url, _ in jobs if url not in left_out],
         "inputs_changed": changed,
         "gone_shards": gone,
         "clears_run": clears,
