@@ -33,6 +33,7 @@ app = typer.Typer(
 )
 
 ConfigOpt = Annotated[str, typer.Option("--config", "-c", help="config name in configs/ or a YAML path")]
+MODEL_HELP = "folder, or HF hub id org/name or org/name@rev (from the local cache)"
 LABELS_HELP = (
     "evaluation only: truth.parquet (demo world) or a labels Parquet with key, noisy [, split, noise_type]"
 )
@@ -152,9 +153,6 @@ def evaluate(
         out=out,
     )
     echo_json(metrics)
-
-
-MODEL_HELP = "folder, or HF hub id org/name or org/name@rev (from the local cache)"
 
 
 @app.command()
