@@ -63,6 +63,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def lease_url(out: str) -> str:
+    """Where the lease of the folder ``out`` is."""
+    return out.rstrip("/") + "/" + LEASE
+
+
 def taken_over(held: dict[str, Any] | None, owner: str) -> bool:
     """Whether ``held`` (the folder's lease, None if there is none) is another job's than ``owner``'s."""
     return held is not None and held.get("owner") != owner
@@ -91,7 +96,7 @@ class Lease:
     """``with Lease(out):`` around a job; refuses (``RunBusy``) while another job holds ``out``."""
 
     def __init__(self, out: str):
-        self.url = out.rstrip("/") + "/" + LEASE
+        self.url = lease_url(out)
         self.me = {"owner": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid()}
         self._stop = threading.Event()
         self.lost = threading.Event()  # set once another job has taken the lease over

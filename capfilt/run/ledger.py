@@ -120,13 +120,17 @@ def mismatch(out: str, diff: list[str], manifest: dict[str, Any]) -> RunMismatch
     )
 
 
-def check_rerun(out: str, manifest: dict[str, Any], ignore: tuple[str, ...] = ()) -> None:
+def check_rerun(
+    out: str, manifest: dict[str, Any], ignore: tuple[str, ...] = (), new_run: bool = False
+) -> tuple[dict[str, Any] | None, list[str]]:
     """Refuse, before any model is loaded, a rerun whose identity differs from the run in ``out``
-    outside ``ignore`` (the threshold, before calibration has set it)."""
+    outside ``ignore`` (the threshold, before calibration has set it), unless ``new_run`` (which clears
+    that run). Returns the folder's manifest (None: no run there yet) and the differences."""
     old = read_json(_join(out, MANIFEST))
     diff = differences(old, manifest, ignore) if old is not None else []
-    if diff:
+    if diff and not new_run:
         raise mismatch(out, diff, manifest)
+    return old, diff
 
 
 def location(url: str) -> tuple[str, str]:

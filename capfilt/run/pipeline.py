@@ -351,7 +351,7 @@ def process_shard(
         stats.timings = timings  # stats.json gets the timings up to the commit; the caller's copy all
         t0 = time.perf_counter()
         if owner is not None:
-            lease.check_held(out_dir.rstrip("/") + "/" + lease.LEASE, owner)
+            lease.check_held(lease.lease_url(out_dir), owner)
         out.commit(stats)
         timings["write"] += time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start

@@ -24,7 +24,7 @@ from capfilt.model.hub import model_hash, resolve_model
 from capfilt.run import card, ledger
 from capfilt.run.calibration import check_human, resolve_threshold, store_calibration
 from capfilt.run.dispatch import RoundOutput
-from capfilt.run.lease import LEASE, Lease, LeaseLost, holder_alive
+from capfilt.run.lease import Lease, LeaseLost, holder_alive, lease_url
 from capfilt.run.progress import RoundProgress, RunTotals
 
 
@@ -236,16 +236,14 @@ def plan_round(
     check_human(cfg, human)
     manifest = ledger.make_manifest(given, cfg, {role: m["hash"] for role, m in models.items()})
     ignore = (ledger.THRESHOLD,)  # set by the calibration, when there is one
-    if not new_run:
-        ledger.check_rerun(out, manifest, ignore)
-    old = ledger.read_json(out.rstrip("/") + "/" + ledger.MANIFEST)
-    clears = old is not None and bool(ledger.differences(old, manifest, ignore))
+    old, diff = ledger.check_rerun(out, manifest, ignore, new_run)
+    clears = bool(diff)
     urls = ledger.grown_shards(out, old["shards"], given) if old is not None and not clears else given
     names = ledger.shard_names(urls)
     jobs, changed = ([(u, names[u]) for u in urls], []) if clears else ledger.pending_shards(out, names, urls)
     gone = ledger.gone_inputs(jobs, given)
     left_out = set(gone)
-    held = ledger.read_json(out.rstrip("/") + "/" + LEASE)
+    held = ledger.read_json(lease_url(out))
     busy = held is not None and holder_alive(held, time.time())
     return {
         "out": out,

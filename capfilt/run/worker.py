@@ -2,11 +2,11 @@
 
 The local runner holds one; each Ray actor and each worker process (``--processes``) holds one. Either
 way a shard goes through the same :func:`capfilt.run.pipeline.process_shard`. The threshold and the
-provenance come with each shard (a ``dispatch.RoundOutput``), not with the worker: a calibrated threshold is scored by a worker (on
-the round's own device and dtype), so it is known only once the workers are up. A worker can serve
-``run.shards_in_flight`` shards at once (a Ray actor or a worker process calls ``run`` from that many
-threads): each takes a decoder of its own, and a lock lets one batch at a time through the models, which
-hold per-call state (the sampler's CUDA graphs).
+provenance come with each shard (a ``dispatch.RoundOutput``), not with the worker: a calibrated
+threshold is scored by a worker (on the round's own device and dtype), so it is known only once the
+workers are up. A worker can serve ``run.shards_in_flight`` shards at once (a Ray actor or a worker
+process calls ``run`` from that many threads): each takes a decoder of its own, and a lock lets one batch
+at a time through the models, which hold per-call state (the sampler's CUDA graphs).
 """
 
 from __future__ import annotations
