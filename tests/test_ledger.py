@@ -78,6 +78,17 @@ def test_a_grown_list_that_would_rename_an_old_shard_refuses(tmp_path):
     assert ledger.read_manifest(str(tmp_path))["shards"] == ["a/web-0.tar", "a/web-1.tar"]
 
 
+def test_a_run_that_lists_file_urls_keeps_their_spelling_when_continued(tmp_path):
+    """A run made before capfilt kept one spelling per local file lists ``file://`` URLs; the same shards,
+    now given as plain paths, are the run's shards (same output names), not new ones beside them."""
+    cfg = load_config("tiny")
+    ledger.open_run(str(tmp_path), manifest(cfg, shards=("file:///a/web-0.tar", "file:///a/web-1.tar")))
+    ledger.open_run(str(tmp_path), manifest(cfg, shards=("/a/web-1.tar", "/a/web-2.tar")))
+    urls = ledger.read_manifest(str(tmp_path))["shards"]
+    assert urls == ["file:///a/web-0.tar", "file:///a/web-1.tar", "/a/web-2.tar"]
+    assert list(ledger.shard_names(urls).values()) == ["web-0", "web-1", "web-2"]
+
+
 def test_stale_temps_of_the_given_shards_are_removed_and_nothing_else(tmp_path):
     files = [
         ".web-1.tar.0123456789ab.tmp",  # a killed worker's tar

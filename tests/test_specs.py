@@ -31,9 +31,16 @@ def test_expand_local_braces_globs_sorted_unique(tmp_path):
     _touch(tmp_path, "web-000000.tar", "web-000001.tar", "web-000002.tar", "web-000000.parquet")
     specs = [f"{tmp_path}/web-{{000001..000002}}.tar", f"{tmp_path}/web-*.tar"]
     assert expand_shards(specs) == [f"{tmp_path}/web-00000{i}.tar" for i in range(3)]
-    assert expand_shards([f"file://{tmp_path}/web-00000[01].tar"]) == [
-        f"file://{tmp_path}/web-000000.tar",
-        f"file://{tmp_path}/web-000001.tar",
+
+
+def test_a_local_file_has_one_spelling_however_it_is_written(tmp_path, monkeypatch):
+    """``file://``, a relative path and a plain path name one shard, cleaned once under one name."""
+    _touch(tmp_path, "web-000000.tar", "web-000001.tar")
+    monkeypatch.chdir(tmp_path)
+    specs = [f"file://{tmp_path}/web-00000[01].tar", f"file://{tmp_path}/web-000000.tar", "web-000001.tar"]
+    assert expand_shards(specs + [str(tmp_path / "web-000000.tar")]) == [
+        f"{tmp_path}/web-000000.tar",
+        f"{tmp_path}/web-000001.tar",
     ]
 
 

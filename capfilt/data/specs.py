@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import fsspec
 from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
 
 from capfilt.errors import UserError
 
@@ -28,6 +29,7 @@ _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(-?\d+)\.\.(-?\d+)$")
 _GLOB_CHARS = set("*?[")
 LIST_SUFFIXES = (".txt", ".list")
+LOCAL_PROTOCOLS = ("file://", "local://")  # spellings of a local path that ``canonical`` drops
 
 
 T = TypeVar("T")
@@ -63,20 +65,23 @@ def _read_list(spec: str) -> list[str]:
         return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
 
 
-def _with_protocol(fs, original: str, path: str) -> str:
-    """One spelling per file, in the form the user wrote: an absolute local path, or a full URL."""
-    return fs.unstrip_protocol(path) if "://" in original else path
+def _spelling(fs, path: str) -> str:
+    """One spelling per file: a local file's absolute path (``file:///x/a.tar`` and ``/x/a.tar`` are one
+    shard, not two cleaned twice under two names), any other store's full URL."""
+    return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
 
 
-def _normalise(url: str) -> str:
+def canonical(url: str) -> str:
+    """The one spelling of a shard URL (``_spelling``); runs made before capfilt kept one may list a
+    ``file://`` URL."""
     fs, path = url_to_fs(url)
-    return _with_protocol(fs, url, path)
+    return _spelling(fs, path)
 
 
 def _glob(spec: str) -> list[str]:
     fs, path = url_to_fs(spec)
     matches = fs.glob(path, detail=True)
-    found = [_with_protocol(fs, spec, p) for p, info in matches.items() if info["type"] != "directory"]
+    found = [_spelling(fs, p) for p, info in matches.items() if info["type"] != "directory"]
     if not found:
         raise ShardSpecError(f"shard spec {spec!r} matches no file; check the path and pattern")
     return found
@@ -145,7 +150,7 @@ def expand_shards(specs: list[str] | str) -> list[str]:
             elif _GLOB_CHARS & set(url.split("://", 1)[-1]):
                 found.update(_glob(url))
             else:
-                literals.append(_normalise(url))
+                literals.append(canonical(url))
     _check_exist(literals)
     found.update(literals)
     if not found:

@@ -193,9 +193,12 @@ def open_run(out: str, manifest: dict[str, Any], new_run: bool = False) -> None:
 
 
 def grown_shards(out: str, old: list[str], given: list[str]) -> list[str]:
-    """The shards a rerun covers: the folder's earlier ones, then the new ones it is given. Refused if a
-    new shard's file name would rename an earlier shard's outputs."""
-    grown = list(dict.fromkeys(old + given))
+    """The shards a rerun covers: the folder's earlier ones, then the new ones it is given. A given shard
+    the run lists as a ``file://`` URL (written before capfilt kept one spelling) keeps the run's
+    spelling, so its outputs keep their names. Refused if a new shard's file name would rename an
+    earlier shard's outputs."""
+    spelled = {specs.canonical(u): u for u in old if u.startswith(specs.LOCAL_PROTOCOLS)}
+    grown = list(dict.fromkeys(old + [spelled.get(u, u) for u in given]))
     renamed = sorted(u for u, n in shard_names(old).items() if shard_names(grown)[u] != n)
     if renamed:
         raise RunMismatchError(
