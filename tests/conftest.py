@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from fsspec.core import url_to_fs
 from PIL import Image
 
 from capfilt.config import SynthConfig
@@ -35,6 +36,12 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(int(_session.exitstatus))
+
+
+def is_done(out: str, name: str) -> bool:
+    """Whether the shard NAME is committed in ``out``: its done marker, which the writer puts last, exists."""
+    fs, path = url_to_fs(f"{out.rstrip('/')}/{name}.done")
+    return fs.exists(path)
 
 
 def encode(im: Image.Image, fmt: str = "JPEG", **kw) -> bytes:

@@ -7,12 +7,12 @@ capfilt reaches an S3-compatible endpoint through standard settings, no code: bo
 from __future__ import annotations
 
 import pytest
-from conftest import make_sample
+from conftest import is_done, make_sample
 
 from capfilt.data.reader import ShardReader
 from capfilt.data.sample import Candidate, Sample, ScoredSample, ShardStats
 from capfilt.data.specs import ShardSpecError, expand_shards
-from capfilt.data.writer import atomic_open, is_done, write_round_shard, write_samples_shard
+from capfilt.data.writer import atomic_open, write_round_shard, write_samples_shard
 
 
 def test_s3_specs_read_and_atomic_round_outputs(s3):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from conftest import DECODE_MAX_PIXELS, bad_shard_members, make_sample
+from conftest import DECODE_MAX_PIXELS, bad_shard_members, is_done, make_sample
 
 from capfilt.data import writer
 from capfilt.data.decode import PillowDecoder
@@ -26,7 +26,6 @@ from capfilt.data.reader import ShardReader, iter_shard
 from capfilt.data.sample import Candidate, Reject, ScoredSample, ShardStats
 from capfilt.data.writer import (
     SCORES_SCHEMA,
-    is_done,
     is_temp,
     output_name,
     write_round_shard,

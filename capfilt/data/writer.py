@@ -290,12 +290,6 @@ def output_name(input_url: str, inputs: Sequence[str] = ()) -> str:
     return name
 
 
-def is_done(out_dir: str, name: str) -> bool:
-    """Whether the shard NAME is committed in ``out_dir`` (its done marker exists)."""
-    fs, path = url_to_fs(out_dir)
-    return fs.exists(posixpath.join(path, f"{name}.done"))
-
-
 class RoundShardWriter:
     """One input shard's round outputs, written as its batches are scored.
 
