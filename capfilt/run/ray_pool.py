@@ -114,8 +114,12 @@ def make_actors(cfg: Config, n: int, captioner: str, filter_: str, warm: str | N
         "max_task_retries": 0,
         "max_concurrency": cfg.run.shards_in_flight,  # threads; each shard (or probe) holds one
     }
+
+    def build(**named):
+        return ray.remote(ShardActor).options(**options, **named).remote(cfg, captioner, filter_)
+
     if warm is None:
-        actors = [ray.remote(ShardActor).options(**options).remote(cfg, captioner, filter_) for _ in range(n)]
+        actors = [build() for _ in range(n)]
         return actors, actors
     actors, built = [], []
     for name in (f"{warm}-{i}" for i in range(first, first + n)):
@@ -123,7 +127,7 @@ def make_actors(cfg: Config, n: int, captioner: str, filter_: str, warm: str | N
             actors.append(ray.get_actor(name, namespace=NAMESPACE))
         except ValueError:  # none yet (get_if_exists: another job may be creating it this instant)
             named = {"name": name, "namespace": NAMESPACE, "lifetime": "detached", "get_if_exists": True}
-            built.append(ray.remote(ShardActor).options(**options, **named).remote(cfg, captioner, filter_))
+            built.append(build(**named))
             actors.append(built[-1])
     return actors, built
 
