@@ -3,7 +3,8 @@
 Each command parses its options, loads the typed config and calls one library function. Imports are
 inside the commands so that ``capfilt --help`` does not pay for torch and ray. A ``UserError`` from any
 command is one line on stderr and exit code 2; anything else is a bug and keeps its traceback (without
-local variables, which can be whole tensors).
+local variables, which can be whole tensors). SIGTERM exits 143 through the command's cleanup, as
+Ctrl-C exits 130.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 from capfilt.errors import UserError
+from capfilt.signals import sigterm_exits
 
 
 class _Commands(TyperGroup):
@@ -22,7 +24,8 @@ class _Commands(TyperGroup):
 
     def invoke(self, ctx):
         try:
-            return super().invoke(ctx)
+            with sigterm_exits():  # a scheduler's stop runs the command's cleanup (capfilt/signals.py)
+                return super().invoke(ctx)
         except UserError as err:
             typer.echo(f"capfilt: error: {err}", err=True)
             raise typer.Exit(2) from None

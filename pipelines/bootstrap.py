@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+from capfilt.signals import exit_on_sigterm
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,13 +32,13 @@ def main() -> None:
     ap.add_argument("--warm-start", action="store_true")
     ap.add_argument("--init", help="round 0's MED starts from this MED folder (see `capfilt convert`)")
     args = ap.parse_args()
-    import ray  # after the arguments: `--help` and a wrong option answer at once, not after torch's import
-
+    # after the arguments: `--help` and a wrong option answer at once, not after torch's import
     from capfilt.bootstrap import BootstrapPlan, bootstrap
     from capfilt.config import load_config
     from capfilt.report import round_table
+    from capfilt.run.ray_pool import connect_ray
 
-    ray.init(address="auto")  # the cluster this job was submitted to
+    connect_ray("auto")  # the cluster this job was submitted to; `ray job stop` then exits 143, cleanly
     plan = BootstrapPlan(
         web=args.web,
         human=args.human,
@@ -51,4 +53,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # `ray job stop` sends SIGTERM: the step's lease is given back (capfilt/signals.py)
     main()

@@ -17,6 +17,7 @@ import sys
 from capfilt.config import load_config
 from capfilt.run.progress import failed_note
 from capfilt.run.round import plan_round, run_round
+from capfilt.signals import exit_on_sigterm
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    exit_on_sigterm()  # `ray job stop` sends SIGTERM: the round closes its pool and gives its lease back
     summary = main()
     if summary.get("failed_shards"):  # `ray job submit` then reports the job FAILED; a rerun retries them
         sys.exit(f"run_round: {failed_note(summary)}")

@@ -151,11 +151,13 @@ def children(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("interrupt", ["SIGKILL to the driver", "Ctrl-C"])
+@pytest.mark.parametrize("interrupt", ["SIGKILL to the driver", "Ctrl-C", "SIGTERM to the driver"])
 def test_worker_processes_exit_with_a_killed_driver(interrupt, tiny_models, shards, tmp_path):
     """A ``--processes`` driver SIGKILLed mid-run leaves no worker behind (each sees its pipe close); on
     Ctrl-C (SIGINT to the whole process group) the workers leave it to the driver, which stops them
-    without a traceback from each. Either way a rerun finishes the round."""
+    without a traceback from each. SIGTERM (a scheduler's stop) runs the same cleanup: exit 143 and the
+    lease given back, so a rerun on another host is not refused as busy (before, Python's default ended
+    the driver at once and left the lease). Either way a rerun finishes the round."""
     out, (cap, flt) = tmp_path / "run", tiny_models
     argv = [sys.executable, "-m", "capfilt.cli", "run", *shards, "--out", str(out), "--captioner", cap]
     argv += ["--filter", flt, "-c", "tiny", "--set", "run.actors=2", "--processes"]
@@ -176,14 +178,15 @@ def test_worker_processes_exit_with_a_killed_driver(interrupt, tiny_models, shar
         if interrupt == "Ctrl-C":
             os.killpg(proc.pid, signal.SIGINT)
         else:
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(signal.SIGKILL if interrupt.startswith("SIGKILL") else signal.SIGTERM)
         stderr = proc.communicate(timeout=60)[1]
     finally:
         proc.kill()
         proc.wait()
     assert len(workers) >= 2  # the two workers (and multiprocessing's resource tracker, if it runs)
-    if interrupt == "Ctrl-C":
-        assert proc.returncode == 130 and "Traceback" not in stderr, stderr[-2000:]
+    if interrupt != "SIGKILL to the driver":
+        assert proc.returncode == (130 if interrupt == "Ctrl-C" else 143), stderr[-2000:]
+        assert "Traceback" not in stderr and not (out / "lease.json").exists(), stderr[-2000:]
     deadline = time.time() + 30
     while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.time() < deadline:
         time.sleep(0.1)

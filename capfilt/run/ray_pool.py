@@ -47,6 +47,7 @@ from capfilt.data.sample import ShardStats
 from capfilt.errors import UserError, last_line
 from capfilt.run.dispatch import RoundOutput, ShardQueue, actors_that_fit, slots
 from capfilt.run.lease import LeaseLost
+from capfilt.signals import exit_on_sigterm
 
 
 class ShardActor:
@@ -80,14 +81,15 @@ def connect_ray(address: str | None) -> bool:
         return False
     if address is None:
         ray.init(include_dashboard=False)
-        return True
-    try:
-        ray.init(address=address)
-    except ConnectionError as err:
-        raise UserError(
-            f"no Ray cluster at --address {address} ({last_line(str(err))}); start one (`ray start --head`), "
-            "or leave --address out to start a local Ray, or run with --processes"
-        ) from None
+    else:
+        try:
+            ray.init(address=address)
+        except ConnectionError as err:
+            raise UserError(
+                f"no Ray cluster at --address {address} ({last_line(str(err))}); start one (`ray start "
+                "--head`), or leave --address out to start a local Ray, or run with --processes"
+            ) from None
+    exit_on_sigterm()  # ray.init's own handler exits 15; a stopped round's status stays 143
     return True
 
 
