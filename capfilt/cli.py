@@ -235,9 +235,14 @@ def select(
     new_run: Annotated[bool, typer.Option(help="clear another run or selection in --out first")] = False,
 ):
     """Re-apply the selection policy to a finished round's stored scores; no model is loaded."""
+    from capfilt.run.progress import failed_note
     from capfilt.run.reselect import reselect
 
-    echo_json(reselect(run_dir, out, threshold, calibration, keep_share, new_run))
+    summary = reselect(run_dir, out, threshold, calibration, keep_share, new_run)
+    echo_json(summary)
+    if summary["failed_shards"]:  # shards the round did not commit: the selection is not the whole run
+        typer.echo(f"capfilt: {failed_note(summary)}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import socket
 import tarfile
 import time
 import weakref
@@ -60,6 +61,31 @@ def test_round_accounts_for_every_sample_and_resumes(tmp_path, tiny_models, tiny
     assert (every["kept"], every["n_in"]) == (29, 30)
     with tarfile.open(tmp_path / "lax" / "web-000001.tar") as tar:
         assert len([m for m in tar.getnames() if m.endswith(".png")]) == 10
+
+
+def test_select_names_the_shards_its_round_did_not_commit_and_waits_for_a_running_round(
+    tmp_path, tiny_models, tiny_shards
+):
+    """A selection of a round that was stopped covers its committed shards and lists the others as failed
+    (exit 1 on the command line), rather than pass for the whole run; while a round still holds the run's
+    folder, select refuses. Before, it selected the committed shards and said nothing."""
+    out, lax = str(tmp_path / "run"), str(tmp_path / "lax")
+    run_round(tiny_cfg(), tiny_shards[:2], out, *tiny_models, local=True, progress=False)
+    (tmp_path / "run" / "web-000001.done").unlink()  # as a round stopped before that shard's commit
+    lease = tmp_path / "run" / "lease.json"
+    lease.write_text(
+        json.dumps({"owner": "x", "host": socket.gethostname(), "pid": os.getpid(), "renewed": time.time()})
+    )
+    with pytest.raises(UserError, match=f"a round is still running there .*pid {os.getpid()}"):
+        reselect(out, lax, threshold=0.0)
+    lease.unlink()
+    result = CliRunner().invoke(app, ["select", out, "-o", lax, "--threshold", "0"])
+    assert result.exit_code == 1, result.output
+    summary = json.loads((tmp_path / "lax" / "summary.json").read_text())
+    assert (summary["shards"], summary["shards_done"]) == (2, 1)
+    assert list(summary["failed_shards"]) == [tiny_shards[1]]
+    assert "not committed in" in summary["failed_shards"][tiny_shards[1]]
+    assert "1 of 2 shards failed" in result.stderr and not (tmp_path / "lax" / "lease.json").exists()
 
 
 def test_a_worker_refuses_an_image_size_its_models_do_not_take(tmp_path, tiny_models, tiny_shards):

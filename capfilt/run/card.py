@@ -69,7 +69,7 @@ def dataset_info(
             "shards_processed_this_time": this,
             "shards_already_done": summary["shards_done"] - this,
             "failed_shards": sorted(summary["failed_shards"]),
-            "gone_shards": summary.get("gone_shards", []),  # a round's; a selection (capfilt select) has none
+            "gone_shards": summary.get("gone_shards", []),  # a selection carries its round's
             "in": summary["n_in"],
             "kept": summary["kept"],
             "dropped": summary["dropped"],

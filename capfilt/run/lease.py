@@ -92,6 +92,12 @@ def holder_alive(lease: dict[str, Any], now: float) -> bool:
     return lease["host"] != socket.gethostname() or _alive(lease["pid"])
 
 
+def holder(out: str) -> dict[str, Any] | None:
+    """The lease of the job that holds ``out`` now; None while no live job does."""
+    held = ledger.read_json(lease_url(out))
+    return held if held is not None and holder_alive(held, time.time()) else None
+
+
 class Lease:
     """``with Lease(out):`` around a job; refuses (``RunBusy``) while another job holds ``out``."""
 

@@ -22,6 +22,7 @@ from capfilt.data.sample import Candidate, Sample, ShardStats
 from capfilt.errors import UserError
 from capfilt.run import card, ledger
 from capfilt.run.calibration import calibration_of, store_calibration
+from capfilt.run.lease import Lease, RunBusy, holder
 from capfilt.run.pipeline import count_results
 from capfilt.run.progress import RunTotals
 from capfilt.stages.calibrate import MODES, threshold_of
@@ -92,12 +93,27 @@ def reselect(
 
     With ``calibration`` "keep" or "f1" the threshold comes from the run's calibration scores instead.
     ``out`` may hold this same selection, unfinished (it is done again); another run there is refused,
-    or cleared with ``new_run``.
+    or cleared with ``new_run``. Refused while a round still runs in ``run_dir``. The run's shards that
+    are not committed there (they failed, or the round was stopped) are the selection's failed shards,
+    so it never passes for the whole run: select again once the round has cleaned them.
     """
     if calibration not in MODES:
         raise ConfigError(f"--calibration must be one of {list(MODES)}, got {calibration!r}")
     if ledger.location(out) == ledger.location(run_dir):
         raise UserError(f"select writes a new run: pass an --out other than {run_dir}")
+    running = holder(run_dir)
+    if running is not None:
+        raise RunBusy(
+            f"{run_dir}: a round is still running there (host {running['host']}, pid {running['pid']}); "
+            "select once it has finished"
+        )
+    with Lease(out):
+        return _reselect(run_dir, out, threshold, calibration, keep_share, new_run)
+
+
+def _reselect(
+    run_dir: str, out: str, threshold: float, calibration: str, keep_share: float, new_run: bool
+) -> dict[str, Any]:
     manifest = ledger.read_manifest(run_dir)
     ledger.check_out_folder(out, manifest["shards"])
     mode = "fixed"
@@ -118,7 +134,14 @@ def reselect(
     totals = RunTotals()
     for url in committed:
         totals.add(reselect_shard(run_dir, out, url, names[url], threshold, mode), processed=True)
-    summary = totals.summary({}, 0.0) | {"threshold": threshold, "threshold_mode": mode}
+    gone = (ledger.read_json(f"{run_dir.rstrip('/')}/{ledger.SUMMARY}") or {}).get("gone_shards", [])
+    why = f"not committed in {run_dir}: its round failed on it or was stopped; rerun the round, then select"
+    failed = {url: why for url in manifest["shards"] if url not in done and url not in gone}
+    summary = totals.summary(failed, 0.0) | {
+        "threshold": threshold,
+        "threshold_mode": mode,
+        "gone_shards": gone,
+    }
     ledger.write_json(f"{out.rstrip('/')}/{ledger.SUMMARY}", summary)
     if committed:
         provenance = _provenance(run_dir, names[committed[0]], threshold, mode)

@@ -24,7 +24,7 @@ from capfilt.model.hub import model_hash, resolve_model
 from capfilt.run import card, ledger
 from capfilt.run.calibration import check_human, resolve_threshold, store_calibration
 from capfilt.run.dispatch import RoundOutput
-from capfilt.run.lease import Lease, LeaseLost, holder_alive, lease_url
+from capfilt.run.lease import Lease, LeaseLost, holder
 from capfilt.run.progress import RoundProgress, RunTotals
 
 
@@ -243,8 +243,7 @@ def plan_round(
     jobs, changed = ([(u, names[u]) for u in urls], []) if clears else ledger.pending_shards(out, names, urls)
     gone = ledger.gone_inputs(jobs, given)
     left_out = set(gone)
-    held = ledger.read_json(lease_url(out))
-    busy = held is not None and holder_alive(held, time.time())
+    held = holder(out)
     return {
         "out": out,
         "shards": len(urls),
@@ -253,5 +252,5 @@ def plan_round(
         "inputs_changed": changed,
         "gone_shards": gone,
         "clears_run": clears,
-        "held_by": {k: held[k] for k in ("host", "pid", "renewed")} if busy else None,
+        "held_by": {k: held[k] for k in ("host", "pid", "renewed")} if held else None,
     }
