@@ -86,3 +86,16 @@ def test_mirror_pulls_what_a_resume_needs_and_pushes_no_temp_files(s3, tmp_path,
     for local in (tmp_path / "local", f"file://{tmp_path}/local"):  # the folder itself, nothing uploaded
         mirror = Mirror(local)
         assert mirror.local == tmp_path / "local" and mirror.upload_url(mirror.local / "pretrain") == ""
+
+
+def test_a_job_into_a_bucket_that_does_not_exist_is_refused_and_creates_none(s3):
+    """s3fs's makedirs creates a missing bucket: a typo in the bucket's name used to fill a new bucket."""
+    from capfilt.errors import UserError
+    from capfilt.run.lease import Lease
+
+    with (
+        pytest.raises(UserError, match="s3://typo-bucket/out: its bucket does not exist"),
+        Lease("s3://typo-bucket/out"),
+    ):
+        pass
+    assert not s3.exists("typo-bucket")

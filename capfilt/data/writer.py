@@ -93,6 +93,14 @@ def is_object_store(fs) -> bool:
     return protocol in ATOMIC_PUT_PROTOCOLS
 
 
+def make_folder(fs, path: str) -> None:
+    """Create a folder and its parents on a file system. An object store has no folders (a key's prefix
+    is one), so nothing is made there: s3fs's and gcsfs's ``makedirs`` would create a missing bucket, and
+    a typo in a bucket's name would fill a new bucket instead of failing at the first write."""
+    if not is_object_store(fs):
+        fs.makedirs(path, exist_ok=True)
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a file's data, or a folder's entries, to the disk: a rename in a folder survives a crash only
     once the folder is flushed. A file system that cannot flush a folder (some FUSE mounts of buckets say
@@ -137,7 +145,7 @@ def atomic_open(url: str) -> Iterator[io.RawIOBase]:
         f.commit()
         return
     folder, base = posixpath.split(path)
-    fs.makedirs(folder, exist_ok=True)
+    make_folder(fs, folder)
     tmp = posixpath.join(folder, f".{base}.{uuid.uuid4().hex[:12]}{TEMP_SUFFIX}")
     local = isinstance(fs, LocalFileSystem)
     try:
@@ -310,7 +318,7 @@ class RoundShardWriter:
 
     def __enter__(self) -> RoundShardWriter:
         self.fs, self.root = url_to_fs(self.out_dir)
-        self.fs.makedirs(self.root, exist_ok=True)
+        make_folder(self.fs, self.root)
         self.base = self.out_dir.rstrip("/") + "/" + self.name
         self.tar = TarStream(self._files.enter_context(atomic_open(f"{self.base}.tar")))
         return self

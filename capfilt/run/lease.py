@@ -36,6 +36,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
+from capfilt.data import writer
 from capfilt.errors import UserError
 from capfilt.run import ledger
 
@@ -131,6 +132,11 @@ class Lease:
                 f.write(json.dumps(self._record()).encode())
         except FileExistsError:
             return False
+        except FileNotFoundError:  # on an object store (locally its folder was made): no such bucket
+            raise UserError(
+                f"{self.url.rsplit('/', 1)[0]}: its bucket does not exist; create it (capfilt creates no "
+                "bucket) or fix the URL"
+            ) from None
         except (ValueError, NotImplementedError):  # a store without exclusive creation: check, then write
             if fs.exists(path):
                 return False
@@ -167,7 +173,7 @@ class Lease:
     def __enter__(self) -> Lease:
         fs, path = url_to_fs(self.url)
         try:
-            fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            writer.make_folder(fs, path.rsplit("/", 1)[0])
         except FileExistsError:  # a file where the folder should be
             raise UserError(
                 f"{self.url.rsplit('/', 1)[0]} is a file; give a folder (new or an earlier run's)"

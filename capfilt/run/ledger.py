@@ -179,7 +179,7 @@ def clear_run(out: str, old: dict[str, Any]) -> None:
 def open_run(out: str, manifest: dict[str, Any], new_run: bool = False) -> None:
     """Start or continue the run in ``out``; refuse a rerun with another config or models."""
     fs, root = url_to_fs(out)
-    fs.makedirs(root, exist_ok=True)
+    writer.make_folder(fs, root)
     old = read_json(_join(out, MANIFEST))
     if old is not None:
         diff = differences(old, manifest)
