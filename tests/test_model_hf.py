@@ -1,6 +1,7 @@
 """Checkpoints: MED round trip, HF exports equal to the MED, and the Salesforce-format load path."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -142,3 +143,25 @@ def test_pickle_checkpoints_are_refused(tmp_path):
         load_filter(tmp_path)
     with pytest.raises(ValueError, match="safetensors only"):
         load_captioner(tmp_path)
+
+
+def test_saved_weights_are_as_readable_as_the_umask_allows(trained, tmp_path):
+    """safetensors (0.8.1 on) creates its files 0600 whatever the umask (safetensors#782); capfilt gives
+    every weights file it writes (MED, exports, checkpoints) the mode of the config beside it, so a
+    team or a worker running as another user can read the models it is handed."""
+    from capfilt.train.checkpoint import save_checkpoint
+
+    med, tok, _ = trained
+    opt = torch.optim.AdamW(med.parameters(), lr=1e-3)
+    old = os.umask(0o027)
+    try:
+        folders = [save_med(med, tok, tmp_path / "med"), export_captioner(med, tok, tmp_path / "captioner")]
+        folders += [export_filter(med, tok, tmp_path / "filter")]
+        step = save_checkpoint(tmp_path / "train", 1, med, tok, opt, {})
+    finally:
+        os.umask(old)
+    weights = [f / "model.safetensors" for f in folders] + [step / "med" / "model.safetensors"]
+    weights.append(step / "optimizer.safetensors")
+    assert {str(w.relative_to(tmp_path)): oct(w.stat().st_mode & 0o777) for w in weights} == {
+        str(w.relative_to(tmp_path)): "0o640" for w in weights
+    }

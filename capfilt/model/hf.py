@@ -62,6 +62,15 @@ def unique_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def readable_weights(folder: Path, *files: Path) -> None:
+    """Give the folder's ``*.safetensors`` (and ``files``) the mode its ``config.json`` got from the umask.
+    safetensors (0.8.1 on) writes through a temp file created 0600 whatever the umask (safetensors#782), so
+    a model handed to another team, or read by workers running as another user, was its writer's alone."""
+    mode = (folder / CONFIG).stat().st_mode & 0o777
+    for weights in [*folder.glob("*.safetensors"), *files]:
+        weights.chmod(mode)
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_bytes(data)
@@ -87,6 +96,7 @@ def save_med(
         "meta": meta or {},
     }
     _atomic_write_bytes(path / CONFIG, json.dumps(config, indent=2, sort_keys=True).encode())
+    readable_weights(path)
     return path
 
 
@@ -140,6 +150,7 @@ def export_captioner(med: MED, tokenizer: PreTrainedTokenizerBase, path: str | P
     model.text_decoder.load_state_dict(med.text_decoder.state_dict())
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
+    readable_weights(path)
     return path
 
 
@@ -163,6 +174,7 @@ def export_filter(
     model.itm_head.load_state_dict(med.itm_head.state_dict())
     model.save_pretrained(str(path))
     tokenizer.save_pretrained(str(path))
+    readable_weights(path)
     return path
 
 

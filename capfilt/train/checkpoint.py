@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from capfilt.data.mirror import put_tree
 from capfilt.data.writer import fsync_path, fsync_tree
-from capfilt.model.hf import save_med
+from capfilt.model.hf import readable_weights, save_med
 
 LATEST = "latest"
 
@@ -53,6 +53,7 @@ def save_checkpoint(
     save_med(med, tokenizer, tmp / "med", {"step": step})
     tensors, groups = optimizer_tensors(opt)
     save_file(tensors, tmp / "optimizer.safetensors")
+    readable_weights(tmp / "med", tmp / "optimizer.safetensors")
     (tmp / "state.json").write_text(json.dumps(state | {"step": step, "param_groups": groups}))
     fsync_tree(tmp)  # on the disk before ``latest`` can name it: a crash must not leave it naming a torn one
     shutil.rmtree(final, ignore_errors=True)
