@@ -18,7 +18,9 @@ import yaml
 
 from capfilt.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+_HERE = Path(__file__).resolve().parent
+# the named configs: inside the package when installed from a wheel (pyproject), else the checkout's configs/
+CONFIG_DIR = next((d for d in (_HERE / "configs", _HERE.parent / "configs") if d.is_dir()), _HERE / "configs")
 
 
 class ConfigError(ValueError, UserError):

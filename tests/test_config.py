@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
 import pytest
 
 from capfilt.config import CONFIG_DIR, ConfigError, config_from_dict, load_config
@@ -81,3 +87,39 @@ def test_base_loop_is_an_error(tmp_path):
 def test_unknown_config_name_lists_known_ones():
     with pytest.raises(ConfigError, match="tiny"):
         load_config("no-such-config")
+
+
+def test_the_wheel_ships_every_module_and_named_config(tmp_path):
+    """A `pip install` of the wheel (a cluster image, a team's index) gets what a checkout has: every
+    module, and configs/ as capfilt/configs, so `-c blip-base` and the default `demo` load. Before, the
+    wheel held no config, and every named one failed."""
+    pytest.importorskip("setuptools")  # the build backend, used from this environment (no download)
+    root, src = CONFIG_DIR.parent, tmp_path / "src"  # a copy: setuptools writes build/ into the tree
+    for name in ("capfilt", "configs"):
+        shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, src / name)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(src)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert built.returncode == 0, built.stderr[-2000:]
+    (wheel,) = tmp_path.glob("capfilt-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(tmp_path / "site")
+        names = set(z.namelist())
+    modules = {str(p.relative_to(root)) for p in (root / "capfilt").rglob("*.py")}
+    configs = {f"capfilt/configs/{p.name}" for p in CONFIG_DIR.glob("*.yaml")}
+    assert modules | configs <= names, sorted((modules | configs) - names)
+    probe = "from capfilt.config import CONFIG_DIR, load_config; print(CONFIG_DIR); load_config('blip-base')"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(tmp_path / "site")},
+        capture_output=True,
+        text=True,
+    )
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.strip() == str(tmp_path / "site" / "capfilt" / "configs")
