@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import io
 import json
+import lzma
 import random
 import tarfile
 from collections import Counter
@@ -15,10 +17,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import bad_shard_members, encode, make_sample, smooth_image
 
+from capfilt.data import sample as sample_module
 from capfilt.data.reader import ShardReader, iter_shard, parse_header, split_key
 from capfilt.data.sample import Reject, Sample
 from capfilt.data.specs import expand_shards
-from capfilt.data.writer import write_samples_shard, write_tar
+from capfilt.data.writer import output_name, write_samples_shard, write_tar
+from capfilt.errors import UserError
 
 
 def test_split_key_follows_webdataset():
@@ -117,15 +121,29 @@ def test_img2dataset_folder_reads_as_is(tmp_path):
     assert samples[1].caption == "web caption 1" and samples[1].shard == shards[0]
 
 
-def test_long_unicode_keys_and_gzip(tmp_path):
+def test_long_unicode_keys_and_compressed_shards(tmp_path, monkeypatch):
+    """Every compression a shard's name may say is read as such. Before, a ``.tgz`` (which fsspec's own
+    inference does not know) was read as a plain tar: it ended at the first header, and the round
+    committed it as an empty truncated shard, every sample lost. A codec missing here (zstd without
+    ``zstandard``) fails when the spec expands, with the package to install."""
     key = "folder/" + "k" * 120 + "-café"
     url = str(tmp_path / "long.tar")
     write_samples_shard(url, [make_sample(key, caption="long")])
     (sample,) = iter_shard(url)
     assert sample.key == key and sample.caption == "long"
-    gz = tmp_path / "long.tar.gz"
-    gz.write_bytes(gzip.compress((tmp_path / "long.tar").read_bytes()))
-    assert [s.key for s in iter_shard(str(gz))] == [key]
+    raw = (tmp_path / "long.tar").read_bytes()
+    for name, data in [("long.tar.gz", gzip.compress(raw)), ("long.tgz", gzip.compress(raw))]:
+        (tmp_path / name).write_bytes(data)
+    (tmp_path / "long.tar.bz2").write_bytes(bz2.compress(raw))
+    (tmp_path / "long.tar.xz").write_bytes(lzma.compress(raw))
+    for name in ("long.tar.gz", "long.tgz", "long.tar.bz2", "long.tar.xz"):
+        reader = ShardReader(str(tmp_path / name))
+        assert [s.key for s in reader] == [key] and not reader.truncated, name
+        assert output_name(str(tmp_path / name)) == "long"
+    (tmp_path / "long.tar.zst").write_bytes(b"(\xb5/\xfd")  # a zstd frame's magic
+    monkeypatch.setattr(sample_module, "available_compressions", lambda: ["gzip", "bz2", "xz"])
+    with pytest.raises(UserError, match=r"long.tar.zst: a zstd-compressed shard.*pip install zstandard"):
+        expand_shards([f"{tmp_path}/long.*"])
 
 
 def test_tiny_world_reads_clean(tiny_world):

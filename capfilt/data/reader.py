@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import fsspec
 
 from capfilt.data import versions
-from capfilt.data.sample import IMAGE_EXTS, Reject, Sample
+from capfilt.data.sample import IMAGE_EXTS, Reject, Sample, shard_compression
 
 BLOCK = 512
 _FILE_TYPES = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE}
@@ -244,7 +244,8 @@ class ShardReader:
             duplicate = f"{new_key} reappears after other keys" if new_key in seen else ""
             seen.add(new_key)
 
-        with fsspec.open(self.url, "rb", compression="infer", **self.storage_options) as f:
+        compression = shard_compression(self.url)
+        with fsspec.open(self.url, "rb", compression=compression, **self.storage_options) as f:
             if self._hash is not None:
                 f = _Hashed(f, self._hash)
             stream = iter_members(f)

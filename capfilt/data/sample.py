@@ -9,7 +9,39 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from fsspec import available_compressions
+from fsspec.utils import infer_compression
+
+from capfilt.errors import UserError
+
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
+
+# A shard's file ending → the codec fsspec decompresses it with (None: a plain tar); longest match first.
+SHARD_SUFFIXES = {
+    ".tar.gz": "gzip",
+    ".tar.bz2": "bz2",
+    ".tar.xz": "xz",
+    ".tar.zst": "zstd",
+    ".tar.lz4": "lz4",
+    ".tgz": "gzip",
+    ".tar": None,
+}
+_CODEC_PACKAGES = {"zstd": "zstandard", "lz4": "lz4"}
+
+
+def shard_compression(url: str) -> str | None:
+    """The codec a shard's name says (``.tgz`` is gzip, which fsspec's own inference misses); another name
+    is inferred as fsspec does. Raises when nothing here decompresses it: read as a tar, its compressed
+    bytes end at the first header, and every sample of the shard would be lost as a truncated shard."""
+    suffix = next((s for s in SHARD_SUFFIXES if url.endswith(s)), None)
+    codec = SHARD_SUFFIXES[suffix] if suffix else infer_compression(url)
+    if codec is not None and codec not in available_compressions():
+        raise UserError(
+            f"{url}: a {codec}-compressed shard, and nothing in this environment decompresses {codec}: "
+            f"`pip install {_CODEC_PACKAGES.get(codec, codec)}`, or recompress the shards"
+        )
+    return codec
+
 
 # Every reason a sample can be rejected for; stats count by these names.
 REJECT_REASONS = {

@@ -23,6 +23,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from capfilt.data.sample import shard_compression
 from capfilt.errors import UserError
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -155,4 +156,6 @@ def expand_shards(specs: list[str] | str) -> list[str]:
     found.update(literals)
     if not found:
         raise ShardSpecError(f"shard specs {specs!r} match nothing")
+    for url in found:  # a codec missing here fails now, not as every shard read as an empty one
+        shard_compression(url)
     return sorted(found)

@@ -41,11 +41,10 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from capfilt.data.sample import Sample, ScoredSample, ShardStats
+from capfilt.data.sample import SHARD_SUFFIXES, Sample, ScoredSample, ShardStats
 
 ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 TEMP_SUFFIX = ".tmp"
-SHARD_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 
 CANDIDATE_TYPE = pa.struct(
     [
