@@ -184,7 +184,7 @@ def test_stats_must_agree_with_results(tmp_path):
 def test_output_names_unique_across_folders():
     a, b, c = "s3://b/crawl1/web-000003.tar", "s3://b/crawl2/web-000003.tar", "s3://b/crawl1/web-000004.tar"
     assert output_name(c, [a, b, c]) == "web-000004"
-    assert output_name("/data/x.tar.gz") == "x"
+    assert output_name("/data/x.tar.gz") == "x" and output_name("/data/Y.TAR.GZ") == "Y"
     na, nb = output_name(a, [a, b, c]), output_name(b, [a, b, c])
     assert na != nb and na.startswith("web-000003-") and len(na) == len("web-000003-") + 8
 

@@ -33,7 +33,7 @@ def shard_compression(url: str) -> str | None:
     """The codec a shard's name says (``.tgz`` is gzip, which fsspec's own inference misses); another name
     is inferred as fsspec does. Raises when nothing here decompresses it: read as a tar, its compressed
     bytes end at the first header, and every sample of the shard would be lost as a truncated shard."""
-    suffix = next((s for s in SHARD_SUFFIXES if url.endswith(s)), None)
+    suffix = next((s for s in SHARD_SUFFIXES if url.lower().endswith(s)), None)  # WEB-0.TAR.GZ too
     codec = SHARD_SUFFIXES[suffix] if suffix else infer_compression(url)
     if codec is not None and codec not in available_compressions():
         raise UserError(

@@ -277,7 +277,8 @@ def _write_json(url: str, obj: dict) -> None:
 
 
 def output_name(input_url: str, inputs: Sequence[str] = ()) -> str:
-    """The output NAME of an input shard: its file name without ``.tar`` (``web-000003.tar`` → ``web-000003``).
+    """The output NAME of an input shard: its file name without ``.tar`` or a compressed tar's ending, in
+    any case (``web-000003.tar`` → ``web-000003``).
 
     When another URL in ``inputs`` (the round's full shard list) has the same name in a different
     folder, both get ``-`` plus the first 8 hex digits of the SHA-1 of their full URL, so names stay
@@ -287,7 +288,7 @@ def output_name(input_url: str, inputs: Sequence[str] = ()) -> str:
     def stem(url: str) -> str:
         base = posixpath.basename(url.rstrip("/"))
         for suffix in SHARD_SUFFIXES:
-            if base.endswith(suffix):
+            if base.lower().endswith(suffix):
                 return base[: -len(suffix)]
         return base
 
