@@ -17,12 +17,12 @@ record the labels they used, so adding or changing ``--truth`` later re-runs onl
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from capfilt import jsonio
 from capfilt.config import Config
 from capfilt.data.mirror import Mirror
 from capfilt.data.writer import atomic_open
@@ -102,7 +102,7 @@ def _step(
     for name in outputs:
         mirror.push(round_dir / name)
     with atomic_open(marker) as f:
-        f.write(json.dumps({"seconds": round(time.time() - t0, 1), **inputs, **info}, default=str).encode())
+        f.write(jsonio.dumps({"seconds": round(time.time() - t0, 1), **inputs, **info}, default=str).encode())
 
 
 def train_and_evaluate(

@@ -47,9 +47,9 @@ SetOpt = Annotated[
 
 def echo_json(obj: dict) -> None:
     """A command's result on stdout as JSON (what summary.json holds), for ``jq`` and schedulers' logs."""
-    import json
+    from capfilt import jsonio
 
-    typer.echo(json.dumps(obj, indent=1))
+    typer.echo(jsonio.dumps(obj, indent=1))
 
 
 def _config(name: str, overrides: list[str] | None):

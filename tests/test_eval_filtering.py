@@ -96,3 +96,26 @@ def test_a_teams_own_labels_score_a_round_and_no_labels_skip_it(tmp_path, round_
     with pytest.raises(ValueError, match="lacks \\['noisy'\\]"):
         pq.write_table(pa.table({"key": ["a"]}), tmp_path / "bad.parquet")
         round_metrics(round_scores, tmp_path / "bad.parquet")
+
+
+def test_an_undefined_metric_is_null_in_the_json_a_user_pipes(tmp_path, round_scores):
+    """Labels of one class leave ROC-AUC undefined. Python wrote it NaN, which is not JSON: `capfilt eval
+    ... | jq` and eval.json's other readers refused the whole output. It is null now, on stdout and in
+    the file."""
+    from typer.testing import CliRunner
+
+    from capfilt.cli import app
+
+    pq.write_table(pa.table({"key": ["a", "b"], "noisy": [False, False]}), tmp_path / "clean.parquet")
+    out = tmp_path / "eval.json"
+    result = CliRunner().invoke(
+        app,
+        ["eval", "--run", str(round_scores), "--labels", str(tmp_path / "clean.parquet"), "--out", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    for metrics in (strict(result.stdout), strict(out.read_text())):
+        assert metrics["filtering"]["roc_auc"] is None and metrics["filtering"]["n"] == 2

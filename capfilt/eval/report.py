@@ -8,9 +8,9 @@ is simply not scored: labels are evaluation-only and optional.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from capfilt import jsonio
 from capfilt.config import Config
 from capfilt.data.specs import expand_shards
 from capfilt.eval.captioning import evaluate_captioning
@@ -39,5 +39,5 @@ def evaluate_all(
         metrics["filtering"] = round_metrics(run_dir, truth, threshold_used(str(run_dir))[0])
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(metrics, indent=1))
+        Path(out).write_text(jsonio.dumps(metrics, indent=1))
     return metrics

@@ -22,6 +22,7 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
+from capfilt import jsonio
 from capfilt.config import Config, ConfigError, config_from_dict
 from capfilt.data import specs, versions, writer
 from capfilt.data.sample import ShardStats
@@ -61,7 +62,7 @@ def read_json(url: str) -> dict[str, Any] | None:
 
 def write_json(url: str, obj: dict[str, Any]) -> None:
     with writer.atomic_open(url) as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True).encode())
+        f.write(jsonio.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def read_manifest(out: str) -> dict[str, Any]:
