@@ -132,8 +132,8 @@ def evaluate(
         list[str] | None,
         typer.Argument(help="held-out shards with reference captions (for --captioner/--filter)"),
     ] = None,
-    captioner: Annotated[Path | None, typer.Option(help="captioner folder")] = None,
-    filter_: Annotated[Path | None, typer.Option("--filter", help="filter folder")] = None,
+    captioner: Annotated[str | None, typer.Option(help=f"captioner {MODEL_HELP}")] = None,
+    filter_: Annotated[str | None, typer.Option("--filter", help=f"filter {MODEL_HELP}")] = None,
     run_dir: Annotated[
         Path | None, typer.Option("--run", help="a finished round, scored against --labels")
     ] = None,
@@ -146,6 +146,13 @@ def evaluate(
     against labels."""
     from capfilt.eval.report import evaluate_all
 
+    models = captioner is not None or filter_ is not None
+    if run_dir is not None and truth is None:
+        raise UserError("--run is scored against labels: pass --labels (a Parquet of key, noisy)")
+    if models and not test:
+        raise UserError("--captioner and --filter are evaluated on held-out shards: pass them (TEST...)")
+    if not models and run_dir is None:
+        raise UserError("nothing to evaluate: pass TEST shards with --captioner and/or --filter, or --run")
     metrics = evaluate_all(
         _config(config, set_),
         test or [],

@@ -71,6 +71,9 @@ def test_a_users_mistake_is_one_line_and_exit_code_2(tmp_path, tiny_models):
             ["run", str(shard), "--captioner", "org/none", "--filter", flt],
             "hf download",
         ),
+        "eval of nothing (it printed {})": (["eval"], "nothing to evaluate"),
+        "eval of a run without labels (it printed {})": (["eval", "--run", str(tmp_path)], "pass --labels"),
+        "eval of a model without test shards": (["eval", "--filter", flt], "held-out shards"),
     }
     for name, (args, fix) in cases.items():
         if args[0] == "run":
