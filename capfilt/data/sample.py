@@ -1,4 +1,5 @@
-"""The records that flow between stages: a sample read from a shard, a reject, a scored candidate.
+"""The records that flow between stages: a sample read from a shard, a reject, a scored candidate; and
+what an input shard may hold (image extensions) and be (a tar, plain or compressed as its name says).
 
 Errors are data: a sample that cannot go on becomes a ``Reject`` with a reason from ``REJECT_REASONS``
 and is counted in the shard's stats, so that in = kept + dropped + rejected holds for every shard.
