@@ -10,10 +10,10 @@ Under ``ray job submit`` it joins the cluster (``address="auto"``); run by hand 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
+from capfilt import jsonio
 from capfilt.config import load_config
 from capfilt.run.progress import failed_note
 from capfilt.run.round import plan_round, run_round
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(args.config, args.set)
     if args.dry_run:
         plan = plan_round(cfg, args.shards, args.out, args.captioner, args.filter, args.new_run, args.human)
-        print(json.dumps(plan, indent=1))
+        print(jsonio.dumps(plan, indent=1))
         return plan
     address = "auto" if os.environ.get("RAY_JOB_ID") or os.environ.get("RAY_ADDRESS") else None
     summary = run_round(
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
         progress=False,
         human=args.human,
     )
-    print(json.dumps(summary, indent=1))
+    print(jsonio.dumps(summary, indent=1))
     return summary
 
 
