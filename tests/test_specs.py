@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import gzip
 import os
 
 import fsspec
 import pytest
+from conftest import make_sample
 
 from capfilt.data import versions
+from capfilt.data.reader import ShardReader
 from capfilt.data.specs import ShardSpecError, expand_braces, expand_shards
+from capfilt.data.writer import output_name, write_samples_shard
 
 
 def _touch(folder, *names):
@@ -108,3 +112,21 @@ def test_shards_over_http_without_listings_are_found_one_by_one(http_folder):
     assert now[urls[0]]["size"] == str(size) and "Last-Modified" in now[urls[0]]
     os.utime(folder / "web-000000.tar", (1_000_000_000, 1_000_000_000))
     assert versions.changed(now[urls[0]], versions.current_versions(urls)[urls[0]])
+
+
+def test_presigned_shard_urls_are_named_and_decompressed_by_their_path(http_folder):
+    """An http(s) URL's query (a presigned URL's signature) is not part of the shard's file name. Before, a
+    ``.tar.gz?X-Amz-Signature=...`` shard was read as a plain tar, ended at its first header and was
+    committed as an empty truncated shard (every sample lost), and outputs were named
+    ``web-0.tar?X-Amz-...``."""
+    folder, base = http_folder
+    write_samples_shard(str(folder / "plain.tar"), [make_sample(f"s{i}") for i in range(3)])
+    (folder / "web-0.tar.gz").write_bytes(gzip.compress((folder / "plain.tar").read_bytes()))
+    url = f"{base}/web-0.tar.gz?X-Amz-Signature=ab%2Fc&X-Amz-Expires=3600"
+    assert expand_shards([url]) == [url]
+    reader = ShardReader(url)
+    assert [s.key for s in reader] == ["s0", "s1", "s2"] and not reader.truncated
+    assert output_name(url) == "web-0" and output_name(f"{base}/web-0.tar#part") == "web-0"
+    other = f"{base}/web-0.tar.gz?X-Amz-Signature=other"  # the same path twice: names stay unique
+    assert len({output_name(url, [url, other]), output_name(other, [url, other])}) == 2
+    assert output_name("/data/odd?name.tar") == "odd?name"  # a local file name keeps every character

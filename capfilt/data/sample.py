@@ -7,6 +7,8 @@ and is counted in the shard's stats, so that in = kept + dropped + rejected hold
 
 from __future__ import annotations
 
+import posixpath
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -30,12 +32,26 @@ SHARD_SUFFIXES = {
 _CODEC_PACKAGES = {"zstd": "zstandard", "lz4": "lz4"}
 
 
+def shard_file_name(url: str) -> str:
+    """The file name a shard URL ends in. An http(s) URL's query and fragment are not part of it: a
+    presigned ``.../web-0.tar.gz?X-Amz-Signature=...`` names ``web-0.tar.gz``."""
+    if url.lower().startswith(("http://", "https://")):
+        url = urllib.parse.urlsplit(url).path
+    return posixpath.basename(url.rstrip("/"))
+
+
+def shard_suffix(url: str) -> str | None:
+    """The ending of ``SHARD_SUFFIXES`` that a shard's file name has, in any case (WEB-0.TAR.GZ too)."""
+    name = shard_file_name(url).lower()
+    return next((s for s in SHARD_SUFFIXES if name.endswith(s)), None)
+
+
 def shard_compression(url: str) -> str | None:
     """The codec a shard's name says (``.tgz`` is gzip, which fsspec's own inference misses); another name
     is inferred as fsspec does. Raises when nothing here decompresses it: read as a tar, its compressed
     bytes end at the first header, and every sample of the shard would be lost as a truncated shard."""
-    suffix = next((s for s in SHARD_SUFFIXES if url.lower().endswith(s)), None)  # WEB-0.TAR.GZ too
-    codec = SHARD_SUFFIXES[suffix] if suffix else infer_compression(url)
+    suffix = shard_suffix(url)
+    codec = SHARD_SUFFIXES[suffix] if suffix else infer_compression(shard_file_name(url))
     if codec is not None and codec not in available_compressions():
         raise UserError(
             f"{url}: a {codec}-compressed shard, and nothing in this environment decompresses {codec}: "

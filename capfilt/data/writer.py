@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from capfilt.data.sample import SHARD_SUFFIXES, Sample, ScoredSample, ShardStats
+from capfilt.data.sample import Sample, ScoredSample, ShardStats, shard_file_name, shard_suffix
 
 ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 TEMP_SUFFIX = ".tmp"
@@ -277,8 +277,8 @@ def _write_json(url: str, obj: dict) -> None:
 
 
 def output_name(input_url: str, inputs: Sequence[str] = ()) -> str:
-    """The output NAME of an input shard: its file name without ``.tar`` or a compressed tar's ending, in
-    any case (``web-000003.tar`` → ``web-000003``).
+    """The output NAME of an input shard: its file name (``sample.shard_file_name``) without ``.tar`` or a
+    compressed tar's ending, in any case (``web-000003.tar`` → ``web-000003``).
 
     When another URL in ``inputs`` (the round's full shard list) has the same name in a different
     folder, both get ``-`` plus the first 8 hex digits of the SHA-1 of their full URL, so names stay
@@ -286,11 +286,8 @@ def output_name(input_url: str, inputs: Sequence[str] = ()) -> str:
     """
 
     def stem(url: str) -> str:
-        base = posixpath.basename(url.rstrip("/"))
-        for suffix in SHARD_SUFFIXES:
-            if base.lower().endswith(suffix):
-                return base[: -len(suffix)]
-        return base
+        base, suffix = shard_file_name(url), shard_suffix(url)
+        return base[: -len(suffix)] if suffix else base
 
     name = stem(input_url)
     if any(stem(u) == name and u != input_url for u in inputs):

@@ -203,7 +203,7 @@ def grown_shards(out: str, old: list[str], given: list[str]) -> list[str]:
     renamed = sorted(u for u, n in shard_names(old).items() if shard_names(grown)[u] != n)
     if renamed:
         raise RunMismatchError(
-            f"{out}: the new shards share file names with {renamed[:5]} from other folders, "
+            f"{out}: the new shards share file names with {renamed[:5]} (at other URLs), "
             "which would rename their outputs; use another --out"
         )
     return grown

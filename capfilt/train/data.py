@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from capfilt.config import RunConfig, TrainConfig
 from capfilt.data.decode import normalize, open_checked, to_rgb
 from capfilt.data.reader import iter_shard
-from capfilt.data.sample import Reject, Sample
+from capfilt.data.sample import Reject, Sample, shard_file_name
 from capfilt.model.tokenizer import count_words, normalize_caption
 
 MAX_PIXELS = RunConfig.max_pixels  # the round's decompression-bomb limit
@@ -45,8 +45,8 @@ class Pair:
 
 def image_id(shard: str, key: str) -> int:
     """A stable integer id of an image (63 bits), so ITC/ITM finetuning treats its captions as positives."""
-    name = shard.rstrip("/").rsplit("/", 1)[-1]
-    return int.from_bytes(hashlib.blake2b(f"{name}/{key}".encode(), digest_size=8).digest(), "big") >> 1
+    digest = hashlib.blake2b(f"{shard_file_name(shard)}/{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
 
 
 def references(meta: dict, caption: str) -> list[str]:
