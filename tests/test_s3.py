@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import is_done, make_sample
+from run_helpers import tiny_cfg
 
 from capfilt.data.reader import ShardReader
 from capfilt.data.sample import Candidate, Sample, ScoredSample, ShardStats
@@ -89,7 +90,9 @@ def test_mirror_pulls_what_a_resume_needs_and_pushes_no_temp_files(s3, tmp_path,
 
 
 def test_a_job_into_a_bucket_that_does_not_exist_is_refused_and_creates_none(s3):
-    """s3fs's makedirs creates a missing bucket: a typo in the bucket's name used to fill a new bucket."""
+    """s3fs's makedirs creates a missing bucket: a typo in the bucket's name used to fill a new bucket.
+    ``capfilt synth``, which holds no lease, ended in s3fs's traceback."""
+    from capfilt.data.synth import write_world
     from capfilt.errors import UserError
     from capfilt.run.lease import Lease
 
@@ -98,4 +101,6 @@ def test_a_job_into_a_bucket_that_does_not_exist_is_refused_and_creates_none(s3)
         Lease("s3://typo-bucket/out"),
     ):
         pass
+    with pytest.raises(UserError, match="s3://typo-bucket/world: its bucket does not exist"):
+        write_world("s3://typo-bucket/world", tiny_cfg().synth)
     assert not s3.exists("typo-bucket")

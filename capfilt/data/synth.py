@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from capfilt.data.sample import Sample
-from capfilt.data.writer import atomic_open, write_samples_shard
+from capfilt.data.writer import atomic_open, check_bucket, write_samples_shard
 
 COLORS = {
     "red": (215, 35, 35),
@@ -372,6 +372,7 @@ def _write_truth(url: str, items: list[Item]) -> None:
 def write_world(out: str, cfg) -> str:
     """Write ``OUT/{web,human,test}-NNNNNN.tar`` and ``OUT/truth.parquet`` from a ``SynthConfig``."""
     out = out.rstrip("/")
+    check_bucket(out)
     everything, lines = [], []
     for split, n in zip(SPLITS, (cfg.n_web, cfg.n_human, cfg.n_test)):
         items = _make_split(split, n, cfg)

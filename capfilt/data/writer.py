@@ -42,6 +42,7 @@ from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
 from capfilt.data.sample import Sample, ScoredSample, ShardStats, shard_file_name, shard_suffix
+from capfilt.errors import UserError
 
 ATOMIC_PUT_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}
 TEMP_SUFFIX = ".tmp"
@@ -98,6 +99,19 @@ def make_folder(fs, path: str) -> None:
     a typo in a bucket's name would fill a new bucket instead of failing at the first write."""
     if not is_object_store(fs):
         fs.makedirs(path, exist_ok=True)
+
+
+def check_bucket(url: str) -> None:
+    """Refuse, before any work, an output URL in a bucket that does not exist (capfilt creates none)."""
+    fs, path = url_to_fs(url)
+    if is_object_store(fs) and not fs.exists(path.split("/", 1)[0]):
+        raise missing_bucket(url)
+
+
+def missing_bucket(url: str) -> UserError:
+    return UserError(
+        f"{url}: its bucket does not exist; create it (capfilt creates no bucket) or fix the URL"
+    )
 
 
 def fsync_path(path: str | os.PathLike) -> None:

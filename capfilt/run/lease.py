@@ -133,10 +133,7 @@ class Lease:
         except FileExistsError:
             return False
         except FileNotFoundError:  # on an object store (locally its folder was made): no such bucket
-            raise UserError(
-                f"{self.url.rsplit('/', 1)[0]}: its bucket does not exist; create it (capfilt creates no "
-                "bucket) or fix the URL"
-            ) from None
+            raise writer.missing_bucket(self.url.rsplit("/", 1)[0]) from None
         except (ValueError, NotImplementedError):  # a store without exclusive creation: check, then write
             if fs.exists(path):
                 return False
