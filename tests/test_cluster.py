@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -94,7 +93,7 @@ class Cluster:
 @contextlib.contextmanager
 def _cluster(head_cpus: int = 1):
     """A head node of ``head_cpus`` CPUs marked by the custom resource ``head``; ``join`` adds a worker
-    node of one CPU marked ``worker``. Both end (SIGKILL for the worker) when the block does."""
+    node of one CPU marked ``worker``. Both end when the block does."""
     port, dash = free_port(), free_port()
     temps = [_temp(), _temp()]
     nodes = [
@@ -118,18 +117,20 @@ def _cluster(head_cpus: int = 1):
         yield Cluster(f"http://127.0.0.1:{dash}", port, join)
     finally:
         for node in nodes[1:]:
-            stop_node(node, signal.SIGKILL)
+            stop_node(node)
         stop_node(nodes[0])
         for temp in temps:
             shutil.rmtree(temp, ignore_errors=True)
 
 
 def test_bootstrap_job_trains_on_both_nodes_and_finishes_on_the_head(tiny_world, tmp_path):
-    """`pipelines/bootstrap.py` submitted to two nodes: each round's pretraining runs two Ray Train
-    workers, spread one per node (``pretrain.placement=SPREAD``). The worker node is lost right after
-    round 0's first pretraining checkpoint; Ray Train starts both workers again on the head (two CPUs),
-    they resume from that checkpoint, and both rounds finish with every step's marker and every web sample
-    accounted for. (The finetunings run in the driver: Ray Train starts take half a minute each here.)"""
+    """`pipelines/bootstrap.py` submitted to two nodes: round 0's pretraining runs two Ray Train workers,
+    spread one per node (``pretrain.placement=SPREAD``). The worker node is lost right after the first
+    pretraining checkpoint; Ray Train starts both workers again on the head (two CPUs), they resume from
+    that checkpoint, and the round finishes with every step's marker. (The finetuning runs in the driver:
+    Ray Train starts take half a minute each here. The cleaning rounds after it run the code of
+    test_bootstrap.py's rounds, on a cluster as test_two_nodes_grow_lose_a_node_and_give_single_node_bytes
+    runs a round.)"""
     out = tmp_path / "boot"
     hooks = tmp_path / "hooks"
     hooks.mkdir()
@@ -144,7 +145,7 @@ def test_bootstrap_job_trains_on_both_nodes_and_finishes_on_the_head(tiny_world,
         argv += ["--working-dir", ".", "--runtime-env-json", json.dumps({"env_vars": {KILL_DIR: str(hooks)}})]
         argv += ["--", sys.executable, "pipelines/bootstrap.py", "--config", "tiny"]
         argv += ["--web", f"{tiny_world}/web-*.tar", "--human", f"{tiny_world}/human-*.tar"]
-        argv += ["--test", f"{tiny_world}/test-*.tar", "--out", str(out), "--rounds", "1"]
+        argv += ["--test", f"{tiny_world}/test-*.tar", "--out", str(out), "--rounds", "0"]
         argv += ["--set", "pretrain.workers=2", "--set", "pretrain.placement=SPREAD"]
         submitted = submit_job(argv)
         assert submitted.returncode == 0, submitted.stdout[-2000:] + submitted.stderr[-2000:]
@@ -152,7 +153,7 @@ def test_bootstrap_job_trains_on_both_nodes_and_finishes_on_the_head(tiny_world,
         pretraining = out / "round-0" / "pretrain"
         _wait("round 0's first checkpoint", lambda: latest_checkpoint(pretraining) is not None, timeout=600)
         before = _ran_on(api, "RayTrainWorker")
-        stop_node(worker, signal.SIGKILL)  # the node is lost mid-training
+        stop_node(worker)  # the node is lost mid-training
         hold.unlink()
         _wait("the job", lambda: client.get_job_status(job_id).is_terminal(), timeout=900)
         logs = client.get_job_logs(job_id)
@@ -160,16 +161,11 @@ def test_bootstrap_job_trains_on_both_nodes_and_finishes_on_the_head(tiny_world,
         trained_on = _ran_on(api, "RayTrainWorker")
 
     assert before == ["head", "worker"], before
-    assert trained_on.count("worker") == 1 and len(trained_on) >= 6, trained_on  # the rest on the head
+    assert trained_on == ["head", "head", "head", "worker"], trained_on  # started again on the head
     assert latest_checkpoint(pretraining).name == "step-6"
     assert "[pretrain] resuming from step-4" in logs  # not from the start
-    steps = {"round-0": ["pretrain", "finetune", "eval"], "round-1": ["run", "pretrain", "finetune", "eval"]}
-    assert {
-        rd: [s for s in names if (out / rd / f"{s}.done").exists()] for rd, names in steps.items()
-    } == steps
-    summary = json.loads((out / "round-1" / "run" / "summary.json").read_text())
-    assert summary["n_in"] == 64 and not summary["failed_shards"]
-    assert summary["n_in"] == summary["kept"] + summary["dropped"] + sum(summary["rejected"].values())
+    steps = ["pretrain", "finetune", "eval"]
+    assert [s for s in steps if (out / "round-0" / f"{s}.done").exists()] == steps
 
 
 def test_two_nodes_grow_lose_a_node_and_give_single_node_bytes(tiny_models, tmp_path):
@@ -229,7 +225,7 @@ def test_two_nodes_grow_lose_a_node_and_give_single_node_bytes(tiny_models, tmp_
         _wait("the head's actor", lambda: _ran_on(api, "ShardActor") == ["head"])
         worker = cluster.join()
         _wait("a shard committed by the worker node", lambda: list(out.glob("*.done")))
-        stop_node(worker, signal.SIGKILL)  # the node is lost mid-run, most likely with a shard in flight
+        stop_node(worker)  # the node is lost mid-run, most likely with a shard in flight
         assert len(list(out.glob("*.done"))) < N_SHARDS
         hold.unlink()
 
