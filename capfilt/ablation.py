@@ -109,9 +109,12 @@ def _seeded(cfg: Config, seed: int) -> Config:
     return cfg
 
 
-def run_seed(cfg: Config, world: Path, out: Path, log: Callable[[str], None] = print) -> dict[str, Path]:
-    """All variants for one seed; returns variant → folder holding its eval.json."""
-    plan = world_plan(world, rounds=2)
+def run_seed(
+    cfg: Config, world: Path, out: Path, log: Callable[[str], None] = print, local: bool = False
+) -> dict[str, Path]:
+    """All variants for one seed; returns variant → folder holding its eval.json. ``local`` runs the
+    cleaning in-process instead of on Ray."""
+    plan = world_plan(world, rounds=2, local=local)
     boot = out / "boot"
     rounds = [Path(r) for r in bootstrap(cfg, plan, boot, log=log)]
     beam_cfg = copy.deepcopy(cfg)
@@ -258,14 +261,19 @@ def run_side_by_side(args: list[str], seeds: list[int], parallel: int, out: Path
 
 
 def run_ablation(
-    cfg: Config, world: Path, out: Path, seeds: list[int], log: Callable[[str], None] = print
+    cfg: Config,
+    world: Path,
+    out: Path,
+    seeds: list[int],
+    log: Callable[[str], None] = print,
+    local: bool = False,
 ) -> str:
-    """Every variant for every seed, then the markdown table of their evaluations."""
+    """Every variant for every seed (``run_seed``), then the markdown table of their evaluations."""
     world, out = Path(world), Path(out)
     ensure_world(cfg, world)
     evals: dict[int, dict[str, dict]] = {}
     for seed in seeds:
-        folders = run_seed(_seeded(cfg, seed), world, out / f"seed-{seed}", log=log)
+        folders = run_seed(_seeded(cfg, seed), world, out / f"seed-{seed}", log=log, local=local)
         evals[seed] = {v: json.loads((d / "eval.json").read_text()) for v, d in folders.items()}
     (out / "evals.json").write_text(json.dumps(evals, indent=2))
     return results_markdown(

@@ -355,6 +355,7 @@ def ablation(
     parallel: Annotated[
         int, typer.Option(help="seeds side by side, each a process of its own with its share of the cores")
     ] = 1,
+    local: Annotated[bool, typer.Option(help="clean in-process instead of on Ray")] = False,
 ):
     """The paper's CapFilt ablation on the demo world: noisy, +captioner, +filter, both, beam, 2 rounds, oracle."""
     from capfilt.ablation import ensure_world, run_ablation, run_side_by_side, update_results
@@ -363,8 +364,8 @@ def ablation(
     if parallel > 1:
         ensure_world(cfg, world)
         args = ["--config", config, *(a for s in set_ or [] for a in ("--set", s)), "--world", str(world)]
-        run_side_by_side([*args, "--out", str(out)], seed_list, parallel, out)
-    table = run_ablation(cfg, world, out, seed_list)
+        run_side_by_side([*args, "--out", str(out), *["--local"] * local], seed_list, parallel, out)
+    table = run_ablation(cfg, world, out, seed_list, local=local)
     update_results(results, table)
     typer.echo(table)
 

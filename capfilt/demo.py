@@ -14,14 +14,15 @@ from capfilt.config import Config
 from capfilt.report import round_table, write_report
 
 
-def world_plan(world: Path, rounds: int) -> BootstrapPlan:
-    """The bootstrap inputs of a demo world folder made by `capfilt synth`."""
+def world_plan(world: Path, rounds: int, local: bool = False) -> BootstrapPlan:
+    """The bootstrap inputs of a demo world folder made by `capfilt synth`; ``local`` cleans in-process."""
     return BootstrapPlan(
         web=[str(world / "web-*.tar")],
         human=[str(world / "human-*.tar")],
         test=[str(world / "test-*.tar")],
         rounds=rounds,
         truth=str(world / "truth.parquet"),
+        local=local,
     )
 
 

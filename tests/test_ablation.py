@@ -89,13 +89,14 @@ def test_gap_is_undefined_when_the_oracle_does_not_beat_noisy():
 @pytest.mark.slow
 def test_ablation_end_to_end_at_the_tiny_size_two_seeds_side_by_side(tmp_path):
     """`capfilt ablation --parallel 2`: each seed in its own process, then the table from their finished
-    steps. Every variant trains and evaluates, and the results file gets a row per variant."""
+    steps. Every variant trains and evaluates, and the results file gets a row per variant. (``--local``:
+    the cleaning runs in-process; the rounds' pools are tested in test_run_ray.py.)"""
     from typer.testing import CliRunner
 
     from capfilt.cli import app
 
     out, results = tmp_path / "out", tmp_path / "RESULTS.md"
-    args = ["ablation", "--config", "tiny", "--set", "run.actors=1", "--seeds", "0,1", "--parallel", "2"]
+    args = ["ablation", "--config", "tiny", "--seeds", "0,1", "--parallel", "2", "--local"]
     args += ["--world", str(tmp_path / "world"), "--out", str(out), "--results", str(results)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
