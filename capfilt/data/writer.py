@@ -109,6 +109,7 @@ def check_bucket(url: str) -> None:
 
 
 def missing_bucket(url: str) -> UserError:
+    """The one error for it, whether a command checks first (``check_bucket``) or meets it writing."""
     return UserError(
         f"{url}: its bucket does not exist; create it (capfilt creates no bucket) or fix the URL"
     )
@@ -294,9 +295,9 @@ def output_name(input_url: str, inputs: Sequence[str] = ()) -> str:
     """The output NAME of an input shard: its file name (``sample.shard_file_name``) without ``.tar`` or a
     compressed tar's ending, in any case (``web-000003.tar`` → ``web-000003``).
 
-    When another URL in ``inputs`` (the round's full shard list) has the same name in a different
-    folder, both get ``-`` plus the first 8 hex digits of the SHA-1 of their full URL, so names stay
-    unique and stable for a given input list.
+    When another URL in ``inputs`` (the round's full shard list) has the same name (in another folder, or
+    the same file with another query), both get ``-`` plus the first 8 hex digits of the SHA-1 of their
+    full URL, so names stay unique and stable for a given input list.
     """
 
     def stem(url: str) -> str:
