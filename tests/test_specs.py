@@ -10,6 +10,7 @@ import pytest
 from conftest import make_sample
 
 from capfilt.data import versions
+from capfilt.data.inspect import inspect_shards
 from capfilt.data.reader import ShardReader
 from capfilt.data.specs import ShardSpecError, expand_braces, expand_shards
 from capfilt.data.writer import output_name, write_samples_shard
@@ -118,7 +119,8 @@ def test_presigned_shard_urls_are_named_and_decompressed_by_their_path(http_fold
     """An http(s) URL's query (a presigned URL's signature) is not part of the shard's file name. Before, a
     ``.tar.gz?X-Amz-Signature=...`` shard was read as a plain tar, ended at its first header and was
     committed as an empty truncated shard (every sample lost), and outputs were named
-    ``web-0.tar?X-Amz-...``."""
+    ``web-0.tar?X-Amz-...``; ``capfilt inspect`` took the server's answer to ``...?X-Amz-....stats.json``
+    (the shard itself) for an output shard's stats."""
     folder, base = http_folder
     write_samples_shard(str(folder / "plain.tar"), [make_sample(f"s{i}") for i in range(3)])
     (folder / "web-0.tar.gz").write_bytes(gzip.compress((folder / "plain.tar").read_bytes()))
@@ -130,3 +132,4 @@ def test_presigned_shard_urls_are_named_and_decompressed_by_their_path(http_fold
     other = f"{base}/web-0.tar.gz?X-Amz-Signature=other"  # the same path twice: names stay unique
     assert len({output_name(url, [url, other]), output_name(other, [url, other])}) == 2
     assert output_name("/data/odd?name.tar") == "odd?name"  # a local file name keeps every character
+    assert inspect_shards([url]).startswith(f"{url}: input shard, 3 samples, 3 readable")

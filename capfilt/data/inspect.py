@@ -16,7 +16,7 @@ from fsspec.core import url_to_fs
 from PIL import Image
 
 from capfilt.data.reader import ShardReader
-from capfilt.data.sample import Reject
+from capfilt.data.sample import Reject, shard_file_name
 from capfilt.data.specs import expand_shards
 
 
@@ -34,7 +34,11 @@ def _image_size(data: bytes) -> str:
 
 
 def _output_stats(url: str) -> str | None:
-    """The stats.json URL of an output shard URL (``NAME.tar``), when there is one."""
+    """The stats.json URL of an output shard URL (``NAME.tar``), when there is one. Only a plain ``.tar``
+    without a query can be one: a server that ignores a query answers ``a.tar.gz?t=1.stats.json`` with the
+    shard itself."""
+    if not url.endswith(".tar") or shard_file_name(url) != posixpath.basename(url):
+        return None
     stats = url.removesuffix(".tar") + ".stats.json"
     fs, path = url_to_fs(stats)
     return stats if fs.exists(path) else None
