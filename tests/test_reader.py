@@ -23,6 +23,7 @@ from capfilt.data.sample import Reject, Sample
 from capfilt.data.specs import expand_shards
 from capfilt.data.writer import output_name, write_samples_shard, write_tar
 from capfilt.errors import UserError
+from capfilt.run.progress import split_note
 
 
 def test_split_key_follows_webdataset():
@@ -213,3 +214,21 @@ def test_the_reader_fingerprints_the_bytes_it_read(tmp_path):
     assert len(list(plain)) == 2 and plain.sha256 == "" and plain.version == {}
     stat = (tmp_path / "c.tar").stat()  # and the version a rerun compares, taken as reading began
     assert reader.version == {"size": str(stat.st_size), "mtime": str(stat.st_mtime)}
+
+
+def test_a_shard_not_in_key_order_says_so(tmp_path):
+    """``tar -cf shard.tar *.jpg *.txt`` puts every image first: each sample comes in two parts. Before, the
+    images were cleaned without their captions and every caption was rejected as a ``duplicate_key``,
+    which reads as a corpus with repeated samples; a sample that is truly there twice still is one."""
+    jpg = encode(smooth_image())
+    members = [(f"{k}.jpg", jpg) for k in ("a", "b")] + [(f"{k}.txt", k.encode()) for k in ("a", "b")]
+    members += [("c.jpg", jpg), ("c.txt", b"c"), ("a.jpg", jpg), ("a.txt", b"a again")]
+    url = str(tmp_path / "globbed.tar")
+    write_tar(url, members)
+    items = list(iter_shard(url))
+    got = [f"{i.key}:{getattr(i, 'reason', 'sample')}" for i in items]
+    assert got == "a:sample b:sample a:split_sample b:split_sample c:sample a:duplicate_key".split()
+    assert items[0].caption == "" and "a's jpg came earlier" in items[2].detail
+    assert "tar --sort=name" in items[2].detail
+    summary = {"rejected": {"split_sample": 2, "duplicate_key": 1}}
+    assert split_note(summary).startswith("2 samples came in parts") and not split_note({"rejected": {}})

@@ -64,6 +64,7 @@ def shard_compression(url: str) -> str | None:
 REJECT_REASONS = {
     "missing_image": "no jpg/jpeg/png/webp/gif/bmp member",
     "duplicate_key": "a key seen earlier in the same shard",
+    "split_sample": "more files of a key seen earlier in the shard: the shard is not in key order",
     "bad_text": "caption bytes are not UTF-8, or a json caption that is not a string",
     "bad_json": "json member does not parse to an object",
     "truncated": "the shard was cut inside this sample",

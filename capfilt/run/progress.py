@@ -98,6 +98,19 @@ def failed_note(summary: dict[str, Any]) -> str:
     )
 
 
+def split_note(summary: dict[str, Any]) -> str:
+    """One line for a run that read samples in parts (``split_sample`` rejects), else "": a shard whose
+    files are not in key order is cleaned without a word otherwise, its images without their captions."""
+    n = summary["rejected"].get("split_sample", 0)
+    if not n:
+        return ""
+    return (
+        f"{n} samples came in parts, after other keys in their shard (rejected.split_sample in summary.json: "
+        "the shards are not in key order); each part was read on its own. Rewrite those shards in key order "
+        "(tar --sort=name) and rerun the same command: changed inputs are cleaned again"
+    )
+
+
 class RoundProgress:
     """Shards done/total, samples/s and kept rate, updated as shards finish; on stderr, so that stdout
     holds only the command's result (the summary as JSON)."""
