@@ -191,7 +191,7 @@ def run(
     ] = False,
 ):
     """One CapFilt round: read → decode → caption → score → select → write, resumable."""
-    from capfilt.run.progress import failed_note, split_note
+    from capfilt.run.progress import failed_note, input_notes
     from capfilt.run.round import plan_round, run_round
 
     if dry_run:
@@ -210,8 +210,8 @@ def run(
         processes=processes,
     )
     echo_json(summary)
-    if split_note(summary):
-        typer.echo(f"capfilt: {split_note(summary)}", err=True)
+    for note in input_notes(summary):
+        typer.echo(f"capfilt: {note}", err=True)
     if summary["failed_shards"]:  # the run went on past them; a scheduler still needs to know
         typer.echo(f"capfilt: {failed_note(summary)}", err=True)
         raise typer.Exit(1)

@@ -15,7 +15,7 @@ import sys
 
 from capfilt import jsonio
 from capfilt.config import load_config
-from capfilt.run.progress import failed_note
+from capfilt.run.progress import failed_note, input_notes
 from capfilt.run.round import plan_round, run_round
 from capfilt.signals import exit_on_sigterm
 
@@ -56,5 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     exit_on_sigterm()  # `ray job stop` sends SIGTERM: the round closes its pool and gives its lease back
     summary = main()
+    for note in input_notes(summary):  # the job's log says what the summary alone would leave unsaid
+        print(f"run_round: {note}", file=sys.stderr)
     if summary.get("failed_shards"):  # `ray job submit` then reports the job FAILED; a rerun retries them
         sys.exit(f"run_round: {failed_note(summary)}")

@@ -23,7 +23,7 @@ from capfilt.data.sample import Reject, Sample
 from capfilt.data.specs import expand_shards
 from capfilt.data.writer import output_name, write_samples_shard, write_tar
 from capfilt.errors import UserError
-from capfilt.run.progress import split_note
+from capfilt.run.progress import input_notes
 
 
 def test_split_key_follows_webdataset():
@@ -230,5 +230,29 @@ def test_a_shard_not_in_key_order_says_so(tmp_path):
     assert got == "a:sample b:sample a:split_sample b:split_sample c:sample a:duplicate_key".split()
     assert items[0].caption == "" and "a's jpg came earlier" in items[2].detail
     assert "tar --sort=name" in items[2].detail
-    summary = {"rejected": {"split_sample": 2, "duplicate_key": 1}}
-    assert split_note(summary).startswith("2 samples came in parts") and not split_note({"rejected": {}})
+    notes = input_notes({"shards": 1, "truncated_shards": [], "rejected": {"split_sample": 2}})
+    assert notes[0].startswith("2 samples came in parts") and "rerun" in notes[-1]
+    assert not input_notes({"shards": 1, "truncated_shards": [], "rejected": {"duplicate_key": 1}})
+
+
+def test_a_file_that_is_no_tar_says_what_it_is(tmp_path):
+    """An error page or an empty file saved under a shard's name is a shard that ends at once; before, the
+    reason said "cut inside a header" or "no end-of-archive marker", and `capfilt run` said nothing."""
+    raw = tmp_path / "real.tar"
+    write_tar(str(raw), [("a.jpg", encode(smooth_image())), ("a.txt", b"a")])
+    files = {
+        "page.tar": (
+            b"<html><body>403 Forbidden</body></html>",
+            "not a tar archive: it starts with b'<html>",
+        ),
+        "empty.tar": (b"", "an empty file"),
+        "gz.tar": (gzip.compress(raw.read_bytes()), "gzip-compressed: name it with .tar.gz"),
+        "cut.tar": (raw.read_bytes()[:300], "cut inside a header"),  # a tar's first header, cut: a tar still
+    }
+    for name, (data, why) in files.items():
+        (tmp_path / name).write_bytes(data)
+        reader = ShardReader(str(tmp_path / name))
+        assert list(reader) == [] and reader.truncated and why in reader.truncation_detail, name
+    summary = {"shards": 5, "truncated_shards": [str(tmp_path / "page.tar")] * 4, "rejected": {}}
+    note = input_notes(summary)[0]
+    assert note.startswith("4 of 5 shards ended early") and "capfilt inspect SHARD" in note

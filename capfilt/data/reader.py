@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import fsspec
 
 from capfilt.data import versions
-from capfilt.data.sample import IMAGE_EXTS, Reject, Sample, shard_compression
+from capfilt.data.sample import IMAGE_EXTS, SHARD_SUFFIXES, Reject, Sample, shard_compression
 
 BLOCK = 512
 _FILE_TYPES = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE}
@@ -102,15 +102,44 @@ def parse_header(block: bytes) -> tuple[str, int, bytes]:
     return info.name, info.size, info.type
 
 
+def _is_header(block: bytes) -> bool:
+    """Whether a shard's first block is a tar header: a whole one that parses, or a cut one with ustar's
+    magic. Else the file is no tar at all (an error page or an empty file saved under a shard's name)."""
+    if len(block) < BLOCK:
+        return block[257:262] == b"ustar"
+    try:
+        parse_header(block)
+    except tarfile.HeaderError:
+        return False
+    return True
+
+
+_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+
+
+def _not_a_tar(start: bytes) -> str:
+    """Why a shard is no tar, from its first bytes: empty, compressed under a plain name, or anything else."""
+    if not start:
+        return "an empty file"
+    codec = next((c for magic, c in _MAGIC.items() if start.startswith(magic)), None)
+    if codec:
+        ending = next(s for s, c in SHARD_SUFFIXES.items() if c == codec)
+        return f"not a tar archive but {codec}-compressed: name it with {ending}, as capfilt reads the codec from the name"
+    return f"not a tar archive: it starts with {start[:40]!r}"
+
+
 def iter_members(f) -> Iterator[tuple[str, bytes]]:
     """Yield ``(name, data)`` for each regular file; raise ``_Truncated`` where the stream is cut.
 
     Handles ustar, GNU long names (``L``) and pax headers (``x``), which Python's tarfile writes for
     long or non-ASCII names; other member types are skipped.
     """
-    long_name = None
+    long_name, first = None, True
     while True:
         header = _read_upto(f, BLOCK)
+        if first and header != bytes(BLOCK) and not _is_header(header):
+            raise _Truncated(_not_a_tar(header))
+        first = False
         if len(header) != BLOCK:
             raise _Truncated("no end-of-archive marker" if not header else "cut inside a header")
         if header == bytes(BLOCK):

@@ -98,17 +98,27 @@ def failed_note(summary: dict[str, Any]) -> str:
     )
 
 
-def split_note(summary: dict[str, Any]) -> str:
-    """One line for a run that read samples in parts (``split_sample`` rejects), else "": a shard whose
-    files are not in key order is cleaned without a word otherwise, its images without their captions."""
-    n = summary["rejected"].get("split_sample", 0)
-    if not n:
-        return ""
-    return (
-        f"{n} samples came in parts, after other keys in their shard (rejected.split_sample in summary.json: "
-        "the shards are not in key order); each part was read on its own. Rewrite those shards in key order "
-        "(tar --sort=name) and rerun the same command: changed inputs are cleaned again"
-    )
+def input_notes(summary: dict[str, Any]) -> list[str]:
+    """A line for each kind of input that a run cleaned only in part, which the summary alone would leave
+    unsaid: shards that ended early (an error page or an empty file saved as a shard is one that ends at
+    once), and shards not in key order, whose images went without their captions."""
+    notes: list[str] = []
+    cut, split = summary.get("truncated_shards", []), summary.get("rejected", {}).get("split_sample")
+    if cut:
+        more = f" and {len(cut) - 1} more" if len(cut) > 1 else ""
+        notes.append(
+            f"{len(cut)} of {summary['shards']} shards ended early ({cut[0]}{more}; truncated_shards in "
+            "summary.json), and only the samples before the end were cleaned: `capfilt inspect SHARD` says why"
+        )
+    if split:
+        notes.append(
+            f"{split} samples came in parts, after other keys in their shard "
+            "(rejected.split_sample in summary.json: the shards are not in key order); each part was read on "
+            "its own: rewrite those shards in key order (tar --sort=name)"
+        )
+    if notes:
+        notes.append("after a fix, rerun the same command: changed inputs are cleaned again")
+    return notes
 
 
 class RoundProgress:
