@@ -55,6 +55,8 @@ def test_list_files(tmp_path):
     (tmp_path / "shards.cfg").write_text(f"{tmp_path}/*.tar\n")
     assert expand_shards([str(tmp_path / "shards.txt")]) == [f"{tmp_path}/a.tar", f"{tmp_path}/b.tar"]
     assert expand_shards([f"@{tmp_path}/shards.cfg"]) == [f"{tmp_path}/a.tar", f"{tmp_path}/b.tar"]
+    (tmp_path / "windows.txt").write_bytes(f"\ufeff{tmp_path}/a.tar\r\n{tmp_path}/b.tar\r\n".encode())
+    assert expand_shards([str(tmp_path / "windows.txt")]) == [f"{tmp_path}/a.tar", f"{tmp_path}/b.tar"]
 
 
 def test_memory_filesystem_glob_and_braces():

@@ -62,7 +62,9 @@ def _is_list_file(spec: str) -> bool:
 
 
 def _read_list(spec: str) -> list[str]:
-    with fsspec.open(spec.removeprefix("@"), "rt") as f:
+    """A list file's specs: one a line, blank lines and ``#`` comments skipped; CRLF line ends and the BOM
+    a Windows editor puts first are not part of them."""
+    with fsspec.open(spec.removeprefix("@"), "rt", encoding="utf-8-sig") as f:
         return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
 
 
