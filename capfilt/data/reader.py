@@ -124,7 +124,7 @@ def _not_a_tar(start: bytes) -> str:
     codec = next((c for magic, c in _MAGIC.items() if start.startswith(magic)), None)
     if codec:
         ending = next(s for s, c in SHARD_SUFFIXES.items() if c == codec)
-        return f"not a tar archive but {codec}-compressed: name it with {ending}, as capfilt reads the codec from the name"
+        return f"not a tar archive but {codec}-compressed: name it with {ending} (the name says the codec)"
     return f"not a tar archive: it starts with {start[:40]!r}"
 
 
