@@ -256,3 +256,21 @@ def test_a_file_that_is_no_tar_says_what_it_is(tmp_path):
     summary = {"shards": 5, "truncated_shards": [str(tmp_path / "page.tar")] * 4, "rejected": {}}
     note = input_notes(summary)[0]
     assert note.startswith("4 of 5 shards ended early") and "capfilt inspect SHARD" in note
+
+
+def test_keys_that_would_extract_outside_the_folder_are_rejected(tmp_path):
+    """A round's output members are named by the input keys; before, ``../../x.jpg`` and ``/abs/x.jpg``
+    went into the cleaned tar as they were, for whoever extracts the dataset (tar-slip)."""
+    jpg = encode(smooth_image())
+    names = ["../up/a.jpg", "../up/a.txt", "/abs/b.jpg", "x/../c.jpg", "safe/d.jpg", "./e.jpg", "f..g/h.jpg"]
+    url = str(tmp_path / "names.tar")
+    write_tar(url, [(n, b"a" if n.endswith(".txt") else jpg) for n in names])
+    got = [f"{i.key}:{getattr(i, 'reason', 'sample')}" for i in iter_shard(url)]
+    assert got == [
+        "../up/a:unsafe_key",
+        "/abs/b:unsafe_key",
+        "x/../c:unsafe_key",
+        "safe/d:sample",
+        "./e:sample",
+        "f..g/h:sample",  # two dots in a folder's name are not a '..' part
+    ]

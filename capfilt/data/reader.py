@@ -197,6 +197,10 @@ def _dotted_hint(key: str, members: dict[str, bytes]) -> str:
 
 def make_sample(key: str, url: str, members: dict[str, bytes]) -> Sample | Reject:
     """Build a Sample from one key's members, or the Reject that says why it cannot be one."""
+    if key.startswith("/") or ".." in key.split("/"):  # the outputs' member names are the keys: no tar-slip
+        return Reject(
+            key, url, "unsafe_key", f"{key!r} would extract outside the folder a user extracts into"
+        )
     image_ext = next((ext for ext in IMAGE_EXTS if ext in members), None)
     if image_ext is None:
         return Reject(key, url, "missing_image", f"members: {sorted(members)}{_dotted_hint(key, members)}")

@@ -63,6 +63,7 @@ def shard_compression(url: str) -> str | None:
 # Every reason a sample can be rejected for; stats count by these names.
 REJECT_REASONS = {
     "missing_image": "no jpg/jpeg/png/webp/gif/bmp member",
+    "unsafe_key": "an absolute key or one with a '..' part: written out, it would extract outside its folder",
     "duplicate_key": "a key seen earlier in the same shard",
     "split_sample": "more files of a key seen earlier in the shard: the shard is not in key order",
     "bad_text": "caption bytes are not UTF-8, or a json caption that is not a string",
