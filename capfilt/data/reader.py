@@ -102,18 +102,6 @@ def parse_header(block: bytes) -> tuple[str, int, bytes]:
     return info.name, info.size, info.type
 
 
-def _is_header(block: bytes) -> bool:
-    """Whether a shard's first block is a tar header: a whole one that parses, or a cut one with ustar's
-    magic. Else the file is no tar at all (an error page or an empty file saved under a shard's name)."""
-    if len(block) < BLOCK:
-        return block[257:262] == b"ustar"
-    try:
-        parse_header(block)
-    except tarfile.HeaderError:
-        return False
-    return True
-
-
 _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
 
 
@@ -137,17 +125,17 @@ def iter_members(f) -> Iterator[tuple[str, bytes]]:
     long_name, first = None, True
     while True:
         header = _read_upto(f, BLOCK)
-        if first and header != bytes(BLOCK) and not _is_header(header):
-            raise _Truncated(_not_a_tar(header))
-        first = False
-        if len(header) != BLOCK:
+        if len(header) != BLOCK:  # a first block cut before ustar's magic is no tar (an empty file too)
+            if first and header[257:262] != b"ustar":
+                raise _Truncated(_not_a_tar(header))
             raise _Truncated("no end-of-archive marker" if not header else "cut inside a header")
         if header == bytes(BLOCK):
             return
         try:
             name, size, kind = parse_header(header)
-        except tarfile.HeaderError as err:
-            raise _Truncated(f"corrupt tar header: {err}") from err
+        except tarfile.HeaderError as err:  # as the first block: an error page saved as a shard, say
+            raise _Truncated(_not_a_tar(header) if first else f"corrupt tar header: {err}") from err
+        first = False
         name = long_name or name
         try:
             data = _read_exact(f, size)  # payloads of skipped types are read and dropped too
