@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from capfilt import jsonio
 from capfilt.data.sample import Sample, ScoredSample, ShardStats, shard_file_name, shard_suffix
 from capfilt.errors import UserError
 
@@ -286,9 +287,10 @@ def _write_parquet(url: str, rows: list[dict], schema: pa.Schema) -> None:
         pq.write_table(table, f)
 
 
-def _write_json(url: str, obj: dict) -> None:
+def write_json(url: str, obj: dict) -> None:
+    """A run folder's JSON file (stats, markers, manifest, summary, card), whole or not at all."""
     with atomic_open(url) as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True, allow_nan=False).encode())
+        f.write(jsonio.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def output_name(input_url: str, inputs: Sequence[str] = ()) -> str:
@@ -369,7 +371,7 @@ class RoundShardWriter:
         schema = KEPT_SCHEMA_WITH_IMAGE if self.parquet_image_bytes else KEPT_SCHEMA
         _write_parquet(f"{self.base}.parquet", self.kept_rows, schema)
         _write_parquet(f"{self.base}.scores.parquet", self.score_rows, SCORES_SCHEMA)
-        _write_json(f"{self.base}.stats.json", dataclasses.asdict(stats) | {"provenance": self.provenance})
+        write_json(f"{self.base}.stats.json", dataclasses.asdict(stats) | {"provenance": self.provenance})
         files = [f"{self.name}{ext}" for ext in (".tar", ".parquet", ".scores.parquet", ".stats.json")]
         done = {
             "shard": stats.shard,
@@ -377,7 +379,7 @@ class RoundShardWriter:
             "provenance": self.provenance,
             "input_version": stats.input_version,  # what a rerun compares (data.versions)
         }
-        _write_json(f"{self.base}.done", done)
+        write_json(f"{self.base}.done", done)
         return done
 
 

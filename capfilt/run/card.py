@@ -13,7 +13,6 @@ from typing import Any
 
 import pyarrow as pa
 
-from capfilt import jsonio
 from capfilt.data import writer
 
 README = "README.md"
@@ -189,7 +188,6 @@ def pipe():
 def write_card(out: str, info: dict[str, Any]) -> None:
     """Write ``README.md`` and ``dataset_info.json`` into the run folder, atomically."""
     root = out.rstrip("/")
-    with writer.atomic_open(f"{root}/{DATASET_INFO}") as f:
-        f.write(jsonio.dumps(info, indent=1, sort_keys=True).encode())
+    writer.write_json(f"{root}/{DATASET_INFO}", info)
     with writer.atomic_open(f"{root}/{README}") as f:
         f.write(render_readme(info).encode())

@@ -22,10 +22,10 @@ from typing import Any
 
 from fsspec.core import url_to_fs
 
-from capfilt import jsonio
 from capfilt.config import Config, ConfigError, config_from_dict
 from capfilt.data import specs, versions, writer
 from capfilt.data.sample import ShardStats
+from capfilt.data.writer import write_json
 from capfilt.errors import UserError
 from capfilt.run import card
 from capfilt.stages.calibrate import CALIBRATION
@@ -58,11 +58,6 @@ def read_json(url: str) -> dict[str, Any] | None:
         return None
     with fs.open(path, "rt") as f:
         return json.load(f)
-
-
-def write_json(url: str, obj: dict[str, Any]) -> None:
-    with writer.atomic_open(url) as f:
-        f.write(jsonio.dumps(obj, indent=1, sort_keys=True).encode())
 
 
 def read_manifest(out: str) -> dict[str, Any]:
