@@ -83,15 +83,16 @@ def test_no_match_is_a_clear_error(tmp_path):
 
 
 @pytest.fixture
-def http_folder(tmp_path):
-    """A real HTTP server over ``tmp_path`` that, like a CDN or HF's resolve URLs, lists no folder."""
+def http_folder(tmp_path, request):
+    """A real HTTP server over ``tmp_path`` that, like a CDN or HF's resolve URLs, lists no folder: it
+    answers 404 (or the status a test passes as the fixture's param: S3 answers 403)."""
     import functools
     import http.server
     import threading
 
     class NoListing(http.server.SimpleHTTPRequestHandler):
         def list_directory(self, path):
-            self.send_error(404, "no listing")
+            self.send_error(getattr(request, "param", 404), "no listing")
 
         def log_message(self, *args):
             pass
@@ -103,6 +104,7 @@ def http_folder(tmp_path):
     server.shutdown()
 
 
+@pytest.mark.parametrize("http_folder", [404, 403], indirect=True)
 def test_shards_over_http_without_listings_are_found_one_by_one(http_folder):
     folder, base = http_folder
     _touch(folder, "web-000000.tar", "web-000001.tar")

@@ -106,8 +106,8 @@ def stat_each(urls: Iterable[str], pick: Callable[[dict[str, Any]], T]) -> dict[
         fs.invalidate_cache(parent)  # a long-lived process may hold an old listing
         try:
             listed = {fs._strip_protocol(e["name"]): pick(e) for e in fs.ls(parent, detail=True)}
-        except (OSError, NotImplementedError, ValueError):  # no such folder, or no listings
-            listed = {}
+        except Exception:  # no such folder, no listings, a listing refused (403): each file is asked on
+            listed = {}  # its own below, which raises what is wrong with it
         for url, path in items:
             if path in listed:
                 found[url] = listed[path]
