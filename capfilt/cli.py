@@ -242,12 +242,16 @@ def select(
     ] = "none",
     keep_share: Annotated[float, typer.Option(help="share of human pairs kept (calibration keep)")] = 0.95,
     new_run: Annotated[bool, typer.Option(help="clear another run or selection in --out first")] = False,
+    shards: Annotated[
+        list[str] | None,
+        typer.Option(help="the run's input shards as signed URLs to read them from (repeatable)"),
+    ] = None,
 ):
     """Re-apply the selection policy to a finished round's stored scores; no model is loaded."""
     from capfilt.run.progress import failed_note
     from capfilt.run.reselect import reselect
 
-    summary = reselect(run_dir, out, threshold, calibration, keep_share, new_run)
+    summary = reselect(run_dir, out, threshold, calibration, keep_share, new_run, shards)
     echo_json(summary)
     if summary["failed_shards"]:  # shards the round did not commit: the selection is not the whole run
         typer.echo(f"capfilt: {failed_note(summary)}", err=True)

@@ -515,3 +515,94 @@ def test_round_reads_and_writes_s3(s3, tiny_models, tmp_path):
 
 def outputs_s3(fs, folder: str) -> dict[str, bytes]:
     return {os.path.basename(p): fs.cat(p) for p in fs.ls(folder) if p.endswith(".tar")}
+
+
+@pytest.fixture
+def signing_server(tmp_path):
+    """A real HTTP server over ``tmp_path/served`` that, like S3 behind presigned URLs, serves a file only
+    to a GET whose ``X-Amz-Signature`` it issued (``sign``), lists no folder and refuses a HEAD (a URL
+    signed for GET). The ``expiring`` files' signatures serve no range of bytes: they expire after the
+    round has found the file and before it reads it."""
+    import functools
+    import http.server
+    import threading
+    import urllib.parse
+
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class Signed(http.server.SimpleHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_error(403, "signed for GET")
+
+        def do_GET(self):
+            url = urllib.parse.urlsplit(self.path)
+            signature = urllib.parse.parse_qs(url.query).get("X-Amz-Signature", [""])[0]
+            expired = url.path.lstrip("/") in server.expiring and "Range" in self.headers
+            if signature not in server.issued or expired:
+                return self.send_error(403, "SignatureDoesNotMatch")
+            super().do_GET()
+
+        def list_directory(self, path):
+            self.send_error(403, "no listing")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Signed, directory=str(served))
+    )
+    server.issued, server.expiring = set(), set()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+
+    def sign(names: list[str], secret: str) -> list[str]:
+        server.issued.add(secret)
+        query = f"X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Expires=3600&X-Amz-Signature={secret}"
+        return [f"{base}/{name}?{query}" for name in names]
+
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield served, base, sign, server
+    server.shutdown()
+
+
+def test_presigned_shards_are_recorded_without_their_signature_and_rerun_resigned(
+    tmp_path, tiny_models, tiny_shards, signing_server
+):
+    """A presigned URL is a credential: before, the manifest, stats, markers, the Parquet ``shard`` column
+    and the dataset card held it whole, and a rerun with freshly signed URLs (the nightly case) was refused
+    as other shards with the same names. A run now names each shard by its URL without signature, reads
+    it by the signed one, and takes re-signed URLs as the same shards."""
+    served, base, sign, server = signing_server
+    names = [os.path.basename(u) for u in tiny_shards[:2]]
+    for url, name in zip(tiny_shards[:2], names, strict=True):
+        shutil.copy(url, served / name)
+    out, cap, flt = str(tmp_path / "run"), *tiny_models
+    server.expiring.add(names[1])
+
+    first = run_round(tiny_cfg(), sign(names, "SIGNED-A"), out, cap, flt, local=True, progress=False)
+    assert first["shards_done"] == 1 and list(first["failed_shards"]) == [f"{base}/{names[1]}"]
+    assert "403" in first["failed_shards"][f"{base}/{names[1]}"]  # the error, its URL without signature
+    server.expiring.clear()
+    again = run_round(tiny_cfg(), sign(names, "SIGNED-B"), out, cap, flt, local=True, progress=False)
+    assert (
+        again["this_invocation"]["shards"] == 1 and again["shards_done"] == 2 and not again["failed_shards"]
+    )
+    assert again["n_in"] == first["n_in"] * 2
+
+    run_files = [p for p in (tmp_path / "run").iterdir() if p.is_file()]
+    assert len(run_files) >= 12 and not any(b"SIGNED-" in p.read_bytes() for p in run_files)
+    rows = pq.read_table(tmp_path / "run" / names[0].replace(".tar", ".parquet")).column("shard").to_pylist()
+    assert set(rows) == {f"{base}/{names[0]}"}
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["shards"] == [
+        f"{base}/{n}" for n in names
+    ]
+
+    with pytest.raises(UserError, match="needs one now"):  # the run recorded no signature to read by
+        reselect(out, str(tmp_path / "sel"), 0.0, new_run=True)
+    shutil.copy(tiny_shards[2], served / "other.tar")
+    with pytest.raises(UserError, match="did not clean"):
+        reselect(out, str(tmp_path / "sel"), 0.0, new_run=True, shards=sign(["other.tar"], "SIGNED-C"))
+    selected = reselect(out, str(tmp_path / "sel"), 0.0, new_run=True, shards=sign(names, "SIGNED-C"))
+    assert selected["shards_done"] == 2 and selected["kept"] == again["n_in"] - sum(
+        again["rejected"].values()
+    )

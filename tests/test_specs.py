@@ -12,6 +12,7 @@ from conftest import make_sample
 from capfilt.data import versions
 from capfilt.data.inspect import inspect_shards
 from capfilt.data.reader import ShardReader
+from capfilt.data.signing import read_urls, redact, unsigned
 from capfilt.data.specs import ShardSpecError, expand_braces, expand_shards
 from capfilt.data.writer import output_name, write_samples_shard
 
@@ -137,3 +138,27 @@ def test_presigned_shard_urls_are_named_and_decompressed_by_their_path(http_fold
     assert len({output_name(url, [url, other]), output_name(other, [url, other])}) == 2
     assert output_name("/data/odd?name.tar") == "odd?name"  # a local file name keeps every character
     assert inspect_shards([url]).startswith(f"{url}: input shard, 3 samples, 3 readable")
+
+
+def test_a_signed_url_is_named_without_its_signature():
+    """What a run records of a shard URL (``signing.unsigned``): no credential of any of the common
+    presigning schemes, every other parameter as it was spelled; a SAS's short names only with its sig."""
+    shard = "https://host/c/web-0.tar"
+    signed = {
+        "X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AK%2F2026&X-Amz-Signature=ab": "",
+        "x-goog-signature=ab&X-Goog-Expires=600": "",
+        "AWSAccessKeyId=AK&Expires=1&Signature=ab%3D": "",
+        "Policy=eyJ&Signature=ab&Key-Pair-Id=K2": "",
+        "sv=2022-11-02&sp=r&se=2026-12-01&sig=ab%3D": "",
+        "versionId=3&X-Amz-Signature=ab&part%20no=1+2": "?versionId=3&part%20no=1+2",
+        "sv=1&sp=r": "?sv=1&sp=r",  # no sig: not a SAS
+        "token=abc#frag": "#frag",
+    }
+    for query, rest in signed.items():
+        assert unsigned(f"{shard}?{query}") == shard + rest
+    assert unsigned("/data/odd?name.tar") == "/data/odd?name.tar" and unsigned(shard) == shard
+    error = f"403, message='Forbidden', url='{shard}?X-Amz-Signature=ab&X-Amz-Date=1' (retried)"
+    assert redact(error) == f"403, message='Forbidden', url='{shard}' (retried)"
+    assert read_urls([f"{shard}?X-Amz-Signature=a", f"{shard}?X-Amz-Signature=b"]) == {
+        shard: f"{shard}?X-Amz-Signature=a"
+    }

@@ -28,6 +28,7 @@ import fsspec
 
 from capfilt.data import versions
 from capfilt.data.sample import IMAGE_EXTS, SHARD_SUFFIXES, Reject, Sample, shard_compression
+from capfilt.data.signing import unsigned
 
 BLOCK = 512
 _FILE_TYPES = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE}
@@ -244,6 +245,7 @@ class ShardReader:
 
     def __init__(self, url: str, fingerprint: bool = False, **storage_options):
         self.url, self.fingerprint = url, fingerprint
+        self.shard = unsigned(url)  # what its samples and rejects name: never a signature (data.signing)
         self.storage_options = storage_options
         self.truncated = False
         self.truncation_detail = ""
@@ -270,10 +272,10 @@ class ShardReader:
             if first is None:
                 seen[key] = shapes.setdefault(exts, exts)
             elif not first & exts:  # not the sample again: the rest of it
-                return Reject(key, self.url, "split_sample", _split_detail(key, first, exts))
+                return Reject(key, self.shard, "split_sample", _split_detail(key, first, exts))
             if duplicate:
-                return Reject(key, self.url, "duplicate_key", duplicate)
-            return make_sample(key, self.url, members)
+                return Reject(key, self.shard, "duplicate_key", duplicate)
+            return make_sample(key, self.shard, members)
 
         def start(new_key: str) -> None:
             nonlocal key, members, duplicate
@@ -300,7 +302,7 @@ class ShardReader:
                             yield flush()
                         start(parts[0])
                     if key is not None:
-                        yield Reject(key, self.url, "truncated", str(err))
+                        yield Reject(key, self.shard, "truncated", str(err))
                     return
                 parts = split_key(name)
                 if parts is None:

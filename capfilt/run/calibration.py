@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from capfilt.config import Config, ConfigError
+from capfilt.data.signing import unsigned
 from capfilt.data.specs import expand_shards
 from capfilt.errors import UserError
 from capfilt.run import ledger
@@ -49,7 +50,7 @@ def resolve_threshold(
     cal = ledger.read_json(out.rstrip("/") + "/" + CALIBRATION)
     want = {
         "filter": filter_hash,
-        "human": list(human),
+        "human": [unsigned(url) for url in human],  # a re-signed URL is the same shard
         "samples": cfg.filter.calibration_samples,
         "dtype": cfg.run.dtype,
     }

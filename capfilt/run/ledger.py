@@ -25,6 +25,7 @@ from fsspec.core import url_to_fs
 from capfilt.config import Config, ConfigError, config_from_dict
 from capfilt.data import specs, versions, writer
 from capfilt.data.sample import ShardStats
+from capfilt.data.signing import unsigned
 from capfilt.data.writer import write_json
 from capfilt.errors import UserError
 from capfilt.run import card
@@ -191,11 +192,13 @@ def open_run(out: str, manifest: dict[str, Any], new_run: bool = False) -> None:
 def grown_shards(out: str, old: list[str], given: list[str]) -> list[str]:
     """The shards a rerun covers: the folder's earlier ones, then the new ones it is given. A given shard
     the run lists as a ``file://`` URL (written before capfilt kept one spelling) keeps the run's
-    spelling, so its outputs keep their names. Refused if a new shard's file name would rename an
-    earlier shard's outputs."""
+    spelling, so its outputs keep their names; a shard the run lists with a signature is listed without
+    (``signing.unsigned``). Refused if a new shard's file name would rename an earlier shard's outputs."""
     spelled = {specs.canonical(u): u for u in old if u.startswith(specs.LOCAL_PROTOCOLS)}
-    grown = list(dict.fromkeys(old + [spelled.get(u, u) for u in given]))
-    renamed = sorted(u for u, n in shard_names(old).items() if shard_names(grown)[u] != n)
+    ids = {u: unsigned(u) for u in old}  # a run from before capfilt left signatures out lists them
+    grown = list(dict.fromkeys(list(ids.values()) + [spelled.get(u, u) for u in given]))
+    now = shard_names(grown)
+    renamed = sorted(ids[u] for u, n in shard_names(old).items() if now[ids[u]] != n)
     if renamed:
         raise RunMismatchError(
             f"{out}: the new shards share file names with {renamed[:5]} (at other URLs), "
@@ -251,13 +254,16 @@ def _input_version(marker: bytes) -> dict[str, str]:
 
 
 def pending_shards(
-    out: str, names: dict[str, str], shards: list[str]
+    out: str, names: dict[str, str], shards: list[str], reads: dict[str, str] | None = None
 ) -> tuple[list[tuple[str, str]], list[str]]:
     """(url, name) of the ``shards`` to clean, in order: those without a done marker in ``out``, and those
     whose input changed since it was cleaned (its size or store version differs from the one its marker
-    records); and the urls of the latter."""
+    records); and the urls of the latter. ``reads``: url → the signed URL to ask for its version, for the
+    shards that have one (``signing.read_urls``)."""
+    reads = reads or {}
     done = committed(out, {u: names[u] for u in shards})
-    now = versions.current_versions([u for u, v in done.items() if v])
+    asked = {reads.get(u, u): u for u, v in done.items() if v}
+    now = {asked[r]: v for r, v in versions.current_versions(list(asked)).items()}
     changed = [u for u, v in done.items() if v and versions.changed(v, now[u])]
     return [(u, names[u]) for u in shards if u not in done or u in changed], changed
 

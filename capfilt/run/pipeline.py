@@ -313,9 +313,9 @@ def process_shard(
     limit = limit or BatchLimit()
     start = time.perf_counter()
     name = name or writer.output_name(url)
-    stats = ShardStats(shard=url)
-    timings = {"read_decode": 0.0, "wait_input": 0.0, "wait_models": 0.0, "write": 0.0}
     shard = reader.ShardReader(url, fingerprint=True)
+    stats = ShardStats(shard=shard.shard)  # the URL without a signature (data.signing)
+    timings = {"read_decode": 0.0, "wait_input": 0.0, "wait_models": 0.0, "write": 0.0}
     batches = decoded_batches(shard, decoder, cfg.run.batch_size)
     if device is not None:
         batches = on_device(batches, device, getattr(torch, cfg.run.dtype))

@@ -19,6 +19,8 @@ from fsspec.core import url_to_fs
 from capfilt.config import ConfigError, FilterConfig, from_dict
 from capfilt.data import reader, writer
 from capfilt.data.sample import Candidate, Sample, ShardStats
+from capfilt.data.signing import read_urls, unsigned
+from capfilt.data.specs import expand_shards
 from capfilt.errors import UserError
 from capfilt.run import card, ledger
 from capfilt.run.calibration import calibration_of, store_calibration
@@ -44,8 +46,10 @@ def _candidates(row: dict[str, Any]) -> list[Candidate]:
 
 
 def reselect_shard(
-    run_dir: str, out: str, url: str, name: str, threshold: float, mode: str = "fixed"
+    run_dir: str, out: str, url: str, name: str, threshold: float, mode: str = "fixed", read: str = ""
 ) -> ShardStats:
+    """Select shard ``url`` of ``run_dir`` again into ``out``, its samples read from ``read`` (a signed
+    URL of it), else from ``url``."""
     (old,) = ledger.read_stats(run_dir, [name])
     fs, _ = url_to_fs(run_dir)
     with fs.open(f"{run_dir.rstrip('/')}/{name}.scores.parquet", "rb") as f:
@@ -54,7 +58,7 @@ def reselect_shard(
     stats.input_sha256, stats.input_version = old.input_sha256, old.input_version
     stats.rejected, stats.rejects = dict(old.rejected), list(old.rejects)
     with writer.RoundShardWriter(out, name, _provenance(run_dir, name, threshold, mode)) as shard:
-        samples = reader.ShardReader(url, fingerprint=True)
+        samples = reader.ShardReader(read or url, fingerprint=True)
         for s in samples:  # scores rows are in the input's order, and so is the new shard
             if isinstance(s, Sample) and s.key in rows:
                 result = decide(s, _candidates(rows[s.key]), threshold)
@@ -88,6 +92,7 @@ def reselect(
     calibration: str = "none",
     keep_share: float = 0.95,
     new_run: bool = False,
+    shards: list[str] | None = None,
 ) -> dict[str, Any]:
     """Re-select every committed shard of ``run_dir`` into ``out``; returns the new summary.
 
@@ -95,7 +100,8 @@ def reselect(
     ``out`` may hold this same selection, unfinished (it is done again); another run there is refused,
     or cleared with ``new_run``. Refused while a round still runs in ``run_dir``. The run's shards that
     are not committed there (they failed, or the round was stopped) are the selection's failed shards,
-    so it never passes for the whole run: select again once the round has cleaned them.
+    so it never passes for the whole run: select again once the round has cleaned them. ``shards``:
+    specs of signed URLs to read the run's input shards from (the run records none: ``data.signing``).
     """
     if calibration not in MODES:
         raise ConfigError(f"--calibration must be one of {list(MODES)}, got {calibration!r}")
@@ -108,14 +114,24 @@ def reselect(
             "select once it has finished"
         )
     with Lease(out):
-        return _reselect(run_dir, out, threshold, calibration, keep_share, new_run)
+        return _reselect(run_dir, out, threshold, calibration, keep_share, new_run, shards or [])
 
 
 def _reselect(
-    run_dir: str, out: str, threshold: float, calibration: str, keep_share: float, new_run: bool
+    run_dir: str,
+    out: str,
+    threshold: float,
+    calibration: str,
+    keep_share: float,
+    new_run: bool,
+    shards: list[str],
 ) -> dict[str, Any]:
     manifest = ledger.read_manifest(run_dir)
     ledger.check_out_folder(out, manifest["shards"])
+    reads = read_urls(expand_shards(shards)) if shards else {}
+    unknown = sorted(set(reads) - {unsigned(u) for u in manifest["shards"]})
+    if unknown:
+        raise UserError(f"--shards names {len(unknown)} shard(s) that {run_dir} did not clean: {unknown[:3]}")
     mode = "fixed"
     if calibration != "none":
         cal = calibration_of(run_dir, manifest)
@@ -133,7 +149,14 @@ def _reselect(
         store_calibration(out, cal)
     totals = RunTotals()
     for url in committed:
-        totals.add(reselect_shard(run_dir, out, url, names[url], threshold, mode), processed=True)
+        read = reads.get(unsigned(url), url)
+        try:
+            totals.add(reselect_shard(run_dir, out, url, names[url], threshold, mode, read), processed=True)
+        except FileNotFoundError as err:
+            raise UserError(
+                f"{url}: the input shard does not read again: it is gone, or it was read by a signed URL "
+                "and needs one now (pass the signed URLs with --shards)"
+            ) from err
     gone = (ledger.read_json(f"{run_dir.rstrip('/')}/{ledger.SUMMARY}") or {}).get("gone_shards", [])
     why = f"not committed in {run_dir}: its round failed on it or was stopped; rerun the round, then select"
     failed = {url: why for url in manifest["shards"] if url not in done and url not in gone}

@@ -18,6 +18,7 @@ from typing import Any
 
 from capfilt.config import Config
 from capfilt.data.sample import ShardStats
+from capfilt.data.signing import read_urls, redact, unsigned
 from capfilt.data.specs import expand_shards
 from capfilt.errors import UserError
 from capfilt.model.hub import model_hash, resolve_model
@@ -93,17 +94,18 @@ def make_pool(
 
 
 def shards_to_clean(
-    out: str, names: dict[str, str], urls_given: list[str]
+    out: str, names: dict[str, str], reads: dict[str, str]
 ) -> tuple[list[tuple[str, str]], list[str], list[str]]:
     """Of the run's shards (``names``: url → output name, in the manifest's order), the (url, name) of
     those this invocation cleans, the urls among them whose input changed since they were cleaned, and
-    the urls left out because their input is gone (not among ``urls_given``, never cleaned).
+    the urls left out because their input is gone (not given to this invocation, never cleaned).
+    ``reads``: each url given to this invocation → the URL to read it from (``signing.read_urls``).
 
     A changed shard's old outputs are cleared first, so the folder never serves an old input's outputs;
     temp files a killed run left are removed. Both kinds of shards treated apart are said on stderr.
     """
-    jobs, changed = ledger.pending_shards(out, names, list(names))
-    gone = ledger.gone_inputs(jobs, urls_given)
+    jobs, changed = ledger.pending_shards(out, names, list(names), reads)
+    gone = ledger.gone_inputs(jobs, list(reads))
     left_out = set(gone)
     jobs = [(url, name) for url, name in jobs if url not in left_out]
     say_shards(
@@ -147,7 +149,8 @@ def run_round(
     start = time.perf_counter()
     models, captioner, filter_ = identify_models(captioner, filter_)
     hashes = {role: m["hash"] for role, m in models.items()}
-    urls_given = expand_shards(shards)
+    reads = read_urls(expand_shards(shards))  # a presigned shard's identity is its URL without signature
+    urls_given = list(reads)
     ledger.check_out_folder(out, urls_given)
     check_human(cfg, human)
     with Lease(out) as lease:  # one round at a time in a folder
@@ -165,7 +168,7 @@ def run_round(
             manifest = ledger.read_manifest(out)
             urls = manifest["shards"]
             names = ledger.shard_names(urls)
-            jobs, changed, gone = shards_to_clean(out, names, urls_given)
+            jobs, changed, gone = shards_to_clean(out, names, reads)
             left_out = set(gone)
             totals, done = RunTotals(), set()
             failed: dict[str, str] = {}
@@ -174,16 +177,18 @@ def run_round(
             with RoundProgress(shards_now, shards_now - len(jobs), enabled=progress) as bar:
 
                 def on_done(url: str, stats: ShardStats) -> None:
-                    done.add(url)
+                    done.add(unsigned(url))
                     totals.add(stats, processed=True)
                     bar.shard_done(stats)
 
                 def on_failed(url: str, error: str) -> None:
+                    url, error = unsigned(url), redact(error)  # an HTTP error names the signed URL
                     failed[url] = error
                     bar.shard_failed(url, error)
 
                 output = RoundOutput(out, threshold, provenance, lease.owner)
-                pool.run(jobs, output, on_done, on_failed, stop=lease.lost.is_set)
+                reading = [(reads.get(url, url), name) for url, name in jobs]
+                pool.run(reading, output, on_done, on_failed, stop=lease.lost.is_set)
             startup = pool.startup()
         finally:
             closing = time.perf_counter()
@@ -231,7 +236,8 @@ def plan_round(
     ``held_by``: the job holding the folder's lease now, whose round this one would wait for (None: free).
     """
     models, _, _ = identify_models(captioner, filter_)
-    given = expand_shards(shards)
+    reads = read_urls(expand_shards(shards))
+    given = list(reads)
     ledger.check_out_folder(out, given)
     check_human(cfg, human)
     manifest = ledger.make_manifest(given, cfg, {role: m["hash"] for role, m in models.items()})
@@ -240,7 +246,9 @@ def plan_round(
     clears = bool(diff)
     urls = ledger.grown_shards(out, old["shards"], given) if old is not None and not clears else given
     names = ledger.shard_names(urls)
-    jobs, changed = ([(u, names[u]) for u in urls], []) if clears else ledger.pending_shards(out, names, urls)
+    jobs, changed = (
+        ([(u, names[u]) for u in urls], []) if clears else ledger.pending_shards(out, names, urls, reads)
+    )
     gone = ledger.gone_inputs(jobs, given)
     left_out = set(gone)
     held = holder(out)
