@@ -110,8 +110,9 @@ def shards_to_clean(
     jobs = [(url, name) for url, name in jobs if url not in left_out]
     say_shards(
         gone,
-        "shard(s) named by earlier runs of this folder were never cleaned and their input is gone, "
-        "so they are left out (summary.json's gone_shards)",
+        "shard(s) named by earlier runs of this folder were never cleaned and their input is gone (or "
+        "reads only by a signed URL, which this run was not given), so they are left out (summary.json's "
+        "gone_shards)",
     )
     for url in changed:
         ledger.clear_shard(out, names[url])
