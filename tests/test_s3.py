@@ -13,7 +13,10 @@ from run_helpers import tiny_cfg
 from capfilt.data.reader import ShardReader
 from capfilt.data.sample import Candidate, Sample, ScoredSample, ShardStats
 from capfilt.data.specs import ShardSpecError, expand_shards
-from capfilt.data.writer import atomic_open, write_round_shard, write_samples_shard
+from capfilt.data.writer import atomic_open, output_name, write_round_shard, write_samples_shard
+from capfilt.run.round import run_round
+
+pytest_plugins = ["run_helpers"]  # tiny_models
 
 
 def test_s3_specs_read_and_atomic_round_outputs(s3):
@@ -104,3 +107,27 @@ def test_a_job_into_a_bucket_that_does_not_exist_is_refused_and_creates_none(s3)
     with pytest.raises(UserError, match="s3://typo-bucket/world: its bucket does not exist"):
         write_world("s3://typo-bucket/world", tiny_cfg().synth)
     assert not s3.exists("typo-bucket")
+
+
+def test_a_shard_pinned_to_an_s3_version_reads_that_version(s3, tmp_path, tiny_models):
+    """s3fs reads ``s3://b/key?versionId=V`` as that version of the object: a way to pin a run's inputs.
+    Before, the ``?`` made the spec a glob that matched no file, and the version was part of the shard's
+    file name, so a pinned ``.tar.gz`` would have been read as a plain tar and written as ``web-0.tar.gz?..``."""
+    import gzip
+
+    import s3fs
+
+    s3.mkdir("versioned")
+    s3.make_bucket_versioned("versioned")
+    for n in (3, 2):  # two versions of one shard
+        write_samples_shard(str(tmp_path / "web-0.tar"), [make_sample(f"{i:04d}") for i in range(n)])
+        s3.pipe("versioned/in/web-0.tar.gz", gzip.compress((tmp_path / "web-0.tar").read_bytes()))
+    listed = s3fs.S3FileSystem(version_aware=True).object_version_info("versioned/in/web-0.tar.gz")
+    first = next(v for v in listed if not v["IsLatest"])
+    pinned = f"s3://versioned/in/web-0.tar.gz?versionId={first['VersionId']}"
+    assert expand_shards([pinned]) == [pinned]
+    reader = ShardReader(pinned)
+    assert [s.key for s in reader] == ["0000", "0001", "0002"] and not reader.truncated
+    assert output_name(pinned) == "web-0" and len(list(ShardReader("s3://versioned/in/web-0.tar.gz"))) == 2
+    summary = run_round(tiny_cfg(), [pinned], str(tmp_path / "run"), *tiny_models, local=True, progress=False)
+    assert summary["n_in"] == 3 and summary["shards_done"] == 1 and (tmp_path / "run" / "web-0.done").exists()

@@ -32,12 +32,21 @@ SHARD_SUFFIXES = {
 _CODEC_PACKAGES = {"zstd": "zstandard", "lz4": "lz4"}
 
 
+def shard_path(url: str) -> str:
+    """The part of a shard URL that names its file: not an http(s) URL's query and fragment (a presigned
+    ``.../web-0.tar.gz?X-Amz-Signature=...`` names ``web-0.tar.gz``), nor the version an S3 URL pins
+    (``s3://b/web-0.tar.gz?versionId=...``, which s3fs reads)."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme in ("http", "https"):
+        return urllib.parse.urlsplit(url).path
+    if scheme in ("s3", "s3a"):
+        return url.partition("?versionId=")[0]
+    return url
+
+
 def shard_file_name(url: str) -> str:
-    """The file name a shard URL ends in. An http(s) URL's query and fragment are not part of it: a
-    presigned ``.../web-0.tar.gz?X-Amz-Signature=...`` names ``web-0.tar.gz``."""
-    if url.lower().startswith(("http://", "https://")):
-        url = urllib.parse.urlsplit(url).path
-    return posixpath.basename(url.rstrip("/"))
+    """The file name a shard URL ends in (``shard_path``'s last part)."""
+    return posixpath.basename(shard_path(url).rstrip("/"))
 
 
 def shard_suffix(url: str) -> str | None:

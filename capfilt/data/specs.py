@@ -23,7 +23,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from capfilt.data.sample import shard_compression
+from capfilt.data.sample import shard_compression, shard_path
 from capfilt.errors import UserError
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -150,7 +150,7 @@ def expand_shards(specs: list[str] | str) -> list[str]:
                 if not lines:
                     raise ShardSpecError(f"list file {url!r} names no shard")
                 found.update(expand_shards(lines))
-            elif _GLOB_CHARS & set(url.split("://", 1)[-1]):
+            elif _GLOB_CHARS & set(shard_path(url).split("://", 1)[-1]):  # not a query's "?"
                 found.update(_glob(url))
             else:
                 literals.append(canonical(url))
