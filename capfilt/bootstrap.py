@@ -25,6 +25,7 @@ from pathlib import Path
 from capfilt import jsonio
 from capfilt.config import Config
 from capfilt.data.mirror import Mirror
+from capfilt.data.signing import unsigned
 from capfilt.data.writer import atomic_open
 from capfilt.errors import UserError
 from capfilt.run.lease import Lease
@@ -53,13 +54,15 @@ def _check_manifest(out: str, cfg: Config, plan: BootstrapPlan) -> None:
     """Record the config and inputs; refuse to resume a folder made with different ones.
 
     ``truth`` is recorded (the report reads it) but is not compared: it changes only the evaluations.
+    Shard URLs are recorded without a signature (``data.signing``): a resume with re-signed URLs is the
+    same bootstrap.
     """
     manifest = f"{out}/manifest.json"
     want = {
         "config": cfg.to_dict(),
-        "web": plan.web,
-        "human": plan.human,
-        "test": plan.test,
+        "web": [unsigned(spec) for spec in plan.web],
+        "human": [unsigned(spec) for spec in plan.human],
+        "test": [unsigned(spec) for spec in plan.test],
         "warm_start": plan.warm_start,
         "init": plan.init,
     }

@@ -16,7 +16,7 @@ import pytest
 import capfilt.run.round as round_module
 import capfilt.train.finetune as finetune_module
 import capfilt.train.pretrain as pretrain_module
-from capfilt.bootstrap import BootstrapPlan, bootstrap, clean
+from capfilt.bootstrap import BootstrapPlan, _check_manifest, bootstrap, clean
 from capfilt.config import load_config
 from capfilt.demo import world_plan
 from capfilt.errors import UserError
@@ -156,3 +156,19 @@ def test_a_bootstrap_taken_over_mid_step_marks_it_not_done_and_starts_no_other(t
         bootstrap(load_config("tiny"), plan, out, log=lambda _: None)
     assert not (out / "round-0" / "pretrain.done").exists()
     assert json.loads((out / "lease.json").read_text()) == other  # the other job's, untouched
+
+
+def test_a_bootstrap_records_its_shards_without_signatures_and_resumes_re_signed(tmp_path):
+    """Its manifest held presigned URLs whole (a credential in a folder handed on), and a resume with
+    freshly signed ones was refused as another bootstrap's inputs."""
+    url = "https://host/web-0.tar?X-Amz-Expires=600&X-Amz-Signature="
+
+    def plan(signature: str, web: str = url) -> BootstrapPlan:
+        return BootstrapPlan(web=[web + signature], human=["human.tar"], test=["test.tar"])
+
+    cfg, out = load_config("tiny"), str(tmp_path)
+    _check_manifest(out, cfg, plan("first"))
+    _check_manifest(out, cfg, plan("second"))
+    assert json.loads((tmp_path / "manifest.json").read_text())["web"] == ["https://host/web-0.tar"]
+    with pytest.raises(UserError, match="another config or inputs"):
+        _check_manifest(out, cfg, plan("third", web=url.replace("web-0", "web-1")))
