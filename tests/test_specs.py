@@ -162,3 +162,15 @@ def test_a_signed_url_is_named_without_its_signature():
     assert read_urls([f"{shard}?X-Amz-Signature=a", f"{shard}?X-Amz-Signature=b"]) == {
         shard: f"{shard}?X-Amz-Signature=a"
     }
+
+
+def test_a_pattern_over_an_img2dataset_folder_names_its_shards_not_its_other_files(tmp_path):
+    """img2dataset writes ``00000.parquet`` and ``00000_stats.json`` beside ``00000.tar``. Before, ``*``
+    took them for shards too: each was read as a tar that is none, and cleaned as an empty shard."""
+    _touch(tmp_path, "00000.tar", "00000.parquet", "00000_stats.json", "00001.tar.gz")
+    with pytest.raises(ShardSpecError, match=r"2 tar shard\(s\) and 2 other file\(s\) \(00000.parquet, 0000"):
+        expand_shards([f"{tmp_path}/*"])
+    assert expand_shards([f"{tmp_path}/0000?.tar*"]) == [f"{tmp_path}/00000.tar", f"{tmp_path}/00001.tar.gz"]
+    (tmp_path / "bare").mkdir()
+    _touch(tmp_path / "bare", "shard-0", "shard-1")  # shards named without an ending, alone: taken
+    assert expand_shards([f"{tmp_path}/bare/*"]) == [f"{tmp_path}/bare/shard-0", f"{tmp_path}/bare/shard-1"]

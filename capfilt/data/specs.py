@@ -23,7 +23,7 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-from capfilt.data.sample import shard_compression, shard_path
+from capfilt.data.sample import shard_compression, shard_path, shard_suffix
 from capfilt.errors import UserError
 
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -82,11 +82,22 @@ def canonical(url: str) -> str:
 
 
 def _glob(spec: str) -> list[str]:
+    """The files a pattern matches. Refused when it matches tar shards (by their names' endings) and other
+    files beside them: those are a folder's other files, such as the Parquet and stats files img2dataset
+    writes next to its shards, and each would be read as a shard that is no tar. Shards named without an
+    ending are taken when nothing the pattern matches has one."""
     fs, path = url_to_fs(spec)
     matches = fs.glob(path, detail=True)
     found = [_spelling(fs, p) for p, info in matches.items() if info["type"] != "directory"]
     if not found:
         raise ShardSpecError(f"shard spec {spec!r} matches no file; check the path and pattern")
+    others = sorted(url for url in found if shard_suffix(url) is None)
+    if others and len(others) < len(found):
+        shown = ", ".join(posixpath.basename(url) for url in others[:3]) + (" ..." if len(others) > 3 else "")
+        raise ShardSpecError(
+            f"shard spec {spec!r} matches {len(found) - len(others)} tar shard(s) and {len(others)} other "
+            f"file(s) ({shown}), which are no shards; name the shards, e.g. with a pattern ending in .tar"
+        )
     return found
 
 
