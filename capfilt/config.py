@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
+from capfilt.data.sample import CAPTION_FROM, IMAGE_EXTS
 from capfilt.errors import UserError
 
 _HERE = Path(__file__).resolve().parent
@@ -38,6 +39,13 @@ def _check(ok: bool, key: str, rule: str, value: object) -> None:
 def _at_least(section: object, prefix: str, keys: tuple[str, ...], low: int = 1) -> None:
     for key in keys:
         _check(getattr(section, key) >= low, f"{prefix}.{key}", f">= {low}", getattr(section, key))
+
+
+def _caption_source(source: str) -> bool:
+    """A ``run.caption_from`` entry: ``json.KEY``, or a member extension that names no image nor the json."""
+    if source.startswith("json."):
+        return len(source) > len("json.")
+    return bool(source) and source == source.lower() and source not in (*IMAGE_EXTS, "json")
 
 
 def _multiple(value: int, key: str, of: int, of_key: str) -> None:
@@ -229,10 +237,20 @@ class RunConfig:
     # next run with the same config and models: no imports or model loading at its start. They hold their
     # CPUs and GPUs until `capfilt actors --stop` (capfilt/run/ray_pool.py, 'Warm actors').
     keep_actors: bool = False
+    # Where a sample's web caption is: the first of these that the sample has, a member's extension (txt,
+    # caption...) or json.KEY, a string in its json member. A corpus that keeps its alt-text elsewhere
+    # names it here; without one, its images are captioned from nothing but the captioner.
+    caption_from: tuple[str, ...] = CAPTION_FROM
 
     def __post_init__(self):
         _at_least(
             self, "run", ("image_size", "batch_size", "decode_threads", "max_pixels", "shards_in_flight")
+        )
+        _check(
+            bool(self.caption_from) and all(map(_caption_source, self.caption_from)),
+            "run.caption_from",
+            "a list of member extensions (not an image's or json) and json.KEY entries",
+            list(self.caption_from),
         )
         _check(self.actors == "auto" or self.actors >= 1, "run.actors", '>= 1 or "auto"', self.actors)
         _check(self.num_cpus_per_actor > 0, "run.num_cpus_per_actor", "> 0", self.num_cpus_per_actor)
@@ -306,6 +324,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{where}: {value!r} does not match {tp}")
+    if origin is tuple and typing.get_args(tp)[1:] == (...,):  # tuple[X, ...]: any length
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(tp)[0], f"{where}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -54,6 +54,10 @@ def test_wrong_type_is_an_error():
         ("pretrain.grad_clip=0", "pretrain.grad_clip must be > 0"),
         ("finetune.crop_scale=[0.9, 0.5]", "finetune.crop_scale must be"),
         ("synth.noise=1.2", r"synth.noise must be in \[0, 1\]"),
+        ("run.caption_from=[]", r"run.caption_from must be a list of member extensions"),
+        ("run.caption_from=[jpg]", r"\(not an image's or json\).*got \['jpg'\]"),
+        ("run.caption_from=[json.]", r"json.KEY entries, got \['json.'\]"),
+        ("run.caption_from=caption", r"run.caption_from: expected a list, got 'caption'"),
     ],
 )
 def test_a_value_out_of_its_range_is_an_error(override, message):
@@ -61,6 +65,14 @@ def test_a_value_out_of_its_range_is_an_error(override, message):
     shard; the training values failed at the first step, after the data was read."""
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", [override])
+
+
+def test_a_list_of_any_length():
+    assert load_config("tiny", ["run.caption_from=[caption, json.alt]"]).run.caption_from == (
+        "caption",
+        "json.alt",
+    )
+    assert load_config("tiny").to_dict()["run"]["caption_from"] == ["txt", "json.caption"]
 
 
 def test_overrides_and_int_to_float():

@@ -18,6 +18,7 @@ import pytest
 from conftest import bad_shard_members, encode, make_sample, smooth_image
 
 from capfilt.data import sample as sample_module
+from capfilt.data.inspect import inspect_input
 from capfilt.data.reader import ShardReader, iter_shard, parse_header, split_key
 from capfilt.data.sample import Reject, Sample
 from capfilt.data.specs import expand_shards
@@ -274,3 +275,43 @@ def test_keys_that_would_extract_outside_the_folder_are_rejected(tmp_path):
         "./e:sample",
         "f..g/h:sample",  # two dots in a folder's name are not a '..' part
     ]
+
+
+def test_a_corpus_keeps_its_alt_text_where_run_caption_from_says(tmp_path):
+    """A corpus with its alt-text in a ``caption`` member or another json key had every image judged on
+    synthetic captions alone, said by nothing but a count in the summary."""
+    jpg = encode(smooth_image())
+    url = str(tmp_path / "elsewhere.tar")
+    write_tar(
+        url,
+        [
+            *[("a.jpg", jpg), ("a.caption", b" a red circle "), ("a.json", b'{"alt": "a circle"}')],
+            *[("b.jpg", jpg), ("b.json", b'{"alt": "a blue square"}')],
+            *[("c.jpg", jpg), ("c.json", b'{"alt": 3}'), ("d.jpg", jpg), ("d.caption", b"\xff")],
+        ],
+    )
+    by_default = list(ShardReader(url))
+    assert [s.caption for s in by_default[:2]] == ["", ""] and by_default[0].extra == {
+        "caption": b" a red circle "
+    }
+
+    got = [
+        i.reason if isinstance(i, Reject) else i.caption
+        for i in ShardReader(url, caption_from=("caption", "json.alt"))
+    ]
+    assert got == ["a red circle", "a blue square", "bad_text", "bad_text"]
+    assert [getattr(i, "caption", None) for i in ShardReader(url, caption_from=("json.alt",))][:2] == [
+        "a circle",
+        "a blue square",
+    ]
+    notes = input_notes(
+        {"shards": 1, "truncated_shards": [], "rejected": {}, "kept": 3, "dropped": 1, "no_web_caption": 4}
+    )
+    assert (
+        notes[0].startswith("none of the 4 samples cleaned had a web caption")
+        and "run.caption_from" in notes[0]
+    )
+    assert not input_notes({"shards": 1, "rejected": {}, "kept": 3, "dropped": 1, "no_web_caption": 3})
+    inspected = inspect_input(url, 0)
+    assert "without a web caption in txt, json.caption (run.caption_from): 4" in inspected
+    assert "their other members and json strings: caption (2), json.alt (2)" in inspected

@@ -1,5 +1,6 @@
 """The round in-process: accounting, resume, per-sample failure isolation, fsspec (S3 via moto)."""
 
+import io
 import json
 import os
 import shutil
@@ -606,3 +607,23 @@ def test_presigned_shards_are_recorded_without_their_signature_and_rerun_resigne
     assert selected["shards_done"] == 2 and selected["kept"] == again["n_in"] - sum(
         again["rejected"].values()
     )
+
+
+def test_a_round_reads_the_web_caption_where_run_caption_from_says(tmp_path, tiny_models, tiny_shards):
+    """The round's reader takes ``run.caption_from``: the web candidate is the ``caption`` member's text."""
+    moved = tmp_path / "moved.tar"
+    with tarfile.open(tiny_shards[1]) as src, tarfile.open(moved, "w") as dst:
+        for member in src.getmembers():
+            data = src.extractfile(member).read()
+            member.name = member.name.replace(".txt", ".caption")
+            dst.addfile(member, io.BytesIO(data))
+    out = tmp_path / "run"
+    cfg = tiny_cfg("run.caption_from=[caption]")
+    summary = run_round(cfg, [str(moved)], str(out), *tiny_models, local=True, progress=False)
+    assert summary["n_in"] == 10 and summary["no_web_caption"] == 0
+    web = [
+        [c["text"] for c in row["candidates"] if c["source"] == "web"]
+        for row in pq.read_table(out / "moved.scores.parquet").to_pylist()
+    ]
+    captions = [s.caption for s in ShardReader(tiny_shards[1])]
+    assert web == [[caption] for caption in captions]

@@ -16,7 +16,7 @@ from fsspec.core import url_to_fs
 from PIL import Image
 
 from capfilt.data.reader import ShardReader
-from capfilt.data.sample import Reject, shard_file_name
+from capfilt.data.sample import CAPTION_FROM, Reject, shard_file_name
 from capfilt.data.specs import expand_shards
 
 
@@ -46,16 +46,28 @@ def _output_stats(url: str) -> str | None:
 
 def inspect_input(url: str, samples: int) -> str:
     reader = ShardReader(url)
-    n, rejects, shown = 0, Counter(), []
+    n, rejects, shown, uncaptioned, elsewhere = 0, Counter(), [], 0, Counter()
     for item in reader:
         n += 1
         if isinstance(item, Reject):
             rejects[item.reason] += 1
-        elif len(shown) < samples:
+            continue
+        if not item.caption:  # where its alt-text may be instead: its other members and json keys
+            uncaptioned += 1
+            elsewhere.update(
+                [*item.extra, *(f"json.{k}" for k, v in item.meta.items() if isinstance(v, str))]
+            )
+        if len(shown) < samples:
             shown.append(f"  {item.key}  {_image_size(item.image)} {item.image_ext}  {item.caption[:80]!r}")
     lines = [f"{url}: input shard, {n} samples, {n - sum(rejects.values())} readable"]
     if rejects:
         lines.append("  rejected: " + ", ".join(f"{r}={c}" for r, c in sorted(rejects.items())))
+    if uncaptioned:
+        found = ", ".join(f"{name} ({count})" for name, count in elsewhere.most_common(8)) or "none"
+        lines.append(
+            f"  without a web caption in {', '.join(CAPTION_FROM)} (run.caption_from): {uncaptioned}; "
+            f"their other members and json strings: {found}"
+        )
     if reader.truncated:
         lines.append(f"  TRUNCATED: {reader.truncation_detail}")
     return "\n".join(lines + shown)

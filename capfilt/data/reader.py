@@ -27,7 +27,7 @@ from collections.abc import Iterator
 import fsspec
 
 from capfilt.data import versions
-from capfilt.data.sample import IMAGE_EXTS, SHARD_SUFFIXES, Reject, Sample, shard_compression
+from capfilt.data.sample import CAPTION_FROM, IMAGE_EXTS, SHARD_SUFFIXES, Reject, Sample, shard_compression
 from capfilt.data.signing import unsigned
 
 BLOCK = 512
@@ -157,20 +157,26 @@ def _no_constant(name: str):
     raise ValueError(f"{name} is not JSON")
 
 
-def _caption(key: str, url: str, members: dict[str, bytes], meta: dict) -> str | Reject:
-    """The web caption (txt, else json["caption"]); "" when there is none or it is blank: such an image
-    is still captioned. Only a caption that is there but unreadable is a Reject."""
-    if "txt" in members:
-        try:
-            return members["txt"].decode("utf-8").strip()
-        except UnicodeDecodeError as err:
-            return Reject(key, url, "bad_text", f"txt is not UTF-8: {err}")
-    text = meta.get("caption")
-    if text is None:
-        return ""
-    if not isinstance(text, str):
-        return Reject(key, url, "bad_text", f"json caption is {text!r}")
-    return text.strip()
+def _caption(
+    key: str, url: str, members: dict[str, bytes], meta: dict, caption_from: tuple[str, ...]
+) -> str | Reject:
+    """The web caption: the first source of ``caption_from`` (``run.caption_from``) the sample has, a
+    member or a json key; "" when it has none or it is blank: such an image is still captioned. Only a
+    caption that is there but unreadable is a Reject."""
+    for source in caption_from:
+        if source.startswith("json."):
+            text = meta.get(source.removeprefix("json."))
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                return Reject(key, url, "bad_text", f"json {source.removeprefix('json.')} is {text!r}")
+            return text.strip()
+        if source in members:
+            try:
+                return members[source].decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                return Reject(key, url, "bad_text", f"{source} is not UTF-8: {err}")
+    return ""
 
 
 def _dotted_hint(key: str, members: dict[str, bytes]) -> str:
@@ -184,8 +190,11 @@ def _dotted_hint(key: str, members: dict[str, bytes]) -> str:
     )
 
 
-def make_sample(key: str, url: str, members: dict[str, bytes]) -> Sample | Reject:
-    """Build a Sample from one key's members, or the Reject that says why it cannot be one."""
+def make_sample(
+    key: str, url: str, members: dict[str, bytes], caption_from: tuple[str, ...] = CAPTION_FROM
+) -> Sample | Reject:
+    """Build a Sample from one key's members (its web caption from ``caption_from``), or the Reject that
+    says why it cannot be one."""
     if key.startswith("/") or ".." in key.split("/"):  # the outputs' member names are the keys: no tar-slip
         return Reject(
             key, url, "unsafe_key", f"{key!r} would extract outside the folder a user extracts into"
@@ -203,7 +212,7 @@ def make_sample(key: str, url: str, members: dict[str, bytes]) -> Sample | Rejec
             return Reject(key, url, "bad_json", str(err))
         if not isinstance(meta, dict):
             return Reject(key, url, "bad_json", f"json is a {type(meta).__name__}, not an object")
-    caption = _caption(key, url, members, meta)
+    caption = _caption(key, url, members, meta, caption_from)
     if isinstance(caption, Reject):
         return caption
     extra = {ext: data for ext, data in members.items() if ext not in (image_ext, "txt", "json")}
@@ -243,8 +252,14 @@ class ShardReader:
     >>> reader.truncated
     """
 
-    def __init__(self, url: str, fingerprint: bool = False, **storage_options):
-        self.url, self.fingerprint = url, fingerprint
+    def __init__(
+        self,
+        url: str,
+        fingerprint: bool = False,
+        caption_from: tuple[str, ...] = CAPTION_FROM,
+        **storage_options,
+    ):
+        self.url, self.fingerprint, self.caption_from = url, fingerprint, caption_from
         self.shard = unsigned(url)  # what its samples and rejects name: never a signature (data.signing)
         self.storage_options = storage_options
         self.truncated = False
@@ -275,7 +290,7 @@ class ShardReader:
                 return Reject(key, self.shard, "split_sample", _split_detail(key, first, exts))
             if duplicate:
                 return Reject(key, self.shard, "duplicate_key", duplicate)
-            return make_sample(key, self.shard, members)
+            return make_sample(key, self.shard, members, self.caption_from)
 
         def start(new_key: str) -> None:
             nonlocal key, members, duplicate

@@ -18,6 +18,8 @@ from fsspec.utils import infer_compression
 from capfilt.errors import UserError
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
+# Where a sample's web caption is by default (``run.caption_from``): its txt member, else its json's caption.
+CAPTION_FROM = ("txt", "json.caption")
 
 # A shard's file ending → the codec fsspec decompresses it with (None: a plain tar); longest match first.
 SHARD_SUFFIXES = {

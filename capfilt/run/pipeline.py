@@ -313,7 +313,7 @@ def process_shard(
     limit = limit or BatchLimit()
     start = time.perf_counter()
     name = name or writer.output_name(url)
-    shard = reader.ShardReader(url, fingerprint=True)
+    shard = reader.ShardReader(url, fingerprint=True, caption_from=cfg.run.caption_from)
     stats = ShardStats(shard=shard.shard)  # the URL without a signature (data.signing)
     timings = {"read_decode": 0.0, "wait_input": 0.0, "wait_models": 0.0, "write": 0.0}
     batches = decoded_batches(shard, decoder, cfg.run.batch_size)

@@ -101,7 +101,8 @@ def failed_note(summary: dict[str, Any]) -> str:
 def input_notes(summary: dict[str, Any]) -> list[str]:
     """A line for each kind of input that a run cleaned only in part, which the summary alone would leave
     unsaid: shards that ended early (an error page or an empty file saved as a shard is one that ends at
-    once), and shards not in key order, whose images went without their captions."""
+    once), shards not in key order, whose images went without their captions, and a corpus none of whose
+    samples had a web caption where ``run.caption_from`` looks."""
     notes: list[str] = []
     cut, split = summary.get("truncated_shards", []), summary.get("rejected", {}).get("split_sample")
     if cut:
@@ -118,6 +119,14 @@ def input_notes(summary: dict[str, Any]) -> list[str]:
         )
     if notes:
         notes.append("after a fix, rerun the same command: changed inputs are cleaned again")
+    scored = summary.get("kept", 0) + summary.get("dropped", 0)
+    if scored and summary.get("no_web_caption") == scored:
+        notes.append(
+            f"none of the {scored} samples cleaned had a web caption where run.caption_from looks (by default "
+            "a txt member, else the json's caption), so each was judged on synthetic captions alone; if the "
+            "corpus keeps its alt-text elsewhere (`capfilt inspect SHARD` shows where), set run.caption_from "
+            "and rerun with --new-run"
+        )
     return notes
 
 
