@@ -567,7 +567,7 @@ def signing_server(tmp_path):
 
 
 def test_presigned_shards_are_recorded_without_their_signature_and_rerun_resigned(
-    tmp_path, tiny_models, tiny_shards, signing_server
+    tmp_path, tiny_models, tiny_shards, signing_server, capsys
 ):
     """A presigned URL is a credential: before, the manifest, stats, markers, the Parquet ``shard`` column
     and the dataset card held it whole, and a rerun with freshly signed URLs (the nightly case) was refused
@@ -584,7 +584,9 @@ def test_presigned_shards_are_recorded_without_their_signature_and_rerun_resigne
     assert first["shards_done"] == 1 and list(first["failed_shards"]) == [f"{base}/{names[1]}"]
     assert "403" in first["failed_shards"][f"{base}/{names[1]}"]  # the error, its URL without signature
     server.expiring.clear()
-    again = run_round(tiny_cfg(), sign(names, "SIGNED-B"), out, cap, flt, local=True, progress=False)
+    twice = sign(names, "SIGNED-B") + sign(names[:1], "SIGNED-C")  # one shard in two lists, signed twice
+    again = run_round(tiny_cfg(), twice, out, cap, flt, local=True, progress=False)
+    assert "1 shard URL(s) differ from another one given only in their signature" in capsys.readouterr().err
     assert (
         again["this_invocation"]["shards"] == 1 and again["shards_done"] == 2 and not again["failed_shards"]
     )

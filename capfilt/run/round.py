@@ -65,6 +65,16 @@ def say_shards(urls: list[str], what: str) -> None:
         print(f"[capfilt] {len(urls)} {what}: {shown}", file=sys.stderr, flush=True)
 
 
+def given_shards(specs: list[str]) -> dict[str, str]:
+    """The shards ``specs`` name: each one's identity (its URL without a signature, ``data.signing``) → the
+    URL to read it from. A shard given twice, signed twice, is read once, and stderr says so."""
+    given = expand_shards(specs)
+    reads = read_urls(given)
+    again = [unsigned(url) for url in given if reads[unsigned(url)] != url]
+    say_shards(again, "shard URL(s) differ from another one given only in their signature: each is read once")
+    return reads
+
+
 def make_pool(
     cfg: Config,
     captioner: str,
@@ -150,7 +160,7 @@ def run_round(
     start = time.perf_counter()
     models, captioner, filter_ = identify_models(captioner, filter_)
     hashes = {role: m["hash"] for role, m in models.items()}
-    reads = read_urls(expand_shards(shards))  # a presigned shard's identity is its URL without signature
+    reads = given_shards(shards)
     urls_given = list(reads)
     ledger.check_out_folder(out, urls_given)
     check_human(cfg, human)
@@ -237,7 +247,7 @@ def plan_round(
     ``held_by``: the job holding the folder's lease now, whose round this one would wait for (None: free).
     """
     models, _, _ = identify_models(captioner, filter_)
-    reads = read_urls(expand_shards(shards))
+    reads = given_shards(shards)
     given = list(reads)
     ledger.check_out_folder(out, given)
     check_human(cfg, human)
