@@ -315,3 +315,28 @@ def test_a_corpus_keeps_its_alt_text_where_run_caption_from_says(tmp_path):
     inspected = inspect_input(url, 0)
     assert "without a web caption in txt, json.caption (run.caption_from): 4" in inspected
     assert "their other members and json strings: caption (2), json.alt (2)" in inspected
+
+
+def test_a_compressed_shard_cut_short_keeps_the_samples_before_the_cut(tmp_path):
+    """A ``.tar.gz`` or ``.tar.xz`` whose download stopped raised EOFError out of the reader: the round failed
+    the shard on every try and every rerun, losing the samples before the cut that a cut plain tar keeps,
+    and ``capfilt inspect`` printed only "Aborted."."""
+    rng = random.Random(0)
+    members = [
+        m for i in range(20) for m in ((f"{i:03d}.jpg", rng.randbytes(3000)), (f"{i:03d}.txt", b"a cat"))
+    ]
+    raw = tmp_path / "whole.tar"
+    write_tar(str(raw), members)
+    for name, pack in (("cut.tar.gz", gzip.compress), ("cut.tar.xz", lzma.compress)):
+        (tmp_path / name).write_bytes(pack(raw.read_bytes())[: raw.stat().st_size // 2])
+        reader = ShardReader(str(tmp_path / name))
+        items = list(reader)
+        assert reader.truncated and "the compressed stream is cut" in reader.truncation_detail, name
+        assert 5 < len(items) < 20 and {type(i) for i in items[:-1]} == {Sample}, name
+        assert items[-1].reason == "truncated", name
+    corrupt = bytearray(gzip.compress(raw.read_bytes()))
+    corrupt[-8] ^= 0xFF  # the gzip trailer's CRC: every sample reads whole, then the check fails
+    (tmp_path / "corrupt.tar.gz").write_bytes(bytes(corrupt))
+    reader = ShardReader(str(tmp_path / "corrupt.tar.gz"), fingerprint=True)  # hashed: read to the end
+    assert len([i for i in reader if isinstance(i, Sample)]) == 20 and reader.truncated
+    assert "BadGzipFile: CRC check failed" in reader.truncation_detail

@@ -18,10 +18,13 @@ non-file members (folders, links) are not sample members and are skipped.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+import lzma
 import posixpath
 import tarfile
+import zlib
 from collections.abc import Iterator
 
 import fsspec
@@ -51,11 +54,22 @@ def split_key(name: str) -> tuple[str, str] | None:
     return posixpath.join(folder, stem), ext.lower()
 
 
+# What a decompressing reader raises where its stream is cut (a download that stopped) or corrupt: the
+# shard ends there, as a plain tar that is cut does. A network error is none of these: it fails the shard,
+# which is tried again, instead of ending it early.
+_CUT_STREAM = (EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile)
+
+
 def _read_upto(f, n: int) -> bytes:
     """Read n bytes, fewer only at end of stream (some file objects return short reads early)."""
     chunks, left = [], n
     while left > 0:
-        chunk = f.read(left)
+        try:
+            chunk = f.read(left)
+        except _CUT_STREAM as err:
+            raise _Truncated(
+                f"the compressed stream is cut or corrupt ({type(err).__name__}: {err})"
+            ) from None
         if not chunk:
             break
         chunks.append(chunk)
@@ -306,8 +320,11 @@ class ShardReader:
                 try:
                     name, data = next(stream)
                 except StopIteration:  # the end-of-archive marker
-                    while self._hash is not None and f.read(1 << 20):  # the padding after it, hashed too
-                        pass
+                    try:
+                        while self._hash is not None and _read_upto(f, 1 << 20):  # the padding, hashed too
+                            pass
+                    except _Truncated as err:  # every sample is whole: only the compressed file's end is cut
+                        self.truncated, self.truncation_detail = True, str(err)
                     break
                 except _Truncated as err:
                     self.truncated, self.truncation_detail = True, str(err)
