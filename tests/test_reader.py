@@ -320,7 +320,7 @@ def test_a_corpus_keeps_its_alt_text_where_run_caption_from_says(tmp_path):
 def test_a_compressed_shard_cut_short_keeps_the_samples_before_the_cut(tmp_path):
     """A ``.tar.gz`` or ``.tar.xz`` whose download stopped raised EOFError out of the reader: the round failed
     the shard on every try and every rerun, losing the samples before the cut that a cut plain tar keeps,
-    and ``capfilt inspect`` printed only "Aborted."."""
+    and ``capfilt inspect`` printed only "Aborted.". An error page saved as ``.tar.gz`` raised BadGzipFile."""
     rng = random.Random(0)
     members = [
         m for i in range(20) for m in ((f"{i:03d}.jpg", rng.randbytes(3000)), (f"{i:03d}.txt", b"a cat"))
@@ -340,3 +340,6 @@ def test_a_compressed_shard_cut_short_keeps_the_samples_before_the_cut(tmp_path)
     reader = ShardReader(str(tmp_path / "corrupt.tar.gz"), fingerprint=True)  # hashed: read to the end
     assert len([i for i in reader if isinstance(i, Sample)]) == 20 and reader.truncated
     assert "BadGzipFile: CRC check failed" in reader.truncation_detail
+    (tmp_path / "page.tar.gz").write_bytes(b"<html><body>403 Forbidden</body></html>")  # a failed download
+    reader = ShardReader(str(tmp_path / "page.tar.gz"))
+    assert list(reader) == [] and "Not a gzipped file (b'<h')" in reader.truncation_detail
