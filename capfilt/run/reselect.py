@@ -19,14 +19,14 @@ from fsspec.core import url_to_fs
 from capfilt.config import ConfigError, FilterConfig, from_dict
 from capfilt.data import reader, writer
 from capfilt.data.sample import Candidate, Sample, ShardStats
-from capfilt.data.signing import read_urls, unsigned
-from capfilt.data.specs import expand_shards
+from capfilt.data.signing import unsigned
 from capfilt.errors import UserError
 from capfilt.run import card, ledger
 from capfilt.run.calibration import calibration_of, store_calibration
 from capfilt.run.lease import Lease, RunBusy, holder
 from capfilt.run.pipeline import count_results
 from capfilt.run.progress import RunTotals
+from capfilt.run.round import given_shards
 from capfilt.stages.calibrate import MODES, threshold_of
 from capfilt.stages.select import decide
 
@@ -46,10 +46,10 @@ def _candidates(row: dict[str, Any]) -> list[Candidate]:
 
 
 def reselect_shard(
-    run_dir: str, out: str, url: str, name: str, threshold: float, mode: str = "fixed", read: str = ""
+    run_dir: str, out: str, url: str, read: str, name: str, threshold: float, mode: str = "fixed"
 ) -> ShardStats:
-    """Select shard ``url`` of ``run_dir`` again into ``out``, its samples read from ``read`` (a signed
-    URL of it), else from ``url``."""
+    """Select shard ``url`` of ``run_dir`` again into ``out``, its samples read from ``read`` (``url``
+    itself, or a signed URL of it)."""
     (old,) = ledger.read_stats(run_dir, [name])
     fs, _ = url_to_fs(run_dir)
     with fs.open(f"{run_dir.rstrip('/')}/{name}.scores.parquet", "rb") as f:
@@ -58,7 +58,7 @@ def reselect_shard(
     stats.input_sha256, stats.input_version = old.input_sha256, old.input_version
     stats.rejected, stats.rejects = dict(old.rejected), list(old.rejects)
     with writer.RoundShardWriter(out, name, _provenance(run_dir, name, threshold, mode)) as shard:
-        samples = reader.ShardReader(read or url, fingerprint=True)
+        samples = reader.ShardReader(read, fingerprint=True)
         for s in samples:  # scores rows are in the input's order, and so is the new shard
             if isinstance(s, Sample) and s.key in rows:
                 result = decide(s, _candidates(rows[s.key]), threshold)
@@ -128,7 +128,7 @@ def _reselect(
 ) -> dict[str, Any]:
     manifest = ledger.read_manifest(run_dir)
     ledger.check_out_folder(out, manifest["shards"])
-    reads = read_urls(expand_shards(shards)) if shards else {}
+    reads = given_shards(shards) if shards else {}
     unknown = sorted(set(reads) - {unsigned(u) for u in manifest["shards"]})
     if unknown:
         raise UserError(f"--shards names {len(unknown)} shard(s) that {run_dir} did not clean: {unknown[:3]}")
@@ -151,7 +151,7 @@ def _reselect(
     for url in committed:
         read = reads.get(unsigned(url), url)
         try:
-            totals.add(reselect_shard(run_dir, out, url, names[url], threshold, mode, read), processed=True)
+            totals.add(reselect_shard(run_dir, out, url, read, names[url], threshold, mode), processed=True)
         except FileNotFoundError as err:
             raise UserError(
                 f"{url}: the input shard does not read again: it is gone, or it was read by a signed URL "
