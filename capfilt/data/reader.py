@@ -179,11 +179,12 @@ def _caption(
     caption that is there but unreadable is a Reject."""
     for source in caption_from:
         if source.startswith("json."):
-            text = meta.get(source.removeprefix("json."))
+            field = source.removeprefix("json.")
+            text = meta.get(field)
             if text is None:
                 continue
             if not isinstance(text, str):
-                return Reject(key, url, "bad_text", f"json {source.removeprefix('json.')} is {text!r}")
+                return Reject(key, url, "bad_text", f"json {field} is {text!r}")
             return text.strip()
         if source in members:
             try:
