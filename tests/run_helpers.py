@@ -233,12 +233,20 @@ def wait_for_dashboard(port: int, head: subprocess.Popen, timeout: float = 120) 
 def submit_job(cmd: list[str], env: dict[str, str] | None = None, timeout: float = 300):
     """Run a ``ray job submit`` command. The dashboard answers before the head's job agent registers;
     under load that takes a while, and Ray says so ("No available agent to submit job, please try again
-    later"): retry, bounded (on a machine shared with other builds it has taken minutes)."""
+    later"): retry, bounded (on a machine shared with other builds it has taken minutes). Under load the
+    dashboard has also closed a submission's connection without an answer ("Connection aborted"); that is
+    retried when the command names its ``--submission-id``, since a retry of a submission that did go in
+    then says it already exists, and only one job runs."""
     deadline = time.time() + 300
+    keyed, dropped = any(arg.startswith("--submission-id") for arg in cmd), False
     while True:
         done = subprocess.run(
             cmd, cwd=ROOT, env=env or RAY_ENV, capture_output=True, text=True, timeout=timeout
         )
-        if "No available agent" not in done.stdout + done.stderr or time.time() > deadline:
+        said = done.stdout + done.stderr
+        if dropped and "already exists" in said:  # the dropped one went in
+            return subprocess.CompletedProcess(done.args, 0, done.stdout, done.stderr)
+        dropped = keyed and "Connection aborted" in said
+        if not (dropped or "No available agent" in said) or time.time() > deadline:
             return done
         time.sleep(2)
