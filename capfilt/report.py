@@ -10,9 +10,11 @@ the first rows they need, so a report on a corpus-sized run does not hold its ro
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import math
 import posixpath
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,8 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from capfilt.data.reader import iter_shard
-from capfilt.data.sample import Sample
+from capfilt.data.reader import read_shard
+from capfilt.data.sample import Reject, Sample
 from capfilt.errors import UserError
 from capfilt.eval.filtering import read_labels
 from capfilt.run.ledger import MANIFEST, SUMMARY, read_json
@@ -236,10 +238,12 @@ def _example_samples(chosen: list[dict]) -> list[tuple[dict, Sample]]:
         by_shard.setdefault(r["shard"], set()).add(r["key"])
     images: dict[str, Sample] = {}
     for shard, keys in by_shard.items():
-        for item in iter_shard(shard):
-            if isinstance(item, Sample) and item.key in keys:
-                images[item.key] = item
+        images.update(read_shard(shard, functools.partial(_samples, keys=keys)))
     return [(r, images[r["key"]]) for r in chosen if r["key"] in images]
+
+
+def _samples(items: Iterable[Sample | Reject], keys: set[str]) -> dict[str, Sample]:
+    return {i.key: i for i in items if isinstance(i, Sample) and i.key in keys}
 
 
 def _example_card(row: dict, sample: Sample, truth: dict[str, dict]) -> str:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -62,6 +64,16 @@ def smooth_image(w: int = 48, h: int = 40, seed: int = 0) -> Image.Image:
 def make_sample(key: str, image: bytes | None = None, caption: str = "a red circle", **meta) -> Sample:
     image = encode(smooth_image()) if image is None else image
     return Sample(key, "", image, "jpg", caption, meta)
+
+
+def scrambled(src: str, dst: str, seed: int = 0) -> None:
+    """The shard's files in a random order, as ``tar -cf`` of a folder lists them (in its hash order)."""
+    from capfilt.data.writer import write_tar
+
+    with tarfile.open(src) as tar:
+        members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+    random.Random(seed).shuffle(members)
+    write_tar(dst, members)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
+from conftest import scrambled
 from run_helpers import png
 from typer.testing import CliRunner
 
@@ -18,7 +20,7 @@ from capfilt.cli import app
 from capfilt.data.reader import iter_shard
 from capfilt.data.writer import write_tar
 
-pytest_plugins = ["run_helpers"]  # tiny_models
+pytest_plugins = ["run_helpers"]  # tiny_models, tiny_shards
 
 TINY_RUN = ["-c", "tiny", "--set", "caption.num_captions=2", "--set", "filter.threshold=0", "--local"]
 
@@ -82,6 +84,53 @@ def test_a_users_mistake_is_one_line_and_exit_code_2(tmp_path, tiny_models):
         assert result.exit_code == 2, (name, result.output)
         assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1, (name, result.stderr)
         assert result.stderr.startswith("capfilt: error: ") and fix in result.stderr, (name, result.stderr)
+
+
+def test_a_shard_tarred_from_a_folder_is_cleaned_whole(tmp_path, tiny_models, tiny_shards):
+    """``tar -cf web.tar folder/`` without ``--sort=name`` lists the files in the folder's hash order.
+    Before, each run of a key's files was a sample: images cleaned without their captions, captions
+    rejected (``split_sample``, ``missing_image``), 29 "samples" of 10, 2 of them whole. Now the round reads
+    it again, grouped by key: the same scores as the shard in key order, an output whose samples are whole,
+    a line on stderr, and ``select`` and a finetuning read it the same way. Too few pairs to train on is one
+    line too."""
+    cap, flt = tiny_models
+    for folder in ("sorted", "hashed"):
+        (tmp_path / folder).mkdir()
+    shutil.copy(tiny_shards[0], tmp_path / "sorted" / "web-000000.tar")
+    hashed = str(tmp_path / "hashed" / "web-000000.tar")
+    scrambled(tiny_shards[0], hashed)
+    runner, rows, results = CliRunner(), {}, {}
+    for folder in ("sorted", "hashed"):
+        out = tmp_path / f"{folder}-run"
+        shard = str(tmp_path / folder / "web-000000.tar")
+        results[folder] = runner.invoke(
+            app, ["run", shard, "-o", str(out), "--captioner", cap, "--filter", flt, *TINY_RUN]
+        )
+        assert results[folder].exit_code == 0, results[folder].output
+        table = pq.read_table(out / "web-000000.scores.parquet").drop_columns(["shard"])
+        rows[folder] = sorted(table.to_pylist(), key=lambda r: r["key"])
+        written = list(iter_shard(str(out / "web-000000.tar")))  # streamed: each sample's files together
+        assert sorted(s.key for s in written) == [r["key"] for r in rows[folder] if r["kept"]]
+    itc = {f: [c.pop("itc") for r in rows[f] for c in r["candidates"]] for f in rows}  # the batch's last bits
+    assert rows["hashed"] == rows["sorted"] and len(rows["sorted"]) == 9
+    assert itc["hashed"] == pytest.approx(itc["sorted"], abs=1e-6)
+    summary = json.loads((tmp_path / "hashed-run" / "summary.json").read_text())
+    assert (summary["n_in"], summary["rejected"], summary["unordered_shards"]) == (
+        10,
+        {"undecodable_image": 1},
+        [hashed],
+    )
+    assert "1 of 1 shards were not in key order" in results["hashed"].stderr
+    assert "not in key order" not in results["sorted"].stderr
+    select = runner.invoke(
+        app, ["select", str(tmp_path / "hashed-run"), "-o", str(tmp_path / "sel"), "--threshold", "0.6"]
+    )
+    assert select.exit_code == 0, select.output
+    assert json.loads(select.stdout)["unordered_shards"] == [hashed]
+    one = str(tmp_path / "one.tar")
+    write_tar(one, [("a.png", png(0)), ("a.txt", b"a caption")])
+    tune = runner.invoke(app, ["finetune", cap, one, "-o", str(tmp_path / "ft"), "-c", "tiny"])
+    assert tune.exit_code == 2 and "1 training pairs, fewer than one global batch of 8" in tune.stderr
 
 
 def _hub_cache(home: Path, repo_id: str, folder: str, sha: str) -> None:

@@ -11,19 +11,23 @@ import lzma
 import random
 import tarfile
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import bad_shard_members, encode, make_sample, smooth_image
+import torch
+from conftest import bad_shard_members, encode, make_sample, scrambled, smooth_image
 
+from capfilt.config import RunConfig
 from capfilt.data import sample as sample_module
 from capfilt.data.inspect import inspect_input
-from capfilt.data.reader import ShardReader, iter_shard, parse_header, split_key
+from capfilt.data.reader import NotInKeyOrder, ShardReader, iter_shard, parse_header, read_shard, split_key
 from capfilt.data.sample import Reject, Sample
 from capfilt.data.specs import expand_shards
 from capfilt.data.writer import output_name, write_samples_shard, write_tar
 from capfilt.errors import UserError
+from capfilt.eval.heldout import load_heldout
 from capfilt.run.progress import input_notes
 
 
@@ -217,22 +221,70 @@ def test_the_reader_fingerprints_the_bytes_it_read(tmp_path):
     assert reader.version == {"size": str(stat.st_size), "mtime": str(stat.st_mtime)}
 
 
-def test_a_shard_not_in_key_order_says_so(tmp_path):
-    """``tar -cf shard.tar *.jpg *.txt`` puts every image first: each sample comes in two parts. Before, the
-    images were cleaned without their captions and every caption was rejected as a ``duplicate_key``,
-    which reads as a corpus with repeated samples; a sample that is truly there twice still is one."""
+def _contents(items) -> list:
+    return [
+        (i.key, i.reason) if isinstance(i, Reject) else (i.key, i.caption, i.image, i.meta, i.extra)
+        for i in items
+    ]
+
+
+def test_a_shard_not_in_key_order_is_read_grouped_by_key(tmp_path, tiny_world):
+    """A tar of a folder written without ``--sort=name`` lists its files in the folder's hash order. Before,
+    each run of a key's files was read as a sample of its own: the tiny world's 32-sample shard read as 92
+    "samples", 5 of them whole, the images cleaned without their captions and the rest rejected
+    (``split_sample``, ``missing_image``); finetuning on such a human shard found 1 pair of 32."""
+    src, hashed = f"{tiny_world}/web-000000.tar", str(tmp_path / "hashed.tar")
+    scrambled(src, hashed)
+    with pytest.raises(NotInKeyOrder, match="hashed.tar is not in key order"):
+        list(ShardReader(hashed))
+    in_order = list(ShardReader(src))
+    reader = ShardReader(hashed, fingerprint=True, grouped=True)
+    grouped = list(reader)
+    assert sorted(_contents(grouped)) == sorted(_contents(in_order)) and len(in_order) == 32
+    assert reader.sha256 == hashlib.sha256(Path(hashed).read_bytes()).hexdigest() and not reader.truncated
+    assert read_shard(hashed, lambda r: (_contents(r), r.grouped)) == (_contents(grouped), True)
+    # grouped or streamed, a shard in key order reads the same, and read_shard reads it once
+    assert _contents(ShardReader(src, grouped=True)) == _contents(in_order)
+    assert read_shard(src, lambda r: (_contents(r), r.grouped)) == (_contents(in_order), False)
+    inspected = inspect_input(hashed, 0)
+    assert "input shard, 32 samples, 32 readable" in inspected and "NOT IN KEY ORDER" in inspected
+    # the held-out split (eval, and calibration's human pairs) too, where a test set made by hand is likely
+    test = f"{tiny_world}/test-000000.tar"
+    scrambled(test, str(tmp_path / "test.tar"))
+    run = RunConfig(image_size=32)
+    held, want = load_heldout([str(tmp_path / "test.tar")], run, limit=9), load_heldout([test], run)
+    index = {key: i for i, key in enumerate(want.keys)}
+    assert len(held.keys) == 9 and len(index) == 16
+    for i, key in enumerate(held.keys):
+        assert held.references[i] == want.references[index[key]]
+        assert torch.equal(held.pixels[i], want.pixels[index[key]])
+
+
+def test_images_first_then_captions_and_a_sample_there_twice(tmp_path):
+    """``tar -cf shard.tar *.jpg *.txt`` puts every image first: each sample comes in two parts, now read
+    as one. A sample that is truly there twice is still a ``duplicate_key``, and a key the shard was cut
+    inside is ``truncated``, whichever of its files came before the cut."""
     jpg = encode(smooth_image())
     members = [(f"{k}.jpg", jpg) for k in ("a", "b")] + [(f"{k}.txt", k.encode()) for k in ("a", "b")]
     members += [("c.jpg", jpg), ("c.txt", b"c"), ("a.jpg", jpg), ("a.txt", b"a again")]
     url = str(tmp_path / "globbed.tar")
     write_tar(url, members)
-    items = list(iter_shard(url))
-    got = [f"{i.key}:{getattr(i, 'reason', 'sample')}" for i in items]
-    assert got == "a:sample b:sample a:split_sample b:split_sample c:sample a:duplicate_key".split()
-    assert items[0].caption == "" and "a's jpg came earlier" in items[2].detail
-    assert "tar --sort=name" in items[2].detail
-    notes = input_notes({"shards": 1, "truncated_shards": [], "rejected": {"split_sample": 2}})
-    assert notes[0].startswith("2 samples came in parts") and "rerun" in notes[-1]
+    items = read_shard(url, list)
+    assert [(i.key, getattr(i, "reason", "sample")) for i in items] == [
+        ("a", "sample"),
+        ("b", "sample"),
+        ("c", "sample"),
+        ("a", "duplicate_key"),
+    ]
+    assert [i.caption for i in items[:3]] == ["a", "b", "c"]
+    write_tar(url, members[:4] + [("b.json", b"{}")])
+    whole = Path(url).read_bytes()
+    Path(url).write_bytes(whole[: whole.index(b"b.json") + 514])  # inside b.json, after its header
+    reader = ShardReader(url, grouped=True)
+    assert [(i.key, getattr(i, "reason", "sample")) for i in reader] == [("a", "sample"), ("b", "truncated")]
+    assert reader.truncated
+    notes = input_notes({"shards": 3, "truncated_shards": [], "unordered_shards": [url, "x.tar"]})
+    assert notes[0].startswith(f"2 of 3 shards were not in key order ({url} and 1 more")
     assert not input_notes({"shards": 1, "truncated_shards": [], "rejected": {"duplicate_key": 1}})
 
 

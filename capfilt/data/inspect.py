@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from PIL import Image
 
-from capfilt.data.reader import ShardReader
+from capfilt.data.reader import ShardReader, read_shard
 from capfilt.data.sample import CAPTION_FROM, Reject, shard_file_name
 from capfilt.data.specs import expand_shards
 
@@ -45,7 +45,10 @@ def _output_stats(url: str) -> str | None:
 
 
 def inspect_input(url: str, samples: int) -> str:
-    reader = ShardReader(url)
+    return read_shard(url, lambda reader: _summarize(url, reader, samples))
+
+
+def _summarize(url: str, reader: ShardReader, samples: int) -> str:
     n, rejects, shown, uncaptioned, elsewhere = 0, Counter(), [], 0, Counter()
     for item in reader:
         n += 1
@@ -70,6 +73,11 @@ def inspect_input(url: str, samples: int) -> str:
         )
     if reader.truncated:
         lines.append(f"  TRUNCATED: {reader.truncation_detail}")
+    if reader.grouped:
+        lines.append(
+            "  NOT IN KEY ORDER: a key's files stand apart (a tar of a folder written without --sort=name); "
+            "capfilt reads it grouped by key, webdataset would read its samples in parts"
+        )
     return "\n".join(lines + shown)
 
 

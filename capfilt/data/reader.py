@@ -13,7 +13,10 @@ Any other I/O error (network, permissions) propagates: the shard is the unit of 
 
 Grouping follows webdataset: key = member path up to the first dot of its basename (folders stay in
 the key), extension = the rest, lower-cased. Members without an extension, hidden files and
-non-file members (folders, links) are not sample members and are skipped.
+non-file members (folders, links) are not sample members and are skipped. Unlike webdataset, a key's
+files need not stand together: a shard whose keys are apart (a tar of a folder written without
+``--sort=name`` lists its files in the folder's hash order) is read again, grouped (``read_shard``),
+instead of each part becoming a sample of its own.
 """
 
 from __future__ import annotations
@@ -24,16 +27,21 @@ import json
 import lzma
 import posixpath
 import tarfile
+import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
 
 import fsspec
 
 from capfilt.data import versions
 from capfilt.data.sample import CAPTION_FROM, IMAGE_EXTS, SHARD_SUFFIXES, Reject, Sample, shard_compression
 from capfilt.data.signing import unsigned
+from capfilt.errors import UserError
 
 BLOCK = 512
+T = TypeVar("T")
 _FILE_TYPES = {tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE}
 
 
@@ -234,15 +242,6 @@ def make_sample(
     return Sample(key, url, members[image_ext], image_ext, caption, meta, extra)
 
 
-def _split_detail(key: str, first: frozenset[str], later: frozenset[str]) -> str:
-    return (
-        f"{key}'s {', '.join(sorted(first))} came earlier in the shard and was read as a sample of its own, "
-        f"its {', '.join(sorted(later))} here after other keys: a WebDataset shard keeps each sample's "
-        "files together (as webdataset's and img2dataset's writers do); rewrite it in key order, e.g. "
-        "tar --sort=name"
-    )
-
-
 class _Hashed:
     """A file object that hashes what is read through it: the shard's fingerprint without a second read
     (SHA-256 runs at 1.3 GB/s on one of the project machine's cores)."""
@@ -256,11 +255,33 @@ class _Hashed:
         return data
 
 
+@dataclass
+class _Run:
+    """One key's files that stand together in the shard; ``cut``: why the shard ended inside them."""
+
+    key: str
+    members: dict[str, bytes]
+    duplicate: str = ""  # an extension the run holds twice
+    cut: str = ""
+
+
+class NotInKeyOrder(UserError):
+    """A shard whose files of one key stand apart, among other keys' (a tar of a folder written without
+    ``--sort=name``, or ``tar -cf s.tar *.jpg *.txt``): read as a stream, its samples would come in parts.
+    ``read_shard`` reads such a shard again, grouped by key."""
+
+
 class ShardReader:
     """Iterate one shard's samples and rejects; after iteration, ``truncated`` tells if it was cut and,
     with ``fingerprint``, ``sha256`` is the hash of the bytes read and ``version`` the file's version
     when reading began (what a round records: ``capfilt select`` checks the hash, a rerun the version;
     the other readers, training's every epoch among them, do not pay for them).
+
+    The shard streams: each sample is yielded once the next key begins, which is right when every key's
+    files stand together (webdataset's and img2dataset's writers, ``tar --sort=name``). A key whose files
+    turn up again after other keys' raises ``NotInKeyOrder``; ``grouped=True`` reads such a shard whole
+    first, its files spooled to a temporary file, and yields each key's files together, in the order the
+    keys first appear (``read_shard`` does both).
 
     >>> reader = ShardReader("s3://bucket/web-000003.tar")
     >>> for item in reader: ...
@@ -272,9 +293,11 @@ class ShardReader:
         url: str,
         fingerprint: bool = False,
         caption_from: tuple[str, ...] = CAPTION_FROM,
+        grouped: bool = False,
         **storage_options,
     ):
         self.url, self.fingerprint, self.caption_from = url, fingerprint, caption_from
+        self.grouped = grouped
         self.shard = unsigned(url)  # what its samples and rejects name: never a signature (data.signing)
         self.storage_options = storage_options
         self.truncated = False
@@ -292,66 +315,128 @@ class ShardReader:
         self.truncated, self.truncation_detail = False, ""
         self._hash = hashlib.sha256() if self.fingerprint else None
         self.version = versions.version(self.url, **self.storage_options) if self.fingerprint else {}
-        seen: dict[str, frozenset[str]] = {}  # key → the extensions its first part had
-        shapes: dict[frozenset[str], frozenset[str]] = {}  # one set per shape of sample, not one per key
-        key, members, duplicate = None, {}, ""
-
-        def flush() -> Sample | Reject:
-            exts = frozenset(members)
-            first = seen.get(key)
-            if first is None:
-                seen[key] = shapes.setdefault(exts, exts)
-            elif not first & exts:  # not the sample again: the rest of it
-                return Reject(key, self.shard, "split_sample", _split_detail(key, first, exts))
-            if duplicate:
-                return Reject(key, self.shard, "duplicate_key", duplicate)
-            return make_sample(key, self.shard, members, self.caption_from)
-
-        def start(new_key: str) -> None:
-            nonlocal key, members, duplicate
-            key, members = new_key, {}
-            duplicate = f"{new_key} reappears after other keys" if new_key in seen else ""
-
         compression = shard_compression(self.url)
         with fsspec.open(self.url, "rb", compression=compression, **self.storage_options) as f:
             if self._hash is not None:
                 f = _Hashed(f, self._hash)
-            stream = iter_members(f)
-            while True:
+            runs = self._runs(f)
+            yield from self._grouped(runs) if self.grouped else self._streamed(runs)
+
+    def _runs(self, f) -> Iterator[_Run]:
+        """The shard's runs of files with one key, in order; a run the shard was cut inside comes last,
+        with its ``cut`` (whatever it held, its sample is not whole)."""
+        key, members, duplicate = None, {}, ""
+        stream = iter_members(f)
+        while True:
+            try:
+                name, data = next(stream)
+            except StopIteration:  # the end-of-archive marker
                 try:
-                    name, data = next(stream)
-                except StopIteration:  # the end-of-archive marker
-                    try:
-                        while self._hash is not None and _read_upto(f, 1 << 20):  # the padding, hashed too
-                            pass
-                    except _Truncated as err:  # every sample is whole: only the compressed file's end is cut
-                        self.truncated, self.truncation_detail = True, str(err)
-                    break
-                except _Truncated as err:
+                    while self._hash is not None and _read_upto(f, 1 << 20):  # the padding, hashed too
+                        pass
+                except _Truncated as err:  # every sample is whole: only the compressed file's end is cut
                     self.truncated, self.truncation_detail = True, str(err)
-                    parts = split_key(err.name) if err.name else None
-                    if parts and parts[0] != key:  # the cut member starts a new sample
-                        if key is not None:
-                            yield flush()
-                        start(parts[0])
+                break
+            except _Truncated as err:
+                self.truncated, self.truncation_detail = True, str(err)
+                parts = split_key(err.name) if err.name else None
+                if parts and parts[0] != key:  # the cut member starts a new sample
                     if key is not None:
-                        yield Reject(key, self.shard, "truncated", str(err))
-                    return
-                parts = split_key(name)
-                if parts is None:
-                    continue
-                new_key, ext = parts
-                if new_key != key:
-                    if key is not None:
-                        yield flush()
-                    start(new_key)
-                if ext in members:
-                    duplicate = duplicate or f"{new_key}.{ext} appears twice"
-                members[ext] = data
+                        yield _Run(key, members, duplicate)
+                    key, members = parts[0], {}
+                if key is not None:
+                    yield _Run(key, members, cut=str(err))
+                return
+            parts = split_key(name)
+            if parts is None:
+                continue
+            new_key, ext = parts
+            if new_key != key:
+                if key is not None:
+                    yield _Run(key, members, duplicate)
+                key, members, duplicate = new_key, {}, ""
+            if ext in members:
+                duplicate = duplicate or f"{new_key}.{ext} appears twice"
+            members[ext] = data
         if key is not None:
-            yield flush()
+            yield _Run(key, members, duplicate)
+
+    def _streamed(self, runs: Iterator[_Run]) -> Iterator[Sample | Reject]:
+        seen: dict[str, frozenset[str]] = {}  # key → the extensions its first run had
+        shapes: dict[frozenset[str], frozenset[str]] = {}  # one set per shape of sample, not one per key
+        for run in runs:
+            if run.cut:
+                yield Reject(run.key, self.shard, "truncated", run.cut)
+                continue
+            exts = frozenset(run.members)
+            first = seen.get(run.key)
+            if first is None:
+                seen[run.key] = shapes.setdefault(exts, exts)
+            elif not first & exts:  # not the sample again: the rest of it
+                raise NotInKeyOrder(
+                    f"{self.shard} is not in key order: {run.key}'s {', '.join(sorted(exts))} come after "
+                    f"other keys' files, apart from its {', '.join(sorted(first))}"
+                )
+            duplicate = f"{run.key} reappears after other keys" if first is not None else run.duplicate
+            yield self._sample(run.key, run.members, duplicate)
+
+    def _grouped(self, runs: Iterator[_Run]) -> Iterator[Sample | Reject]:
+        """Each key's runs as one sample, in the order the keys first appear. A run that holds an extension
+        its key already has is that sample again (a ``duplicate_key``, as when streaming); a key the shard
+        was cut inside is ``truncated``. The files wait in a spool on local disk, not in memory."""
+        items: list[Reject | tuple[str, dict[str, tuple[int, int]], str]] = []
+        first: dict[str, int] = {}  # key → its item
+        with tempfile.TemporaryFile() as spool:
+            for run in runs:
+                i = first.get(run.key)
+                if run.cut:
+                    cut = Reject(run.key, self.shard, "truncated", run.cut)
+                    if i is None:
+                        items.append(cut)
+                    else:  # its files before the cut are not all of it
+                        items[i] = cut
+                    continue
+                placed = {}
+                for ext, data in run.members.items():
+                    placed[ext] = (spool.tell(), len(data))
+                    spool.write(data)
+                if i is None:
+                    first[run.key] = len(items)
+                    items.append((run.key, placed, run.duplicate))
+                elif isinstance(items[i], tuple) and not items[i][1].keys() & placed.keys():
+                    items[i][1].update(placed)
+                else:
+                    items.append(
+                        Reject(run.key, self.shard, "duplicate_key", f"{run.key} reappears after other keys")
+                    )
+            for item in items:
+                if isinstance(item, Reject):
+                    yield item
+                    continue
+                key, placed, duplicate = item
+                members = {}
+                for ext, (offset, size) in placed.items():
+                    spool.seek(offset)
+                    members[ext] = spool.read(size)
+                yield self._sample(key, members, duplicate)
+
+    def _sample(self, key: str, members: dict[str, bytes], duplicate: str) -> Sample | Reject:
+        if duplicate:
+            return Reject(key, self.shard, "duplicate_key", duplicate)
+        return make_sample(key, self.shard, members, self.caption_from)
+
+
+def read_shard(url: str, consume: Callable[[ShardReader], T], **kwargs) -> T:
+    """``consume(reader)`` of the shard as it streams; for a shard not in key order (``NotInKeyOrder``),
+    ``consume`` of it again, grouped by key. ``consume`` must leave nothing behind when it raises: its
+    first call may have seen part of the shard (``reader.grouped`` tells the second call)."""
+    try:
+        return consume(ShardReader(url, **kwargs))
+    except NotInKeyOrder:
+        return consume(ShardReader(url, grouped=True, **kwargs))
 
 
 def iter_shard(url: str, **storage_options) -> Iterator[Sample | Reject]:
-    """Samples and rejects of one shard; use ``ShardReader`` when you need to know about truncation."""
+    """Samples and rejects of one shard, streamed (``NotInKeyOrder`` for one whose keys are apart: use
+    ``read_shard`` to read any); use ``ShardReader`` when you need to know about truncation."""
     return iter(ShardReader(url, **storage_options))

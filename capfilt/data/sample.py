@@ -76,7 +76,6 @@ REJECT_REASONS = {
     "missing_image": "no jpg/jpeg/png/webp/gif/bmp member",
     "unsafe_key": "an absolute key or one with a '..' part: written out, it would extract outside its folder",
     "duplicate_key": "a key seen earlier in the same shard",
-    "split_sample": "more files of a key seen earlier in the shard: the shard is not in key order",
     "bad_text": "caption bytes are not UTF-8, or a json caption that is not a string",
     "bad_json": "json member does not parse to an object",
     "truncated": "the shard was cut inside this sample",
@@ -149,6 +148,7 @@ class ShardStats:
     rejected: dict[str, int] = field(default_factory=dict)
     rejects: list[dict[str, Any]] = field(default_factory=list)  # {key, reason, detail}, for debugging
     truncated: bool = False
+    unordered: bool = False  # its keys' files stood apart: read again, grouped by key (data.reader)
     no_web_caption: int = 0  # scored samples that had no usable web caption (captioned all the same)
     kept_by_source: dict[str, int] = field(default_factory=dict)  # kept candidates: web / synthetic
     candidates_by_source: dict[str, int] = field(default_factory=dict)

@@ -13,7 +13,7 @@ import torch
 
 from capfilt.config import RunConfig
 from capfilt.data.decode import pillow_decode
-from capfilt.data.reader import iter_shard
+from capfilt.data.reader import ShardReader, read_shard
 from capfilt.data.sample import Reject
 
 
@@ -31,17 +31,47 @@ class HeldOut:
 def load_heldout(shards: list[str], run: RunConfig, limit: int | None = None) -> HeldOut:
     """Every decodable image at ``run.image_size`` (the first ``limit`` when given); rejects are counted,
     not fatal."""
-    keys, tensors, refs, meta, rejects = [], [], [], [], Counter()
-    for item in (item for url in shards for item in iter_shard(url)):
-        if len(keys) == limit:
+    held = HeldOut([], torch.empty(0, 3, run.image_size, run.image_size), [])
+    tensors: list[torch.Tensor] = []
+    for url in shards:
+        if len(held.keys) == limit:
+            break
+        part = read_shard(
+            url, lambda shard: _load(shard, run, None if limit is None else limit - len(held.keys))
+        )
+        tensors += part.tensors
+        held.keys += part.keys
+        held.references += part.references
+        held.meta += part.meta
+        held.rejects.update(part.rejects)
+    if tensors:
+        held.pixels = torch.stack(tensors)
+    return held
+
+
+@dataclass
+class _Part:
+    """One shard's part of ``load_heldout``: returned rather than added, so that a shard read a second
+    time (not in key order) is loaded once."""
+
+    keys: list[str] = field(default_factory=list)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+    references: list[list[str]] = field(default_factory=list)
+    meta: list[dict] = field(default_factory=list)
+    rejects: Counter = field(default_factory=Counter)
+
+
+def _load(shard: ShardReader, run: RunConfig, limit: int | None) -> _Part:
+    part = _Part()
+    for item in shard:
+        if len(part.keys) == limit:
             break
         pixels = item if isinstance(item, Reject) else pillow_decode(item, run.image_size, run.max_pixels)
         if isinstance(pixels, Reject):
-            rejects[pixels.reason] += 1
+            part.rejects[pixels.reason] += 1
             continue
-        tensors.append(pixels)
-        keys.append(item.key)
-        refs.append(list(item.meta.get("captions") or [item.caption]))
-        meta.append(item.meta)
-    pixels = torch.stack(tensors) if tensors else torch.empty(0, 3, run.image_size, run.image_size)
-    return HeldOut(keys, pixels, refs, meta, rejects)
+        part.tensors.append(pixels)
+        part.keys.append(item.key)
+        part.references.append(list(item.meta.get("captions") or [item.caption]))
+        part.meta.append(item.meta)
+    return part

@@ -313,46 +313,50 @@ def process_shard(
     limit = limit or BatchLimit()
     start = time.perf_counter()
     name = name or writer.output_name(url)
-    shard = reader.ShardReader(url, fingerprint=True, caption_from=cfg.run.caption_from)
-    stats = ShardStats(shard=shard.shard)  # the URL without a signature (data.signing)
-    timings = {"read_decode": 0.0, "wait_input": 0.0, "wait_models": 0.0, "write": 0.0}
-    batches = decoded_batches(shard, decoder, cfg.run.batch_size)
-    if device is not None:
-        batches = on_device(batches, device, getattr(torch, cfg.run.dtype))
-    batches = prefetch(batches, PREFETCH_BATCHES)
-    with writer.RoundShardWriter(out_dir, name, provenance, cfg.run.parquet_image_bytes) as out:
-        while True:
-            t0 = time.perf_counter()
-            batch = next(batches, None)
-            timings["wait_input"] += time.perf_counter() - t0  # > 0 only when the model waited on I/O
-            if batch is None:
-                break
-            stats.n_in += batch.n_in
-            for r in batch.rejects:
-                stats.reject(r)
-            timings["read_decode"] += batch.seconds
-            if batch.samples:
+
+    def clean(shard: reader.ShardReader) -> ShardStats:  # read twice when not in key order (read_shard)
+        stats = ShardStats(shard=shard.shard, unordered=shard.grouped)  # the URL without a signature
+        timings = {"read_decode": 0.0, "wait_input": 0.0, "wait_models": 0.0, "write": 0.0}
+        batches = decoded_batches(shard, decoder, cfg.run.batch_size)
+        if device is not None:
+            batches = on_device(batches, device, getattr(torch, cfg.run.dtype))
+        batches = prefetch(batches, PREFETCH_BATCHES)
+        with writer.RoundShardWriter(out_dir, name, provenance, cfg.run.parquet_image_bytes) as out:
+            while True:
                 t0 = time.perf_counter()
-                with models:
-                    timings["wait_models"] += time.perf_counter() - t0
-                    done, failed = score_batch(
-                        batch, captioner, filter_, cfg.filter.threshold, timings, shared_vision, limit
-                    )
-                for r in failed:
+                batch = next(batches, None)
+                timings["wait_input"] += time.perf_counter() - t0  # > 0 only when the model waited on I/O
+                if batch is None:
+                    break
+                stats.n_in += batch.n_in
+                for r in batch.rejects:
                     stats.reject(r)
-                count_results(stats, done)
-                t0 = time.perf_counter()
-                out.add(done)
-                timings["write"] += time.perf_counter() - t0
-                faults.maybe_kill(name)
-        stats.truncated, stats.input_sha256 = shard.truncated, shard.sha256  # known once it has finished
-        stats.input_version = shard.version
-        stats.check()
-        stats.timings = timings  # stats.json gets the timings up to the commit; the caller's copy all
-        t0 = time.perf_counter()
-        if owner is not None:
-            lease.check_held(lease.lease_url(out_dir), owner)
-        out.commit(stats)
-        timings["write"] += time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - start
+                timings["read_decode"] += batch.seconds
+                if batch.samples:
+                    t0 = time.perf_counter()
+                    with models:
+                        timings["wait_models"] += time.perf_counter() - t0
+                        done, failed = score_batch(
+                            batch, captioner, filter_, cfg.filter.threshold, timings, shared_vision, limit
+                        )
+                    for r in failed:
+                        stats.reject(r)
+                    count_results(stats, done)
+                    t0 = time.perf_counter()
+                    out.add(done)
+                    timings["write"] += time.perf_counter() - t0
+                    faults.maybe_kill(name)
+            stats.truncated, stats.input_sha256 = shard.truncated, shard.sha256  # known once it has finished
+            stats.input_version = shard.version
+            stats.check()
+            stats.timings = timings  # stats.json gets the timings up to the commit; the caller's copy all
+            t0 = time.perf_counter()
+            if owner is not None:
+                lease.check_held(lease.lease_url(out_dir), owner)
+            out.commit(stats)
+            timings["write"] += time.perf_counter() - t0
+        return stats
+
+    stats = reader.read_shard(url, clean, fingerprint=True, caption_from=cfg.run.caption_from)
+    stats.timings["total"] = time.perf_counter() - start
     return stats

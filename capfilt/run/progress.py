@@ -25,7 +25,7 @@ class RunTotals:
     Why a fold: a shard's stats carry a record per reject (its key and detail, 26 KB for a 10,000-sample
     shard with 100 rejects), already written to its ``NAME.stats.json``. A driver that kept every
     shard's stats for the summary would grow with the corpus; this keeps counters, and the names of
-    truncated shards only.
+    truncated and unordered shards only.
     """
 
     def __init__(self) -> None:
@@ -36,6 +36,7 @@ class RunTotals:
         self.cand_src: Counter = Counter()
         self.timings: Counter = Counter()  # stage seconds of the shards this invocation processed
         self.truncated: list[str] = []
+        self.unordered: list[str] = []
         self.input_sha256: dict[str, str] = {}  # per committed shard, for the card: as big as its input list
 
     def add(self, s: ShardStats, processed: bool) -> None:
@@ -47,6 +48,8 @@ class RunTotals:
         self.cand_src.update(s.candidates_by_source)
         if s.truncated:
             self.truncated.append(s.shard)
+        if s.unordered:
+            self.unordered.append(s.shard)
         if s.input_sha256:
             self.input_sha256[s.shard] = s.input_sha256
         if processed:
@@ -67,6 +70,7 @@ class RunTotals:
             "shards_done": self.shards,
             "failed_shards": dict(sorted(failed.items())),
             "truncated_shards": sorted(self.truncated),
+            "unordered_shards": sorted(self.unordered),
             "n_in": n_in,
             "kept": kept,
             "dropped": dropped,
@@ -99,26 +103,25 @@ def failed_note(summary: dict[str, Any]) -> str:
 
 
 def input_notes(summary: dict[str, Any]) -> list[str]:
-    """A line for each kind of input that a run cleaned only in part, which the summary alone would leave
-    unsaid: shards that ended early (an error page or an empty file saved as a shard is one that ends at
-    once), shards not in key order, whose images went without their captions, and a corpus none of whose
-    samples had a web caption where ``run.caption_from`` looks."""
+    """A line for each kind of input that a run cleaned only in part or read the long way, which the
+    summary alone would leave unsaid: shards that ended early (an error page or an empty file saved as a
+    shard is one that ends at once), shards not in key order, and a corpus none of whose samples had a web
+    caption where ``run.caption_from`` looks."""
     notes: list[str] = []
-    cut, split = summary.get("truncated_shards", []), summary.get("rejected", {}).get("split_sample")
+    cut, unordered = summary.get("truncated_shards", []), summary.get("unordered_shards", [])
     if cut:
-        more = f" and {len(cut) - 1} more" if len(cut) > 1 else ""
         notes.append(
-            f"{len(cut)} of {summary['shards']} shards ended early ({cut[0]}{more}; truncated_shards in "
-            "summary.json), and only the samples before the end were cleaned: `capfilt inspect SHARD` says why"
+            f"{len(cut)} of {summary['shards']} shards ended early ({_named(cut)}; truncated_shards in "
+            "summary.json), and only the samples before the end were cleaned: `capfilt inspect SHARD` says "
+            "why; after a fix, rerun the same command: changed inputs are cleaned again"
         )
-    if split:
+    if unordered:
         notes.append(
-            f"{split} samples came in parts, after other keys in their shard "
-            "(rejected.split_sample in summary.json: the shards are not in key order); each part was read on "
-            "its own: rewrite those shards in key order (tar --sort=name)"
+            f"{len(unordered)} of {summary['shards']} shards were not in key order ({_named(unordered)}; "
+            "unordered_shards in summary.json): a key's files stood apart, as in a tar of a folder written "
+            "without --sort=name. Each was read a second time, grouped by key, so every sample is whole, and "
+            "its outputs hold each sample's files together; webdataset would read such an input in parts"
         )
-    if notes:
-        notes.append("after a fix, rerun the same command: changed inputs are cleaned again")
     scored = summary.get("kept", 0) + summary.get("dropped", 0)
     if scored and summary.get("no_web_caption") == scored:
         notes.append(
@@ -128,6 +131,10 @@ def input_notes(summary: dict[str, Any]) -> list[str]:
             "and rerun with --new-run"
         )
     return notes
+
+
+def _named(shards: list[str]) -> str:
+    return shards[0] + (f" and {len(shards) - 1} more" if len(shards) > 1 else "")
 
 
 class RoundProgress:

@@ -54,28 +54,31 @@ def reselect_shard(
     fs, _ = url_to_fs(run_dir)
     with fs.open(f"{run_dir.rstrip('/')}/{name}.scores.parquet", "rb") as f:
         rows = {r["key"]: r for r in pq.read_table(f).to_pylist()}
-    stats = ShardStats(url, n_in=old.n_in, truncated=old.truncated)
-    stats.input_sha256, stats.input_version = old.input_sha256, old.input_version
-    stats.rejected, stats.rejects = dict(old.rejected), list(old.rejects)
-    with writer.RoundShardWriter(out, name, _provenance(run_dir, name, threshold, mode)) as shard:
-        samples = reader.ShardReader(read, fingerprint=True)
-        for s in samples:  # scores rows are in the input's order, and so is the new shard
-            if isinstance(s, Sample) and s.key in rows:
-                result = decide(s, _candidates(rows[s.key]), threshold)
-                count_results(stats, [result])
-                shard.add([result])
-        if old.input_sha256 and samples.sha256 != old.input_sha256:
-            raise UserError(
-                f"{url} has changed since {run_dir} scored it (its SHA-256): its scores may not be its "
-                "images'; re-run the round instead"
-            )
-        if stats.kept + stats.dropped != len(rows):
-            raise UserError(
-                f"{url} no longer holds {len(rows) - stats.kept - stats.dropped} of the {len(rows)} samples "
-                f"that {run_dir} scored from it; re-run the round instead"
-            )
-        shard.commit(stats)
-    return stats
+
+    def select(samples: reader.ShardReader) -> ShardStats:  # read twice when not in key order (read_shard)
+        stats = ShardStats(url, n_in=old.n_in, truncated=old.truncated, unordered=old.unordered)
+        stats.input_sha256, stats.input_version = old.input_sha256, old.input_version
+        stats.rejected, stats.rejects = dict(old.rejected), list(old.rejects)
+        with writer.RoundShardWriter(out, name, _provenance(run_dir, name, threshold, mode)) as shard:
+            for s in samples:  # scores rows are in the input's order, and so is the new shard
+                if isinstance(s, Sample) and s.key in rows:
+                    result = decide(s, _candidates(rows[s.key]), threshold)
+                    count_results(stats, [result])
+                    shard.add([result])
+            if old.input_sha256 and samples.sha256 != old.input_sha256:
+                raise UserError(
+                    f"{url} has changed since {run_dir} scored it (its SHA-256): its scores may not be its "
+                    "images'; re-run the round instead"
+                )
+            if stats.kept + stats.dropped != len(rows):
+                raise UserError(
+                    f"{url} no longer holds {len(rows) - stats.kept - stats.dropped} of the {len(rows)} "
+                    f"samples that {run_dir} scored from it; re-run the round instead"
+                )
+            shard.commit(stats)
+        return stats
+
+    return reader.read_shard(read, select, fingerprint=True)
 
 
 def _provenance(run_dir: str, name: str, threshold: float, mode: str) -> dict[str, Any]:

@@ -16,8 +16,8 @@ import hashlib
 import math
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import dataclass, field
 from itertools import count, islice
 
 import numpy as np
@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from capfilt.config import RunConfig, TrainConfig
 from capfilt.data.decode import normalize, open_checked, to_rgb
-from capfilt.data.reader import iter_shard
+from capfilt.data.reader import ShardReader, read_shard
 from capfilt.data.sample import Reject, Sample, shard_file_name
 from capfilt.model.tokenizer import count_words, normalize_caption
 
@@ -56,26 +56,34 @@ def references(meta: dict, caption: str) -> list[str]:
     return meta.get("captions") or kept or [caption]
 
 
-def read_pairs(shards: Iterable[str], rejects: Counter | None = None) -> Iterator[Pair]:
-    """Every usable pair of the shards, in order: one per reference (see ``references``).
+def read_pairs(
+    shards: Iterable[str], rejects: Counter | None = None, unordered: Collection[str] = ()
+) -> Iterator[Pair]:
+    """Every usable pair of the shards, in order: one per reference (see ``references``). The shards in
+    ``unordered`` (``PairCount.unordered``) are read grouped by key (``data.reader``).
 
     Rejected samples are skipped and counted by reason in ``rejects``; so are captions that normalise to
     nothing (``bad_text``).
     """
     rejects = Counter() if rejects is None else rejects
     for url in shards:
-        for item in iter_shard(url):
-            if isinstance(item, Reject):
-                rejects[item.reason] += 1
-                continue
-            refs = references(item.meta, item.caption)
-            idx = image_id(url, item.key)
-            for ref in refs:
-                text = normalize_caption(ref)
-                if text:
-                    yield Pair(item, text, idx)
-                else:
-                    rejects["bad_text"] += 1
+        yield from shard_pairs(ShardReader(url, grouped=url in unordered), rejects)
+
+
+def shard_pairs(shard: ShardReader, rejects: Counter) -> Iterator[Pair]:
+    """One shard's pairs (``read_pairs``)."""
+    for item in shard:
+        if isinstance(item, Reject):
+            rejects[item.reason] += 1
+            continue
+        refs = references(item.meta, item.caption)
+        idx = image_id(shard.url, item.key)
+        for ref in refs:
+            text = normalize_caption(ref)
+            if text:
+                yield Pair(item, text, idx)
+            else:
+                rejects["bad_text"] += 1
 
 
 def shuffled(items: Iterable, buffer: int, rng: np.random.Generator) -> Iterator:
@@ -157,12 +165,18 @@ def reader_split(
     return (order[reader::readers], 1) if len(order) >= readers else (order, readers)
 
 
-def passes(shards: list[str], buffer: int, rng: np.random.Generator, rejects: Counter) -> Iterator[Pair]:
+def passes(
+    shards: list[str],
+    buffer: int,
+    rng: np.random.Generator,
+    rejects: Counter,
+    unordered: Collection[str] = (),
+) -> Iterator[Pair]:
     """The shards' pairs, shuffled, pass after pass: a reader whose shards hold fewer pairs than its
     share of the epoch starts them again (DistributedSampler pads the same way) instead of stalling DDP."""
     while True:
         empty = True
-        for pair in shuffled(read_pairs(shards, rejects), buffer, rng):
+        for pair in shuffled(read_pairs(shards, rejects, unordered), buffer, rng):
             empty = False
             yield pair
         if empty:
@@ -181,10 +195,18 @@ class PairBatches(IterableDataset):
     """
 
     def __init__(
-        self, shards: list[str], stage: TrainConfig, epoch: int, rank: int = 0, world: int = 1, skip: int = 0
+        self,
+        shards: list[str],
+        stage: TrainConfig,
+        epoch: int,
+        rank: int = 0,
+        world: int = 1,
+        skip: int = 0,
+        unordered: Collection[str] = (),
     ):
         self.shards, self.stage, self.epoch = shards, stage, epoch
         self.rank, self.world, self.skip = rank, world, skip
+        self.unordered = frozenset(unordered)  # read grouped by key (PairCount.unordered)
         self.rejects: Counter = Counter()
 
     def __iter__(self) -> Iterator[dict]:
@@ -196,7 +218,7 @@ class PairBatches(IterableDataset):
         reader = self.rank * n_workers + part
         shards, stride = reader_split(self.shards, seed, self.epoch, reader, self.world * n_workers)
         rng = np.random.default_rng([seed, self.epoch] + ([reader] if stride == 1 else []))
-        stream = passes(shards, self.stage.shuffle_buffer, rng, self.rejects)
+        stream = passes(shards, self.stage.shuffle_buffer, rng, self.rejects, self.unordered)
         mine = decoded(islice(stream, reader % stride, None, stride), self.rejects)
         first = -(-(self.skip - part) // n_workers)  # this part's batches trained on before a resume
         for _ in islice(mine, bs * first):
@@ -216,19 +238,9 @@ class PairBatches(IterableDataset):
             }
 
 
-def epoch_loader(
-    shards: list[str],
-    stage: TrainConfig,
-    epoch: int,
-    rank: int = 0,
-    world: int = 1,
-    skip: int = 0,
-    num_workers: int = 0,
-) -> DataLoader:
-    """A DataLoader over ``PairBatches`` (already batched, so ``batch_size=None``)."""
-    return DataLoader(
-        PairBatches(shards, stage, epoch, rank, world, skip), batch_size=None, num_workers=num_workers
-    )
+def epoch_loader(*args, num_workers: int = 0, **kwargs) -> DataLoader:
+    """A DataLoader over ``PairBatches(*args, **kwargs)`` (already batched, so ``batch_size=None``)."""
+    return DataLoader(PairBatches(*args, **kwargs), batch_size=None, num_workers=num_workers)
 
 
 @dataclass
@@ -239,36 +251,47 @@ class PairCount:
     rejects: Counter
     shards: list[str]  # the shards that hold a pair, in the given order: the ones to train on
     empty: list[str]  # the others (a cleaned shard whose every caption was dropped)
+    unordered: list[str] = field(default_factory=list)  # shards whose keys' files stand apart: read grouped
 
     def __str__(self) -> str:
         left_out = f" ({len(self.empty)} without a pair left out)" if self.empty else ""
-        return f"{len(self.shards)} shards{left_out}, {self.n_pairs} pairs, rejected {dict(self.rejects)}"
+        grouped = f", {len(self.unordered)} not in key order, read grouped by key" if self.unordered else ""
+        return f"{len(self.shards)} shards{left_out}, {self.n_pairs} pairs, rejected {dict(self.rejects)}{grouped}"
 
 
 def count_pairs(shards: list[str], words: Counter | None = None) -> PairCount:
-    """One pass reading image headers only: pairs per epoch, rejects, non-empty shards; with ``words``,
-    each pair's caption is counted into it (``count_words``), for a tokenizer trained on the corpus.
+    """One pass reading image headers only: pairs per epoch, rejects, non-empty shards, the shards not in
+    key order; with ``words``, each pair's caption is counted into it (``count_words``), for a tokenizer
+    trained on the corpus.
 
     The schedule is built on this count, so images whose header already fails are left out here too.
     Training takes only the shards that hold a pair: with several ranks, each reads only its own shards
     (``reader_split``), and a rank given only empty ones would have nothing to train on. Nothing kept
     here grows with the number of pairs (``words`` grows with the distinct words).
     """
-    rejects: Counter = Counter()
-    n_pairs = 0
-    holding: set[str] = set()
-    for pair in read_pairs(shards, rejects):
+    total = PairCount(0, Counter(), [], [])
+    for url in shards:
+        n, rejects, shard_words, grouped = read_shard(url, lambda shard: _count(shard, words is not None))
+        total.n_pairs += n
+        total.rejects.update(rejects)
+        (total.shards if n else total.empty).append(url)
+        if grouped:
+            total.unordered.append(url)
+        if words is not None:
+            words.update(shard_words)
+    return total
+
+
+def _count(shard: ShardReader, with_words: bool) -> tuple[int, Counter, Counter, bool]:
+    """One shard's part of ``count_pairs``, returned rather than added, so that a shard read a second
+    time (not in key order) is counted once."""
+    n, rejects, words = 0, Counter(), Counter()
+    for pair in shard_pairs(shard, rejects):
         checked = open_checked(pair.sample, MAX_PIXELS)
         if isinstance(checked, Reject):
             rejects[checked.reason] += 1
         else:
-            n_pairs += 1
-            holding.add(pair.sample.shard)
-            if words is not None:
+            n += 1
+            if with_words:
                 count_words([pair.caption], words)
-    return PairCount(
-        n_pairs,
-        rejects,
-        [url for url in shards if url in holding],
-        [url for url in shards if url not in holding],
-    )
+    return n, rejects, words, shard.grouped

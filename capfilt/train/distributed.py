@@ -16,6 +16,7 @@ import dataclasses
 import torch
 
 from capfilt.config import TrainConfig
+from capfilt.errors import UserError
 from capfilt.train.loop import Job, check_lease, train
 
 # Worker-group failures a job recovers from before it fails. A lost node is one; a bug fails every
@@ -32,6 +33,13 @@ def _worker(config: dict) -> None:
 
 def run_job(job: Job, stage: TrainConfig) -> None:
     """Train ``job`` to its last step on ``stage.workers``, resuming from its newest checkpoint."""
+    batch = stage.batch_size * max(1, stage.workers)
+    if job.n_pairs < batch:  # said here, once, rather than as a traceback from every rank's Schedule
+        raise UserError(
+            f"{job.name}: {job.n_pairs} training pairs, fewer than one global batch of {batch} "
+            f"({job.stage}.batch_size {stage.batch_size} x {max(1, stage.workers)} workers): lower the "
+            "batch size or add data (the line above says what was rejected)"
+        )
     if stage.workers <= 1:
         train(job)
         return

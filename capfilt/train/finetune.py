@@ -54,6 +54,7 @@ def finetune(cfg: Config, med_path: str | Path, shards: list[str], out: str | Pa
                 stage="finetune",
                 init=str(med_path),
                 shards=counted.shards,
+                unordered=counted.unordered,
                 out=str(out / "train" / name),
                 n_pairs=counted.n_pairs,
                 remote=f"{remote}/train/{name}" if remote else "",

@@ -47,6 +47,7 @@ class Job:
     remote: str = ""  # URL that ``out`` mirrors (a bootstrap on s3://): every checkpoint is uploaded there
     lease: str = ""  # the job's lease file and its owner: every rank stops (LeaseLost) once another job
     lease_owner: str = ""  # holds it, before writing a checkpoint beside that job's
+    unordered: list[str] = field(default_factory=list)  # shards read grouped by key (data.PairCount)
 
 
 @dataclass
@@ -130,7 +131,7 @@ def train(job: Job, rank: int = 0, world: int = 1) -> dict:
     start, t0 = step, time.perf_counter()
     while step < sched.total:
         epoch, done = divmod(step, sched.steps_per_epoch)
-        batches = epoch_loader(job.shards, stage, epoch, rank, world, skip=done)
+        batches = epoch_loader(job.shards, stage, epoch, rank, world, skip=done, unordered=job.unordered)
         wanted = min(sched.steps_per_epoch - done, sched.total - step)
         for batch in islice(batches, wanted):
             wanted -= 1

@@ -74,6 +74,7 @@ def pretrain(
             stage="pretrain",
             init=str(init),
             shards=counted.shards,
+            unordered=counted.unordered,
             out=str(out),
             n_pairs=counted.n_pairs,
             losses=["itc", "itm", "lm"],
