@@ -5,6 +5,7 @@ import time
 
 import pytest
 import ray
+from conftest import scrambled
 from test_train_data import make_shard
 
 from capfilt.config import load_config
@@ -21,10 +22,15 @@ def local_ray():
     ray.shutdown()
 
 
-def test_two_workers_pretrain(local_ray, tmp_path):
-    shards = [make_shard(tmp_path / "web.tar", 64)]
+def test_two_workers_pretrain(local_ray, tmp_path, monkeypatch, capsys):
+    """Into ``-o run`` as a user types it: before, Ray Train refused the relative storage path ("URI has
+    empty scheme"). The shard is a tar of a folder in its hash order, which each rank reads grouped."""
+    (tmp_path / "hashed").mkdir()
+    scrambled(make_shard(tmp_path / "web.tar", 64), str(tmp_path / "hashed" / "web.tar"))
+    monkeypatch.chdir(tmp_path)
     cfg = load_config("tiny", ["pretrain.steps=3", "pretrain.workers=2"])  # global batch 16, queue 32
-    out = pretrain(cfg, shards, tmp_path / "run")
+    out = pretrain(cfg, ["hashed/web.tar"], "run")
+    assert "64 pairs, rejected {}, 1 not in key order" in capsys.readouterr().out
     assert latest_checkpoint(tmp_path / "run").name == "step-3"
     med, tok, _ = load_med(out)
     assert int(med.queue_ptr[0]) == (3 * 16) % 32  # the queue advanced by the global batch

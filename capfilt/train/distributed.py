@@ -12,6 +12,7 @@ never changes, so neither does the schedule nor the data order.
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -31,6 +32,11 @@ def _worker(config: dict) -> None:
     train(Job(**config), rank=ctx.get_world_rank(), world=ctx.get_world_size())
 
 
+def _absolute(path: str) -> str:
+    """A local path made absolute (``-o med/``); a URL or "" as it is."""
+    return os.path.abspath(path) if path and "://" not in path else path
+
+
 def run_job(job: Job, stage: TrainConfig) -> None:
     """Train ``job`` to its last step on ``stage.workers``, resuming from its newest checkpoint."""
     batch = stage.batch_size * max(1, stage.workers)
@@ -43,6 +49,10 @@ def run_job(job: Job, stage: TrainConfig) -> None:
     if stage.workers <= 1:
         train(job)
         return
+    # Ray Train refuses a relative storage path, and a rank's working folder is not the driver's
+    job = dataclasses.replace(
+        job, out=_absolute(job.out), init=_absolute(job.init), lease=_absolute(job.lease)
+    )
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
