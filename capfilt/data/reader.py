@@ -375,7 +375,8 @@ class ShardReader:
             elif not first & exts:  # not the sample again: the rest of it
                 raise NotInKeyOrder(
                     f"{self.shard} is not in key order: {run.key}'s {', '.join(sorted(exts))} come after "
-                    f"other keys' files, apart from its {', '.join(sorted(first))}"
+                    f"other keys' files, apart from its {', '.join(sorted(first))} (tar --sort=name writes a "
+                    "shard in key order)"
                 )
             duplicate = f"{run.key} reappears after other keys" if first is not None else run.duplicate
             yield self._sample(run.key, run.members, duplicate)
@@ -396,6 +397,11 @@ class ShardReader:
                     else:  # its files before the cut are not all of it
                         items[i] = cut
                     continue
+                if i is not None and items[i][1].keys() & run.members.keys():  # the sample again
+                    items.append(
+                        Reject(run.key, self.shard, "duplicate_key", f"{run.key} reappears after other keys")
+                    )
+                    continue
                 placed = {}
                 for ext, data in run.members.items():
                     placed[ext] = (spool.tell(), len(data))
@@ -403,12 +409,8 @@ class ShardReader:
                 if i is None:
                     first[run.key] = len(items)
                     items.append((run.key, placed, run.duplicate))
-                elif isinstance(items[i], tuple) and not items[i][1].keys() & placed.keys():
+                else:  # the rest of it
                     items[i][1].update(placed)
-                else:
-                    items.append(
-                        Reject(run.key, self.shard, "duplicate_key", f"{run.key} reappears after other keys")
-                    )
             for item in items:
                 if isinstance(item, Reject):
                     yield item
