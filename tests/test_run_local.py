@@ -629,3 +629,31 @@ def test_a_round_reads_the_web_caption_where_run_caption_from_says(tmp_path, tin
     ]
     captions = [s.caption for s in ShardReader(tiny_shards[1])]
     assert web == [[caption] for caption in captions]
+
+
+def test_a_round_hands_its_workers_absolute_paths(tmp_path, tiny_models, tiny_shards, monkeypatch):
+    """The workers of a running Ray (``ray start --head``, which a round joins by default, or ``--address``)
+    work in the folder Ray was started in, not the driver's. Before, a relative ``-o`` and relative model
+    folders went to them as typed: the models were "not a folder" there, and with absolute models the
+    shards' outputs landed under Ray's folder (``/run/web-000000.tar``) while summary.json went to ``./run``."""
+    from capfilt.run import round as round_module
+
+    make_pool, handed = round_module.make_pool, {}
+
+    def recorded(cfg, captioner, filter_, *args):
+        pool = make_pool(cfg, captioner, filter_, *args)
+        handed["models"], run = (captioner, filter_), pool.run
+
+        def run_recorded(jobs, output, *more, **kw):
+            handed["out"] = output.out
+            return run(jobs, output, *more, **kw)
+
+        pool.run = run_recorded
+        return pool
+
+    monkeypatch.setattr(round_module, "make_pool", recorded)
+    monkeypatch.chdir(tmp_path)
+    models = [os.path.relpath(m, tmp_path) for m in tiny_models]
+    summary = run_round(tiny_cfg(), tiny_shards[1:2], "run", *models, local=True, progress=False)
+    assert summary["shards_done"] == 1
+    assert handed == {"models": tuple(tiny_models), "out": str(tmp_path / "run")}

@@ -10,6 +10,7 @@ the commit the cache resolved to, and the weight hash.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +35,10 @@ class ModelRef:
 
 
 def resolve_model(ref: str | Path) -> ModelRef:
-    """A local folder as is; ``org/name[@revision]`` from the HF hub cache; else ``ModelNotFound``."""
+    """A local folder, by its absolute path (a worker of a running Ray has another working folder);
+    ``org/name[@revision]`` from the HF hub cache; else ``ModelNotFound``."""
     if Path(ref).is_dir():
-        return ModelRef(Path(ref), str(ref))
+        return ModelRef(Path(os.path.abspath(ref)), str(ref))
     repo_id, _, revision = str(ref).partition("@")
     if not _HUB_ID.fullmatch(repo_id):
         raise NotAModel(f"{ref}: no such folder; pass a model folder or an HF hub id org/name[@revision]")

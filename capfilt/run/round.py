@@ -19,7 +19,7 @@ from typing import Any
 from capfilt.config import Config
 from capfilt.data.sample import ShardStats
 from capfilt.data.signing import read_urls, redact, unsigned
-from capfilt.data.specs import expand_shards
+from capfilt.data.specs import canonical, expand_shards
 from capfilt.errors import UserError
 from capfilt.model.hub import model_hash, resolve_model
 from capfilt.run import card, ledger
@@ -158,6 +158,7 @@ def run_round(
             "cluster's --address (a local Ray, --processes and --local all end with the run)"
         )
     start = time.perf_counter()
+    out = canonical(out)  # a local -o made absolute: the workers of a running Ray work in another folder
     models, captioner, filter_ = identify_models(captioner, filter_)
     hashes = {role: m["hash"] for role, m in models.items()}
     reads = given_shards(shards)
