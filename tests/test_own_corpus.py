@@ -58,6 +58,7 @@ def test_a_users_mistake_is_one_line_and_exit_code_2(tmp_path, tiny_models):
     cap, flt = tiny_models
     shard = tmp_path / "web-000000.tar"
     write_tar(str(shard), [("a.png", png(0)), ("a.txt", b"a caption")])
+    write_tar(str(tmp_path / "images.tar"), [("a.png", png(0)), ("b.png", png(1)), ("b.txt", b" ")])
     runner = CliRunner()
     cases = {
         "missing shard": (
@@ -76,6 +77,10 @@ def test_a_users_mistake_is_one_line_and_exit_code_2(tmp_path, tiny_models):
         "eval of nothing (it printed {})": (["eval"], "nothing to evaluate"),
         "eval of a run without labels (it printed {})": (["eval", "--run", str(tmp_path)], "pass --labels"),
         "eval of a model without test shards": (["eval", "--filter", flt], "held-out shards"),
+        "eval on images without captions (it was a traceback from CIDEr)": (
+            ["eval", str(tmp_path / "images.tar"), "--captioner", cap, "-c", "tiny"],
+            "no held-out image to evaluate on",
+        ),
     }
     for name, (args, fix) in cases.items():
         if args[0] == "run":

@@ -260,6 +260,19 @@ def test_a_shard_not_in_key_order_is_read_grouped_by_key(tmp_path, tiny_world):
         assert torch.equal(held.pixels[i], want.pixels[index[key]])
 
 
+def test_held_out_images_without_a_caption_are_left_out_and_counted(tmp_path):
+    """Before, an image without a caption entered eval with the reference "" (a traceback from CIDEr when
+    none had one) and a json "captions" string was read as a list of its letters."""
+    jpg = encode(smooth_image())
+    members = [("a.jpg", jpg), ("a.txt", b"a cat"), ("b.jpg", jpg), ("b.txt", b"  "), ("c.jpg", jpg)]
+    members += [("d.jpg", jpg), ("d.json", json.dumps({"captions": ["one", " ", "two"]}).encode())]
+    members += [("e.jpg", jpg), ("e.json", json.dumps({"captions": "a dog"}).encode()), ("e.txt", b"a dog")]
+    write_tar(str(tmp_path / "test.tar"), members)
+    held = load_heldout([str(tmp_path / "test.tar")], RunConfig(image_size=16))
+    assert held.keys == ["a", "d", "e"] and held.rejects == {"no_caption": 2}
+    assert held.references == [["a cat"], ["one", "two"], ["a dog"]]
+
+
 def test_images_first_then_captions_and_a_sample_there_twice(tmp_path):
     """``tar -cf shard.tar *.jpg *.txt`` puts every image first: each sample comes in two parts, now read
     as one. A sample that is truly there twice is still a ``duplicate_key``, and a key the shard was cut

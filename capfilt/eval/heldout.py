@@ -14,7 +14,7 @@ import torch
 from capfilt.config import RunConfig
 from capfilt.data.decode import pillow_decode
 from capfilt.data.reader import ShardReader, read_shard
-from capfilt.data.sample import Reject
+from capfilt.data.sample import Reject, Sample
 
 
 @dataclass
@@ -29,8 +29,8 @@ class HeldOut:
 
 
 def load_heldout(shards: list[str], run: RunConfig, limit: int | None = None) -> HeldOut:
-    """Every decodable image at ``run.image_size`` (the first ``limit`` when given); rejects are counted,
-    not fatal."""
+    """Every decodable image with a caption at ``run.image_size`` (the first ``limit`` when given); rejects
+    and images without a caption (``no_caption``) are counted, not fatal."""
     held = HeldOut([], torch.empty(0, 3, run.image_size, run.image_size), [])
     tensors: list[torch.Tensor] = []
     for url in shards:
@@ -66,12 +66,23 @@ def _load(shard: ShardReader, run: RunConfig, limit: int | None) -> _Part:
     for item in shard:
         if len(part.keys) == limit:
             break
+        if isinstance(item, Sample) and not (refs := references(item)):  # nothing to test it against
+            part.rejects["no_caption"] += 1
+            continue
         pixels = item if isinstance(item, Reject) else pillow_decode(item, run.image_size, run.max_pixels)
         if isinstance(pixels, Reject):
             part.rejects[pixels.reason] += 1
             continue
         part.tensors.append(pixels)
         part.keys.append(item.key)
-        part.references.append(list(item.meta.get("captions") or [item.caption]))
+        part.references.append(refs)
         part.meta.append(item.meta)
     return part
+
+
+def references(sample: Sample) -> list[str]:
+    """A held-out image's captions: json["captions"] (a list of strings), else its web caption; blank
+    ones left out."""
+    listed = sample.meta.get("captions")
+    texts = listed if isinstance(listed, list) and listed else [sample.caption]
+    return [t for t in texts if isinstance(t, str) and t.strip()]

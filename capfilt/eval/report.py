@@ -13,6 +13,7 @@ from pathlib import Path
 from capfilt import jsonio
 from capfilt.config import Config
 from capfilt.data.specs import expand_shards
+from capfilt.errors import UserError
 from capfilt.eval.captioning import evaluate_captioning
 from capfilt.eval.filtering import round_metrics
 from capfilt.eval.heldout import load_heldout
@@ -30,6 +31,11 @@ def evaluate_all(
     metrics: dict = {}
     if captioner is not None or filter_ is not None:
         data = load_heldout(expand_shards(test), cfg.run)
+        if not data.keys:
+            raise UserError(
+                f"no held-out image to evaluate on in {test}: each needs a caption (json captions or a web "
+                f"caption) and to decode; left out: {dict(data.rejects)}"
+            )
         metrics["test"] = {"images": len(data.keys), "rejected": dict(data.rejects)}
         if filter_ is not None:
             metrics["retrieval"] = evaluate_retrieval(str(filter_), data, cfg.filter)

@@ -49,10 +49,11 @@ def human_pairs(human: list[str], cfg: Config) -> tuple[torch.Tensor, list[str]]
     """The first ``filter.calibration_samples`` decodable images of the ``human`` shard URLs with their
     (first) caption, decoded as a round decodes them."""
     data = load_heldout(human, cfg.run, limit=cfg.filter.calibration_samples)
-    rows = [i for i, refs in enumerate(data.references) if (refs[0] or "").strip()]
-    if len(rows) < 2:
-        raise UserError(f"calibrating the threshold needs at least 2 human pairs; {human} gave {len(rows)}")
-    return data.pixels[rows], [data.references[i][0] for i in rows]
+    if len(data.keys) < 2:
+        raise UserError(
+            f"calibrating the threshold needs at least 2 human pairs; {human} gave {len(data.keys)}"
+        )
+    return data.pixels, [refs[0] for refs in data.references]
 
 
 class ShardWorker:
