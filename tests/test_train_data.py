@@ -12,6 +12,7 @@ from conftest import scrambled
 from PIL import Image
 
 from capfilt.config import TrainConfig
+from capfilt.data.writer import write_tar
 from capfilt.model.tokenizer import count_words
 from capfilt.train.data import PairBatches, count_pairs, epoch_loader, random_resized_crop, read_pairs
 
@@ -70,6 +71,26 @@ def test_one_pair_per_reference_and_rejects_counted(shards):
     human = pairs[20:23]
     assert len({p.idx for p in human}) == 1 and human[0].idx != pairs[23].idx
     assert count_pairs(shards).n_pairs == 56
+
+
+def test_json_captions_that_are_not_a_list_of_strings(tmp_path):
+    """A corpus whose json "captions" is one string trained on each of its letters as a caption before
+    (``a dog``: four pairs ``a``, ``d``, ``o``, ``g``); a list's other entries are left out."""
+    _, _, img = scene(0)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    url = str(tmp_path / "odd.tar")
+    write_tar(
+        url,
+        [
+            ("a.jpg", buf.getvalue()),
+            ("a.json", b'{"captions": "a dog"}'),
+            ("a.txt", b"a dog on grass"),
+            ("b.jpg", buf.getvalue()),
+            ("b.json", b'{"captions": [{"caption": "x"}, "a red bar"]}'),
+        ],
+    )
+    assert [p.caption for p in read_pairs([url])] == ["a dog on grass", "a red bar"]
 
 
 def test_the_count_pass_counts_the_words_of_every_pair_it_counts(shards):

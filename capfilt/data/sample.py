@@ -21,6 +21,14 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp")
 # Where a sample's web caption is by default (``run.caption_from``): its txt member, else its json's caption.
 CAPTION_FROM = ("txt", "json.caption")
 
+
+def listed_captions(meta: dict) -> list[str]:
+    """The strings of a sample's ``json["captions"]`` (human and test shards list their references there);
+    [] when it is not a list (a string would be read as a list of its letters)."""
+    listed = meta.get("captions")
+    return [c for c in listed if isinstance(c, str)] if isinstance(listed, list) else []
+
+
 # A shard's file ending → the codec fsspec decompresses it with (None: a plain tar); longest match first.
 SHARD_SUFFIXES = {
     ".tar.gz": "gzip",

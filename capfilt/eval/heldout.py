@@ -14,7 +14,7 @@ import torch
 from capfilt.config import RunConfig
 from capfilt.data.decode import pillow_decode
 from capfilt.data.reader import ShardReader, read_shard
-from capfilt.data.sample import Reject, Sample
+from capfilt.data.sample import Reject, Sample, listed_captions
 
 
 @dataclass
@@ -81,8 +81,5 @@ def _load(shard: ShardReader, run: RunConfig, limit: int | None) -> _Part:
 
 
 def references(sample: Sample) -> list[str]:
-    """A held-out image's captions: json["captions"] (a list of strings), else its web caption; blank
-    ones left out."""
-    listed = sample.meta.get("captions")
-    texts = listed if isinstance(listed, list) and listed else [sample.caption]
-    return [t for t in texts if isinstance(t, str) and t.strip()]
+    """A held-out image's captions: json["captions"], else its web caption; blank ones left out."""
+    return [t for t in listed_captions(sample.meta) or [sample.caption] if t.strip()]

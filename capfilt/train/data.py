@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from capfilt.config import RunConfig, TrainConfig
 from capfilt.data.decode import normalize, open_checked, to_rgb
 from capfilt.data.reader import ShardReader, read_shard
-from capfilt.data.sample import Reject, Sample, shard_file_name
+from capfilt.data.sample import Reject, Sample, listed_captions, shard_file_name
 from capfilt.model.tokenizer import count_words, normalize_caption
 
 MAX_PIXELS = RunConfig.max_pixels  # the round's decompression-bomb limit
@@ -53,7 +53,7 @@ def references(meta: dict, caption: str) -> list[str]:
     """The captions a sample trains on: json["captions"] (human and test shards), else every caption a
     CapFilt round kept (json["candidates"], web and synthetic alike, as BLIP pretrains on), else txt."""
     kept = [c["text"] for c in meta.get("candidates", []) if c.get("kept")]
-    return meta.get("captions") or kept or [caption]
+    return listed_captions(meta) or kept or [caption]
 
 
 def read_pairs(
