@@ -112,8 +112,9 @@ def input_notes(summary: dict[str, Any]) -> list[str]:
     if cut:
         notes.append(
             f"{len(cut)} of {summary['shards']} shards ended early ({_named(cut)}; truncated_shards in "
-            "summary.json), and only the samples before the end were cleaned: `capfilt inspect SHARD` says "
-            "why; after a fix, rerun the same command: changed inputs are cleaned again"
+            "summary.json): the samples before the end were cleaned, and a sample the end cut into is "
+            "rejected as truncated. `capfilt inspect SHARD` says why; after a fix, rerun the same command: "
+            "changed inputs are cleaned again"
         )
     if unordered:
         notes.append(
