@@ -93,6 +93,18 @@ def test_json_captions_that_are_not_a_list_of_strings(tmp_path):
     assert [p.caption for p in read_pairs([url])] == ["a dog on grass", "a red bar"]
 
 
+def test_images_without_a_caption_are_counted_apart_from_bad_text(tmp_path):
+    """img2dataset writes an empty txt for a page without alt-text: training counted those as bad_text,
+    which reads as a corpus whose captions are broken."""
+    _, _, img = scene(0)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    url = str(tmp_path / "alt.tar")
+    write_tar(url, [("a.jpg", buf.getvalue()), ("a.txt", b""), ("b.jpg", buf.getvalue()), ("b.txt", b"!!")])
+    rejects = Counter()
+    assert list(read_pairs([url], rejects)) == [] and rejects == {"no_caption": 1, "bad_text": 1}
+
+
 def test_the_count_pass_counts_the_words_of_every_pair_it_counts(shards):
     """A tokenizer trained on the corpus needs its word counts, not its captions: the same vocabulary."""
     words = Counter()

@@ -62,8 +62,9 @@ def read_pairs(
     """Every usable pair of the shards, in order: one per reference (see ``references``). The shards in
     ``unordered`` (``PairCount.unordered``) are read grouped by key (``data.reader``).
 
-    Rejected samples are skipped and counted by reason in ``rejects``; so are captions that normalise to
-    nothing (``bad_text``).
+    Rejected samples are skipped and counted by reason in ``rejects``; so are images without a caption
+    (``no_caption``: img2dataset's pages without alt-text) and captions that normalise to nothing
+    (``bad_text``).
     """
     rejects = Counter() if rejects is None else rejects
     for url in shards:
@@ -83,7 +84,7 @@ def shard_pairs(shard: ShardReader, rejects: Counter) -> Iterator[Pair]:
             if text:
                 yield Pair(item, text, idx)
             else:
-                rejects["bad_text"] += 1
+                rejects["bad_text" if ref.strip() else "no_caption"] += 1
 
 
 def shuffled(items: Iterable, buffer: int, rng: np.random.Generator) -> Iterator:
