@@ -6,6 +6,7 @@ round's own inference decoder (bicubic resize to a square, no crop), so eval see
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -31,53 +32,43 @@ class HeldOut:
 def load_heldout(shards: list[str], run: RunConfig, limit: int | None = None) -> HeldOut:
     """Every decodable image with a caption at ``run.image_size`` (the first ``limit`` when given); rejects
     and images without a caption (``no_caption``) are counted, not fatal."""
-    held = HeldOut([], torch.empty(0, 3, run.image_size, run.image_size), [])
-    tensors: list[torch.Tensor] = []
+    parts: list[HeldOut] = []
     for url in shards:
-        if len(held.keys) == limit:
+        left = None if limit is None else limit - sum(len(p.keys) for p in parts)
+        if left == 0:
             break
-        part = read_shard(
-            url, lambda shard: _load(shard, run, None if limit is None else limit - len(held.keys))
-        )
-        tensors += part.tensors
-        held.keys += part.keys
-        held.references += part.references
-        held.meta += part.meta
-        held.rejects.update(part.rejects)
-    if tensors:
-        held.pixels = torch.stack(tensors)
-    return held
+        parts.append(read_shard(url, functools.partial(_load, run=run, limit=left)))  # once, however read
+    return HeldOut(
+        [k for p in parts for k in p.keys],
+        torch.cat([p.pixels for p in parts]) if parts else _pixels([], run),
+        [r for p in parts for r in p.references],
+        [m for p in parts for m in p.meta],
+        sum((p.rejects for p in parts), Counter()),
+    )
 
 
-@dataclass
-class _Part:
-    """One shard's part of ``load_heldout``: returned rather than added, so that a shard read a second
-    time (not in key order) is loaded once."""
-
-    keys: list[str] = field(default_factory=list)
-    tensors: list[torch.Tensor] = field(default_factory=list)
-    references: list[list[str]] = field(default_factory=list)
-    meta: list[dict] = field(default_factory=list)
-    rejects: Counter = field(default_factory=Counter)
-
-
-def _load(shard: ShardReader, run: RunConfig, limit: int | None) -> _Part:
-    part = _Part()
+def _load(shard: ShardReader, run: RunConfig, limit: int | None) -> HeldOut:
+    """One shard's part of ``load_heldout``."""
+    keys, tensors, refs, meta, rejects = [], [], [], [], Counter()
     for item in shard:
-        if len(part.keys) == limit:
+        if len(keys) == limit:
             break
-        if isinstance(item, Sample) and not (refs := references(item)):  # nothing to test it against
-            part.rejects["no_caption"] += 1
+        if isinstance(item, Sample) and not (texts := references(item)):  # nothing to test it against
+            rejects["no_caption"] += 1
             continue
         pixels = item if isinstance(item, Reject) else pillow_decode(item, run.image_size, run.max_pixels)
         if isinstance(pixels, Reject):
-            part.rejects[pixels.reason] += 1
+            rejects[pixels.reason] += 1
             continue
-        part.tensors.append(pixels)
-        part.keys.append(item.key)
-        part.references.append(refs)
-        part.meta.append(item.meta)
-    return part
+        tensors.append(pixels)
+        keys.append(item.key)
+        refs.append(texts)
+        meta.append(item.meta)
+    return HeldOut(keys, _pixels(tensors, run), refs, meta, rejects)
+
+
+def _pixels(tensors: list[torch.Tensor], run: RunConfig) -> torch.Tensor:
+    return torch.stack(tensors) if tensors else torch.empty(0, 3, run.image_size, run.image_size)
 
 
 def references(sample: Sample) -> list[str]:
