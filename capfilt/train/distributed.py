@@ -12,11 +12,11 @@ never changes, so neither does the schedule nor the data order.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
 from capfilt.config import TrainConfig
+from capfilt.data.specs import canonical
 from capfilt.errors import UserError
 from capfilt.train.loop import Job, check_lease, train
 
@@ -32,26 +32,21 @@ def _worker(config: dict) -> None:
     train(Job(**config), rank=ctx.get_world_rank(), world=ctx.get_world_size())
 
 
-def _absolute(path: str) -> str:
-    """A local path made absolute (``-o med/``); a URL or "" as it is."""
-    return os.path.abspath(path) if path and "://" not in path else path
-
-
 def run_job(job: Job, stage: TrainConfig) -> None:
     """Train ``job`` to its last step on ``stage.workers``, resuming from its newest checkpoint."""
-    batch = stage.batch_size * max(1, stage.workers)
-    if job.n_pairs < batch:  # said here, once, rather than as a traceback from every rank's Schedule
+    workers = max(1, stage.workers)
+    if job.n_pairs < stage.batch_size * workers:  # said once, not as a traceback from every rank's Schedule
         raise UserError(
-            f"{job.name}: {job.n_pairs} training pairs, fewer than one global batch of {batch} "
-            f"({job.stage}.batch_size {stage.batch_size} x {max(1, stage.workers)} workers): lower the "
-            "batch size or add data (the line above says what was rejected)"
+            f"{job.name}: {job.n_pairs} training pairs, fewer than one global batch of "
+            f"{stage.batch_size * workers} ({job.stage}.batch_size {stage.batch_size} x {workers} workers): "
+            "lower the batch size or add data (the line above says what was rejected)"
         )
     if stage.workers <= 1:
         train(job)
         return
     # Ray Train refuses a relative storage path, and a rank's working folder is not the driver's
     job = dataclasses.replace(
-        job, out=_absolute(job.out), init=_absolute(job.init), lease=_absolute(job.lease)
+        job, **{f: canonical(getattr(job, f)) for f in ("out", "init", "lease") if getattr(job, f)}
     )
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
