@@ -1,6 +1,7 @@
 """Captioning metrics by hand, and the whole eval report on a tiny demo world with a tiny model."""
 
 import json
+import tarfile
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -8,6 +9,7 @@ import pytest
 
 from capfilt.config import load_config
 from capfilt.data.synth import write_world
+from capfilt.data.writer import write_tar
 from capfilt.eval.captioning import attribute_accuracy, caption_scores
 from capfilt.eval.report import evaluate_all
 from capfilt.model.tokenizer import count_words
@@ -63,3 +65,50 @@ def test_evaluate_all_on_a_tiny_world(tmp_path):
     assert 0 <= m["retrieval"]["tr@1"] <= m["retrieval"]["tr@5"] <= m["retrieval"]["tr@10"] <= 100
     assert {"bleu4", "cider", "attribute_accuracy", "examples"} <= set(m["captioning"])
     assert json.loads((tmp_path / "eval.json").read_text())["retrieval"] == m["retrieval"]
+    # the split as img2dataset writes COCO: one sample per caption, an image's samples across two shards
+    split = one_sample_per_caption(
+        str(w / "test-000000.tar"), [str(tmp_path / f"coco-{i}.tar") for i in (0, 1)]
+    )
+    coco = evaluate_all(
+        cfg, split, captioner=tmp_path / "ft" / "captioner", filter_=tmp_path / "ft" / "filter"
+    )
+    assert coco["test"] == {"images": cfg.synth.n_test, "joined": 4 * cfg.synth.n_test, "rejected": {}}
+    assert coco["retrieval"] == m["retrieval"]
+    assert coco["captioning"]["cider"] == m["captioning"]["cider"]
+    # finetuned on the human split written so, the filter is the one finetuned on it as it is: the same
+    # pairs in the same order, and a picture's captions positives of each other as before
+    human = one_sample_per_caption(str(w / "human-000000.tar"), [str(tmp_path / "coco-human.tar")])
+    finetune(cfg, tmp_path / "med", human, tmp_path / "ft-coco")
+    for role in ("captioner", "filter"):
+        weights = [(tmp_path / ft / role / "model.safetensors").read_bytes() for ft in ("ft", "ft-coco")]
+        assert weights[0] == weights[1], role
+
+
+def one_sample_per_caption(src: str, dsts: list[str]) -> list[str]:
+    """``src``'s samples written as img2dataset writes COCO (a sample per caption: the image, a txt and a
+    json with the caption and url), cut into ``dsts`` inside an image's runs. An image's first sample keeps
+    its key: the captioner's draws are seeded by key."""
+    with tarfile.open(src) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    rows = []
+    for name in sorted(files):
+        if name.endswith(".json"):
+            key = name[: -len(".json")]
+            for i, caption in enumerate(json.loads(files[name])["captions"]):
+                meta = {"caption": caption, "url": f"http://images.example/{key}.jpg"}
+                rows.append((key if i == 0 else f"{key}-{i}", files[f"{key}.jpg"], caption, meta))
+    cuts = [0, *(len(rows) * i // len(dsts) + 2 for i in range(1, len(dsts))), len(rows)]
+    for dst, part in zip(dsts, (rows[a:b] for a, b in zip(cuts, cuts[1:]))):
+        write_tar(
+            dst,
+            [
+                m
+                for key, jpg, caption, meta in part
+                for m in (
+                    (f"{key}.jpg", jpg),
+                    (f"{key}.txt", caption.encode()),
+                    (f"{key}.json", json.dumps(meta).encode()),
+                )
+            ],
+        )
+    return dsts

@@ -263,14 +263,48 @@ def test_a_shard_not_in_key_order_is_read_grouped_by_key(tmp_path, tiny_world):
 def test_held_out_images_without_a_caption_are_left_out_and_counted(tmp_path):
     """Before, an image without a caption entered eval with the reference "" (a traceback from CIDEr when
     none had one) and a json "captions" string was read as a list of its letters."""
-    jpg = encode(smooth_image())
-    members = [("a.jpg", jpg), ("a.txt", b"a cat"), ("b.jpg", jpg), ("b.txt", b"  "), ("c.jpg", jpg)]
-    members += [("d.jpg", jpg), ("d.json", json.dumps({"captions": ["one", " ", "two"]}).encode())]
-    members += [("e.jpg", jpg), ("e.json", json.dumps({"captions": "a dog"}).encode()), ("e.txt", b"a dog")]
+    jpg = [encode(smooth_image(seed=i)) for i in range(5)]
+    members = [("a.jpg", jpg[0]), ("a.txt", b"a cat"), ("b.jpg", jpg[1]), ("b.txt", b"  "), ("c.jpg", jpg[2])]
+    members += [("d.jpg", jpg[3]), ("d.json", json.dumps({"captions": ["one", " ", "two"]}).encode())]
+    members += [
+        ("e.jpg", jpg[4]),
+        ("e.json", json.dumps({"captions": "a dog"}).encode()),
+        ("e.txt", b"a dog"),
+    ]
     write_tar(str(tmp_path / "test.tar"), members)
     held = load_heldout([str(tmp_path / "test.tar")], RunConfig(image_size=16))
     assert held.keys == ["a", "d", "e"] and held.rejects == {"no_caption": 2}
     assert held.references == [["a cat"], ["one", "two"], ["a dog"]]
+
+
+def test_held_out_samples_of_one_image_are_one_image(tmp_path):
+    """img2dataset writes COCO as one sample per caption. Each was an image of its own before: an image's
+    other captions counted as misses in text retrieval, its copies as rivals in image retrieval, and
+    captioning was scored against one reference. Samples with the same image bytes are one image now, in
+    any shard; its captions are its references, and each image is decoded and counted once."""
+    jpg = [encode(smooth_image(seed=i)) for i in range(4)]
+    bomb = b"\x89PNG not an image"
+    first = [("a0", jpg[0], "a cat"), ("a1", jpg[0], "a small cat"), ("b0", jpg[1], "a dog")]
+    first += [("x0", bomb, "broken"), ("x1", bomb, "broken too"), ("c0", jpg[2], "a cow")]
+    second = [("a2", jpg[0], "the cat"), ("c1", jpg[2], "cows"), ("n0", jpg[3], " "), ("d0", jpg[3], "a doe")]
+    for name, samples in (("0", first), ("1", second)):
+        write_tar(
+            str(tmp_path / f"{name}.tar"),
+            [m for k, j, t in samples for m in ((f"{k}.jpg", j), (f"{k}.txt", t.encode()))],
+        )
+    shards = [str(tmp_path / "0.tar"), str(tmp_path / "1.tar")]
+    held = load_heldout(shards, RunConfig(image_size=16))
+    assert held.keys == ["a0", "b0", "c0", "d0"] and len(held.pixels) == 4
+    assert held.references == [["a cat", "a small cat", "the cat"], ["a dog"], ["a cow", "cows"], ["a doe"]]
+    assert held.joined == 3 and held.rejects == {"undecodable_image": 2, "no_caption": 1}
+    assert len(held.keys) + held.joined + sum(held.rejects.values()) == len(first) + len(second)
+    single = load_heldout([shards[0]], RunConfig(image_size=16))
+    assert torch.equal(held.pixels[:3], single.pixels)
+    # the limit counts images: the third stops the first shard, before c0; a2 is not read at all
+    assert load_heldout(shards, RunConfig(image_size=16), limit=2).references == [
+        ["a cat", "a small cat"],
+        ["a dog"],
+    ]
 
 
 def test_images_first_then_captions_and_a_sample_there_twice(tmp_path):

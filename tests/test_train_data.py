@@ -26,6 +26,7 @@ def scene(i: int) -> tuple[str, str, Image.Image]:
     img = Image.new("RGB", (40, 40), (128, 128, 128))
     box = (8, 8, 32, 32) if shape == "square" else (4, 16, 36, 24)
     img.paste(COLORS[color], box)
+    img.putpixel((0, 0), (i % 256, i // 256, 0))  # every sample its own picture (image ids are by bytes)
     return color, shape, img
 
 
@@ -71,6 +72,25 @@ def test_one_pair_per_reference_and_rejects_counted(shards):
     human = pairs[20:23]
     assert len({p.idx for p in human}) == 1 and human[0].idx != pairs[23].idx
     assert count_pairs(shards).n_pairs == 56
+
+
+def test_samples_of_one_picture_share_their_image_id(tmp_path):
+    """img2dataset writes COCO as one sample per caption. The id was by key before, so a finetuned
+    filter's ITC took the picture's other captions as negatives and ITM could draw them as hard
+    negatives; the id is of the image bytes now, whatever the keys and shards."""
+    pictures = [scene(i)[2] for i in range(2)]
+    jpgs = []
+    for img in pictures:
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=95)
+        jpgs.append(buf.getvalue())
+    rows = [("000000000", 0, "a red square"), ("000000001", 0, "red square"), ("000000002", 1, "a green one")]
+    for name, part in (("0", rows[:2]), ("1", rows[2:] + [("000000003", 0, "the red square")])):
+        members = [m for k, j, t in part for m in ((f"{k}.jpg", jpgs[j]), (f"{k}.txt", t.encode()))]
+        write_tar(str(tmp_path / f"{name}.tar"), members)
+    pairs = list(read_pairs([str(tmp_path / "0.tar"), str(tmp_path / "1.tar")]))
+    assert [p.caption for p in pairs] == ["a red square", "red square", "a green one", "the red square"]
+    assert pairs[0].idx == pairs[1].idx == pairs[3].idx != pairs[2].idx
 
 
 def test_json_captions_that_are_not_a_list_of_strings(tmp_path):

@@ -7,6 +7,7 @@ and is counted in the shard's stats, so that in = kept + dropped + rejected hold
 
 from __future__ import annotations
 
+import hashlib
 import posixpath
 import urllib.parse
 from dataclasses import dataclass, field
@@ -27,6 +28,13 @@ def listed_captions(meta: dict) -> list[str]:
     [] when it is not a list (a string would be read as a list of its letters)."""
     listed = meta.get("captions")
     return [c for c in listed if isinstance(c, str)] if isinstance(listed, list) else []
+
+
+def image_id(image: bytes) -> int:
+    """A stable 63-bit id of an image's bytes. One picture under several keys is one image: img2dataset
+    writes COCO as one sample per caption, and those captions are one image's references (eval) and
+    positives of each other (ITC/ITM finetuning), never negatives."""
+    return int.from_bytes(hashlib.blake2b(image, digest_size=8).digest(), "big") >> 1
 
 
 # A shard's file ending → the codec fsspec decompresses it with (None: a plain tar); longest match first.

@@ -1,74 +1,101 @@
 """The held-out test split in memory: images preprocessed as the round does, with their references.
 
-Test shards carry every reference in ``json["captions"]`` (``txt`` is the first). Images go through the
-round's own inference decoder (bicubic resize to a square, no crop), so eval sees what a round sees.
+Test shards carry every reference in ``json["captions"]`` (``txt`` is the first). A split may instead
+hold one sample per caption, as img2dataset writes COCO (one row per caption in its URL list): samples
+with the same image bytes are one image, their captions its references. Images go through the round's
+own inference decoder (bicubic resize to a square, no crop), so eval sees what a round sees.
 """
 
 from __future__ import annotations
 
 import functools
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
 from capfilt.config import RunConfig
 from capfilt.data.decode import pillow_decode
 from capfilt.data.reader import ShardReader, read_shard
-from capfilt.data.sample import Reject, Sample, listed_captions
+from capfilt.data.sample import Reject, Sample, image_id, listed_captions
 
 
 @dataclass
 class HeldOut:
-    """``pixels[i]`` is image ``keys[i]``; ``references[i]`` its captions; ``meta[i]`` its json."""
+    """``pixels[i]`` is image ``keys[i]`` (its first sample's key), ``references[i]`` its captions.
+
+    Every sample read is one of: an image, one of ``joined`` (an image read before under another key: its
+    captions joined that image's references), or a reject by reason (``no_caption`` among them).
+    """
 
     keys: list[str]
     pixels: torch.Tensor
     references: list[list[str]]
-    meta: list[dict] = field(default_factory=list)
     rejects: Counter = field(default_factory=Counter)
+    joined: int = 0
+
+
+class _Read(NamedTuple):
+    """One captioned sample of a shard; ``pixels`` is None when its image was read before."""
+
+    image: int  # data.sample.image_id
+    key: str
+    pixels: torch.Tensor | None
+    references: list[str]
 
 
 def load_heldout(shards: list[str], run: RunConfig, limit: int | None = None) -> HeldOut:
-    """Every decodable image with a caption at ``run.image_size`` (the first ``limit`` when given); rejects
-    and images without a caption (``no_caption``) are counted, not fatal."""
-    parts: list[HeldOut] = []
+    """Every decodable image with a caption at ``run.image_size`` (the first ``limit`` images when given);
+    rejects and images without a caption (``no_caption``) are counted, not fatal."""
+    index: dict[int, int] = {}  # image id → its place in the split
+    keys, tensors, refs, rejects, joined = [], [], [], Counter(), 0
     for url in shards:
-        left = None if limit is None else limit - sum(len(p.keys) for p in parts)
-        if left == 0:
-            break
-        parts.append(read_shard(url, functools.partial(_load, run=run, limit=left)))  # once, however read
-    return HeldOut(
-        [k for p in parts for k in p.keys],
-        torch.cat([p.pixels for p in parts]) if parts else _pixels([], run),
-        [r for p in parts for r in p.references],
-        [m for p in parts for m in p.meta],
-        sum((p.rejects for p in parts), Counter()),
-    )
-
-
-def _load(shard: ShardReader, run: RunConfig, limit: int | None) -> HeldOut:
-    """One shard's part of ``load_heldout``."""
-    keys, tensors, refs, meta, rejects = [], [], [], [], Counter()
-    for item in shard:
         if len(keys) == limit:
             break
-        if isinstance(item, Sample) and not (texts := references(item)):  # nothing to test it against
+        load = functools.partial(_load, run=run, limit=limit, known=index.keys())
+        reads, shard_rejects = read_shard(url, load)  # once, however the shard is read
+        rejects += shard_rejects
+        for read in reads:
+            if read.image in index:
+                refs[index[read.image]] += read.references
+                joined += 1
+                continue
+            index[read.image] = len(keys)
+            keys.append(read.key)
+            tensors.append(read.pixels)
+            refs.append(read.references)
+    pixels = torch.stack(tensors) if tensors else torch.empty(0, 3, run.image_size, run.image_size)
+    return HeldOut(keys, pixels, refs, rejects, joined)
+
+
+def _load(
+    shard: ShardReader, run: RunConfig, limit: int | None, known: Collection[int]
+) -> tuple[list[_Read], Counter]:
+    """One shard's captioned samples, each image decoded once (``known``: the ids of earlier shards'
+    images), up to the split's ``limit``-th image; and its rejects."""
+    reads, rejects, new = [], Counter(), set()
+    for item in shard:
+        if isinstance(item, Reject):
+            rejects[item.reason] += 1
+            continue
+        if not (texts := references(item)):  # nothing to test it against
             rejects["no_caption"] += 1
             continue
-        pixels = item if isinstance(item, Reject) else pillow_decode(item, run.image_size, run.max_pixels)
+        image = image_id(item.image)
+        if image in known or image in new:
+            reads.append(_Read(image, item.key, None, texts))
+            continue
+        if len(known) + len(new) == limit:
+            break
+        pixels = pillow_decode(item, run.image_size, run.max_pixels)
         if isinstance(pixels, Reject):
             rejects[pixels.reason] += 1
             continue
-        tensors.append(pixels)
-        keys.append(item.key)
-        refs.append(texts)
-        meta.append(item.meta)
-    return HeldOut(keys, _pixels(tensors, run), refs, meta, rejects)
-
-
-def _pixels(tensors: list[torch.Tensor], run: RunConfig) -> torch.Tensor:
-    return torch.stack(tensors) if tensors else torch.empty(0, 3, run.image_size, run.image_size)
+        new.add(image)
+        reads.append(_Read(image, item.key, pixels, texts))
+    return reads, rejects
 
 
 def references(sample: Sample) -> list[str]:

@@ -36,7 +36,7 @@ def evaluate_all(
                 f"no held-out image to evaluate on in {test}: each needs a caption (json captions or a web "
                 f"caption) and to decode; left out: {dict(data.rejects)}"
             )
-        metrics["test"] = {"images": len(data.keys), "rejected": dict(data.rejects)}
+        metrics["test"] = {"images": len(data.keys), "joined": data.joined, "rejected": dict(data.rejects)}
         if filter_ is not None:
             metrics["retrieval"] = evaluate_retrieval(str(filter_), data, cfg.filter)
         if captioner is not None:

@@ -47,7 +47,8 @@ def same_vision(captioner: Captioner, filter_: Filter) -> bool:
 
 def human_pairs(human: list[str], cfg: Config) -> tuple[torch.Tensor, list[str]]:
     """The first ``filter.calibration_samples`` decodable images of the ``human`` shard URLs with their
-    (first) caption, decoded as a round decodes them."""
+    (first) caption, decoded as a round decodes them; one image however many samples hold it, so that a
+    mismatched pair (``stages.calibrate``) never gives an image a caption of its own picture."""
     data = load_heldout(human, cfg.run, limit=cfg.filter.calibration_samples)
     if len(data.keys) < 2:
         raise UserError(

@@ -12,7 +12,6 @@ colours and positions, which colour jitter and shears would falsify.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import warnings
 from collections import Counter
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from capfilt.config import RunConfig, TrainConfig
 from capfilt.data.decode import normalize, open_checked, to_rgb
 from capfilt.data.reader import ShardReader, read_shard
-from capfilt.data.sample import Reject, Sample, listed_captions, shard_file_name
+from capfilt.data.sample import Reject, Sample, image_id, listed_captions
 from capfilt.model.tokenizer import count_words, normalize_caption
 
 MAX_PIXELS = RunConfig.max_pixels  # the round's decompression-bomb limit
@@ -36,17 +35,12 @@ MAX_PIXELS = RunConfig.max_pixels  # the round's decompression-bomb limit
 
 @dataclass
 class Pair:
-    """One (image, caption) training pair; ``idx`` is the same for every caption of one image."""
+    """One (image, caption) training pair; ``idx`` (``image_id``) is the same for every caption of one
+    image, whichever samples they came in."""
 
     sample: Sample
     caption: str
     idx: int
-
-
-def image_id(shard: str, key: str) -> int:
-    """A stable integer id of an image (63 bits), so ITC/ITM finetuning treats its captions as positives."""
-    digest = hashlib.blake2b(f"{shard_file_name(shard)}/{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> 1
 
 
 def references(meta: dict, caption: str) -> list[str]:
@@ -78,7 +72,7 @@ def shard_pairs(shard: ShardReader, rejects: Counter) -> Iterator[Pair]:
             rejects[item.reason] += 1
             continue
         refs = references(item.meta, item.caption)
-        idx = image_id(shard.url, item.key)
+        idx = image_id(item.image)
         for ref in refs:
             text = normalize_caption(ref)
             if text:
