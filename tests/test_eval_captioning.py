@@ -75,13 +75,44 @@ def test_evaluate_all_on_a_tiny_world(tmp_path):
     assert coco["test"] == {"images": cfg.synth.n_test, "joined": 4 * cfg.synth.n_test, "rejected": {}}
     assert coco["retrieval"] == m["retrieval"]
     assert coco["captioning"]["cider"] == m["captioning"]["cider"]
-    # finetuned on the human split written so, the filter is the one finetuned on it as it is: the same
-    # pairs in the same order, and a picture's captions positives of each other as before
-    human = one_sample_per_caption(str(w / "human-000000.tar"), [str(tmp_path / "coco-human.tar")])
-    finetune(cfg, tmp_path / "med", human, tmp_path / "ft-coco")
-    for role in ("captioner", "filter"):
-        weights = [(tmp_path / ft / role / "model.safetensors").read_bytes() for ft in ("ft", "ft-coco")]
-        assert weights[0] == weights[1], role
+    # as CLIP_benchmark writes it: a sample per image, its captions one per line of its txt, no json
+    lines = evaluate_all(
+        cfg,
+        [captions_as_lines(str(w / "test-000000.tar"), str(tmp_path / "lines.tar"))],
+        captioner=tmp_path / "ft" / "captioner",
+        filter_=tmp_path / "ft" / "filter",
+    )
+    assert lines["retrieval"] == m["retrieval"] and lines["captioning"]["cider"] == m["captioning"]["cider"]
+    # finetuned on the human split written either way, both models are the ones finetuned on it as it
+    # is: the same pairs in the same order, and a picture's captions positives of each other as before
+    for name, human in (
+        ("coco", one_sample_per_caption(str(w / "human-000000.tar"), [str(tmp_path / "coco-human.tar")])),
+        ("lines", [captions_as_lines(str(w / "human-000000.tar"), str(tmp_path / "lines-human.tar"))]),
+    ):
+        finetune(cfg, tmp_path / "med", human, tmp_path / f"ft-{name}")
+        for role in ("captioner", "filter"):
+            weights = [
+                (tmp_path / ft / role / "model.safetensors").read_bytes() for ft in ("ft", f"ft-{name}")
+            ]
+            assert weights[0] == weights[1], (name, role)
+
+
+def captions_as_lines(src: str, dst: str) -> str:
+    """``src``'s samples as CLIP_benchmark writes a retrieval set: the image and a txt of its captions,
+    one per line."""
+    with tarfile.open(src) as tar:
+        files = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    keys = sorted(name[: -len(".json")] for name in files if name.endswith(".json"))
+    captions = {key: "\n".join(json.loads(files[f"{key}.json"])["captions"]) for key in keys}
+    write_tar(
+        dst,
+        [
+            m
+            for key in keys
+            for m in ((f"{key}.jpg", files[f"{key}.jpg"]), (f"{key}.txt", captions[key].encode()))
+        ],
+    )
+    return dst
 
 
 def one_sample_per_caption(src: str, dsts: list[str]) -> list[str]:

@@ -262,7 +262,8 @@ def test_a_shard_not_in_key_order_is_read_grouped_by_key(tmp_path, tiny_world):
 
 def test_held_out_images_without_a_caption_are_left_out_and_counted(tmp_path):
     """Before, an image without a caption entered eval with the reference "" (a traceback from CIDEr when
-    none had one) and a json "captions" string was read as a list of its letters."""
+    none had one) and a json "captions" string was read as a list of its letters. A txt of one caption per
+    line (CLIP_benchmark's retrieval sets) was one reference of all the lines."""
     jpg = [encode(smooth_image(seed=i)) for i in range(5)]
     members = [("a.jpg", jpg[0]), ("a.txt", b"a cat"), ("b.jpg", jpg[1]), ("b.txt", b"  "), ("c.jpg", jpg[2])]
     members += [("d.jpg", jpg[3]), ("d.json", json.dumps({"captions": ["one", " ", "two"]}).encode())]
@@ -271,10 +272,11 @@ def test_held_out_images_without_a_caption_are_left_out_and_counted(tmp_path):
         ("e.json", json.dumps({"captions": "a dog"}).encode()),
         ("e.txt", b"a dog"),
     ]
+    members += [("f.webp", encode(smooth_image(seed=5), "WEBP")), ("f.txt", b"a cow\nthe cow\n\n")]
     write_tar(str(tmp_path / "test.tar"), members)
     held = load_heldout([str(tmp_path / "test.tar")], RunConfig(image_size=16))
-    assert held.keys == ["a", "d", "e"] and held.rejects == {"no_caption": 2}
-    assert held.references == [["a cat"], ["one", "two"], ["a dog"]]
+    assert held.keys == ["a", "d", "e", "f"] and held.rejects == {"no_caption": 2}
+    assert held.references == [["a cat"], ["one", "two"], ["a dog"], ["a cow", "the cow"]]
 
 
 def test_held_out_samples_of_one_image_are_one_image(tmp_path):

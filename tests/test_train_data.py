@@ -238,3 +238,6 @@ def test_a_cleaned_shard_trains_on_every_kept_caption():
     assert references(meta, "a red square") == ["a red square", "a picture of a red square"]
     assert references({"captions": ["x", "y"]}, "x") == ["x", "y"]
     assert references({}, "txt only") == ["txt only"]
+    # CLIP_benchmark's retrieval shards: a sample per image, its captions one per line of its txt
+    assert references({}, "a cat\r\n the cat \n\n") == ["a cat", "the cat"] and references({}, " ") == []
+    assert references(meta, "a red square\nclick to enlarge") == references(meta, "a red square")

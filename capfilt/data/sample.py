@@ -30,6 +30,13 @@ def listed_captions(meta: dict) -> list[str]:
     return [c for c in listed if isinstance(c, str)] if isinstance(listed, list) else []
 
 
+def caption_lines(caption: str) -> list[str]:
+    """A caption's non-blank lines, each a reference of a human or test image. CLIP_benchmark writes its
+    retrieval sets (COCO, Flickr30k: ``clip-benchmark/wds_*``) a sample per image, with the captions one
+    per line of its txt. A round scores a web caption whole."""
+    return [line.strip() for line in caption.split("\n") if line.strip()]
+
+
 def image_id(image: bytes) -> int:
     """A stable 63-bit id of an image's bytes. One picture under several keys is one image: img2dataset
     writes COCO as one sample per caption, and those captions are one image's references (eval) and

@@ -1,7 +1,7 @@
 """The held-out test split in memory: images preprocessed as the round does, with their references.
 
-Test shards carry every reference in ``json["captions"]`` (``txt`` is the first). A split may instead
-hold one sample per caption, as img2dataset writes COCO (one row per caption in its URL list): samples
+Test shards carry every reference in ``json["captions"]`` (``txt`` is the first), or one per line of
+``txt`` (CLIP_benchmark's retrieval sets). A split may instead hold one sample per caption, as img2dataset writes COCO (one row per caption in its URL list): samples
 with the same image bytes are one image, their captions its references. Images go through the round's
 own inference decoder (bicubic resize to a square, no crop), so eval sees what a round sees.
 """
@@ -19,7 +19,7 @@ import torch
 from capfilt.config import RunConfig
 from capfilt.data.decode import pillow_decode
 from capfilt.data.reader import ShardReader, read_shard
-from capfilt.data.sample import Reject, Sample, image_id, listed_captions
+from capfilt.data.sample import Reject, Sample, caption_lines, image_id, listed_captions
 
 
 @dataclass
@@ -99,5 +99,6 @@ def _load(
 
 
 def references(sample: Sample) -> list[str]:
-    """A held-out image's captions: json["captions"], else its web caption; blank ones left out."""
-    return [t for t in listed_captions(sample.meta) or [sample.caption] if t.strip()]
+    """A held-out image's captions: json["captions"], else the lines of its caption; blank ones left out."""
+    listed = listed_captions(sample.meta)
+    return [t for t in listed if t.strip()] if listed else caption_lines(sample.caption)

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from capfilt.config import RunConfig, TrainConfig
 from capfilt.data.decode import normalize, open_checked, to_rgb
 from capfilt.data.reader import ShardReader, read_shard
-from capfilt.data.sample import Reject, Sample, image_id, listed_captions
+from capfilt.data.sample import Reject, Sample, caption_lines, image_id, listed_captions
 from capfilt.model.tokenizer import count_words, normalize_caption
 
 MAX_PIXELS = RunConfig.max_pixels  # the round's decompression-bomb limit
@@ -45,9 +45,10 @@ class Pair:
 
 def references(meta: dict, caption: str) -> list[str]:
     """The captions a sample trains on: json["captions"] (human and test shards), else every caption a
-    CapFilt round kept (json["candidates"], web and synthetic alike, as BLIP pretrains on), else txt."""
+    CapFilt round kept (json["candidates"], web and synthetic alike, as BLIP pretrains on), else the
+    lines of its caption (``caption_lines``)."""
     kept = [c["text"] for c in meta.get("candidates", []) if c.get("kept")]
-    return listed_captions(meta) or kept or [caption]
+    return listed_captions(meta) or kept or caption_lines(caption)
 
 
 def read_pairs(
@@ -72,6 +73,8 @@ def shard_pairs(shard: ShardReader, rejects: Counter) -> Iterator[Pair]:
             rejects[item.reason] += 1
             continue
         refs = references(item.meta, item.caption)
+        if not refs:
+            rejects["no_caption"] += 1
         idx = image_id(item.image)
         for ref in refs:
             text = normalize_caption(ref)
