@@ -40,6 +40,8 @@ def test_a_rerun_over_a_grown_list_processes_only_the_new_shards(grown_run):
     assert counts["in"] == counts["kept"] + counts["dropped"] + sum(counts["rejected"].values())
     assert counts["rejected"] == {"undecodable_image": 1}
     assert len(info["files"]["webdataset"]) == 15 and len(info["inputs"]) == 15
+    assert json.loads((out / card.SIZES).read_text()) == counts["kept_per_tar"]
+    assert list(counts["kept_per_tar"]) == info["files"]["webdataset"]
     for url in info["inputs"]:  # which bytes were cleaned: sha256sum's of each input, old shards' too
         with open(url, "rb") as f:
             assert info["input_sha256"][url] == hashlib.sha256(f.read()).hexdigest()
@@ -70,6 +72,9 @@ def test_hf_datasets_and_webdataset_read_every_kept_sample(grown_run):
     assert len(ds) == kept and {"txt", "json", "__key__"} <= set(ds.column_names)
     assert len(datasets.load_dataset(str(out), split="train")) == kept  # the card's front matter
     assert sum(1 for _ in wds.WebDataset(tars, shardshuffle=False)) == kept
+    # open_clip's get_dataset_size: {tar name: samples} from sizes.json in the tars' folder
+    sizes = json.loads((out / "sizes.json").read_text())
+    assert {t.rsplit("/", 1)[1]: sum(1 for _ in wds.WebDataset(t, shardshuffle=False)) for t in tars} == sizes
 
 
 def test_ray_data_reads_every_kept_sample(grown_run):

@@ -55,7 +55,7 @@ def test_mistakes_about_the_run_folder_are_user_errors(tmp_path):
 def test_new_run_clears_the_previous_outputs(tmp_path):
     cfg = load_config("tiny")
     ledger.open_run(str(tmp_path), manifest(cfg))
-    for f in ("web-0.tar", "web-0.done", "web-1.stats.json", "summary.json", "notes.txt"):
+    for f in ("web-0.tar", "web-0.done", "web-1.stats.json", "summary.json", "sizes.json", "notes.txt"):
         (tmp_path / f).write_text("x")
     names = ledger.shard_names(["a/web-0.tar", "a/web-1.tar"])
     assert ledger.pending_shards(str(tmp_path), names, list(names)) == ([("a/web-1.tar", "web-1")], [])

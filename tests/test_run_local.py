@@ -62,6 +62,9 @@ def test_round_accounts_for_every_sample_and_resumes(tmp_path, tiny_models, tiny
     assert (every["kept"], every["n_in"]) == (29, 30)
     with tarfile.open(tmp_path / "lax" / "web-000001.tar") as tar:
         assert len([m for m in tar.getnames() if m.endswith(".png")]) == 10
+    for folder, kept in (("strict", 0), ("lax", 29)):  # each selection's sample counts, for open_clip
+        sizes = json.loads((tmp_path / folder / "sizes.json").read_text())
+        assert list(sizes) == [f"web-00000{i}.tar" for i in range(3)] and sum(sizes.values()) == kept
 
 
 def test_select_names_the_shards_its_round_did_not_commit_and_waits_for_a_running_round(

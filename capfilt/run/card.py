@@ -1,4 +1,5 @@
-"""The dataset card of a run folder: ``README.md`` for people, ``dataset_info.json`` for programs.
+"""The dataset card of a run folder: ``README.md`` for people, ``dataset_info.json`` for programs, and
+``sizes.json`` (each tar's sample count) for open_clip's WebDataset loader.
 
 A cleaned dataset goes to teams that never ran capfilt, so the folder explains itself: what its files
 hold (tar members, Parquet schemas), how many samples went in and why each one that is missing is
@@ -17,6 +18,9 @@ from capfilt.data import writer
 
 README = "README.md"
 DATASET_INFO = "dataset_info.json"
+# open_clip's ``get_dataset_size`` reads {tar file name: samples} from the tars' folder, so that training on
+# the folder needs no ``--train-num-samples``.
+SIZES = "sizes.json"
 
 THRESHOLD_MODES = {
     "fixed": "the config's `filter.threshold`, set by hand (BLIP's authors used 0.5)",
@@ -43,11 +47,13 @@ def dataset_info(
     manifest: dict[str, Any],
     summary: dict[str, Any],
     provenance: dict[str, Any],
-    names: list[str],
+    kept: dict[str, int],
     input_sha256: dict[str, str],
 ) -> dict[str, Any]:
-    """The machine-readable card; ``names`` are the committed shards' output NAMEs, ``input_sha256`` the
-    hashes their inputs had when they were cleaned, so a team can check which bytes the run cleaned."""
+    """The machine-readable card; ``kept`` holds the committed shards' output NAMEs with the samples each
+    kept, ``input_sha256`` the hashes their inputs had when they were cleaned, so a team can check which
+    bytes the run cleaned."""
+    names = list(kept)
     image_bytes = manifest["config"]["run"]["parquet_image_bytes"]
     mode = provenance.get("threshold_mode", "fixed")
     this = summary["this_invocation"]["shards"]
@@ -72,6 +78,7 @@ def dataset_info(
             "gone_shards": summary.get("gone_shards", []),  # a selection carries its round's
             "in": summary["n_in"],
             "kept": summary["kept"],
+            "kept_per_tar": {f"{n}.tar": kept[n] for n in names},
             "dropped": summary["dropped"],
             "rejected": summary["rejected"],
             "kept_captions_by_source": summary["kept_by_source"],
@@ -148,6 +155,8 @@ Per input shard `NAME`: `NAME.tar` (kept samples, WebDataset), `NAME.parquet` (k
 `NAME.scores.parquet` (every scored sample, kept or dropped, with all candidate scores),
 `NAME.stats.json` (counts and reject reasons), `NAME.done` (commit marker). `dataset_info.json`'s
 `input_sha256` holds each input shard's SHA-256 as it was cleaned (`sha256sum`'s for a plain tar).
+`sizes.json` holds each tar's sample count, where open_clip's WebDataset loader looks for it (no
+`--train-num-samples` needed).
 
 Tar members per sample:
 {members}
@@ -186,8 +195,9 @@ def pipe():
 
 
 def write_card(out: str, info: dict[str, Any]) -> None:
-    """Write ``README.md`` and ``dataset_info.json`` into the run folder, atomically."""
+    """Write ``README.md``, ``dataset_info.json`` and ``sizes.json`` into the run folder, atomically."""
     root = out.rstrip("/")
     writer.write_json(f"{root}/{DATASET_INFO}", info)
+    writer.write_json(f"{root}/{SIZES}", info["counts"]["kept_per_tar"])
     with writer.atomic_open(f"{root}/{README}") as f:
         f.write(render_readme(info).encode())

@@ -168,7 +168,7 @@ def clear_run(out: str, old: dict[str, Any]) -> None:
     fs, root = url_to_fs(out)
     for name in shard_names(old["shards"]).values():
         clear_shard(out, name)
-    for name in (SUMMARY, CALIBRATION, card.README, card.DATASET_INFO, MANIFEST):
+    for name in (SUMMARY, CALIBRATION, card.README, card.DATASET_INFO, card.SIZES, MANIFEST):
         if fs.exists(posixpath.join(root, name)):
             fs.rm(posixpath.join(root, name))
 

@@ -38,6 +38,7 @@ class RunTotals:
         self.truncated: list[str] = []
         self.unordered: list[str] = []
         self.input_sha256: dict[str, str] = {}  # per committed shard, for the card: as big as its input list
+        self.kept_by_shard: dict[str, int] = {}  # per committed shard, for the card's sizes.json
 
     def add(self, s: ShardStats, processed: bool) -> None:
         """One committed shard; ``processed`` if this invocation cleaned it (else an earlier one did)."""
@@ -52,6 +53,7 @@ class RunTotals:
             self.unordered.append(s.shard)
         if s.input_sha256:
             self.input_sha256[s.shard] = s.input_sha256
+        self.kept_by_shard[s.shard] = s.kept
         if processed:
             self.processed += 1
             self.n_new += s.n_in

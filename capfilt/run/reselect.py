@@ -171,7 +171,7 @@ def _reselect(
     ledger.write_json(f"{out.rstrip('/')}/{ledger.SUMMARY}", summary)
     if committed:
         provenance = _provenance(run_dir, names[committed[0]], threshold, mode)
-        done = [names[u] for u in committed]
-        info = card.dataset_info(ledger.read_manifest(out), summary, provenance, done, totals.input_sha256)
+        kept = {names[u]: totals.kept_by_shard[u] for u in committed}
+        info = card.dataset_info(ledger.read_manifest(out), summary, provenance, kept, totals.input_sha256)
         card.write_card(out, info)
     return summary

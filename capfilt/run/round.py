@@ -224,10 +224,8 @@ def run_round(
         }
         summary |= {"threshold": threshold, "threshold_mode": mode, "gone_shards": gone}
         ledger.write_json(out.rstrip("/") + "/" + ledger.SUMMARY, summary)
-        committed_names = [names[u] for u in urls if u not in failed and u not in left_out]
-        card.write_card(
-            out, card.dataset_info(manifest, summary, provenance, committed_names, totals.input_sha256)
-        )
+        kept = {names[u]: totals.kept_by_shard[u] for u in urls if u not in failed and u not in left_out}
+        card.write_card(out, card.dataset_info(manifest, summary, provenance, kept, totals.input_sha256))
         return summary
 
 
