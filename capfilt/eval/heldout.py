@@ -1,9 +1,10 @@
 """The held-out test split in memory: images preprocessed as the round does, with their references.
 
 Test shards carry every reference in ``json["captions"]`` (``txt`` is the first), or one per line of
-``txt`` (CLIP_benchmark's retrieval sets). A split may instead hold one sample per caption, as img2dataset writes COCO (one row per caption in its URL list): samples
-with the same image bytes are one image, their captions its references. Images go through the round's
-own inference decoder (bicubic resize to a square, no crop), so eval sees what a round sees.
+``txt`` (CLIP_benchmark's retrieval sets). A split may instead hold one sample per caption, as
+img2dataset writes COCO (one row per caption in its URL list): samples with the same image bytes are one
+image, their captions its references. Images go through the round's own inference decoder (bicubic
+resize to a square, no crop), so eval sees what a round sees.
 """
 
 from __future__ import annotations
