@@ -72,7 +72,12 @@ def test_evaluate_all_on_a_tiny_world(tmp_path):
     coco = evaluate_all(
         cfg, split, captioner=tmp_path / "ft" / "captioner", filter_=tmp_path / "ft" / "filter"
     )
-    assert coco["test"] == {"images": cfg.synth.n_test, "joined": 4 * cfg.synth.n_test, "rejected": {}}
+    assert coco["test"] == {
+        "images": cfg.synth.n_test,
+        "joined": 4 * cfg.synth.n_test,
+        "rejected": {},
+        "ended_early": {},
+    }
     assert coco["retrieval"] == m["retrieval"]
     assert coco["captioning"]["cider"] == m["captioning"]["cider"]
     # as CLIP_benchmark writes it: a sample per image, its captions one per line of its txt, no json

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import scrambled
@@ -81,7 +82,12 @@ def test_a_users_mistake_is_one_line_and_exit_code_2(tmp_path, tiny_models):
             ["eval", str(tmp_path / "images.tar"), "--captioner", cap, "-c", "tiny"],
             "no held-out image to evaluate on",
         ),
+        "eval on img2dataset's Parquet file (it said only 'left out: {}')": (
+            ["eval", str(tmp_path / "00000.parquet"), "--captioner", cap, "-c", "tiny"],
+            "not a tar archive: it starts with b'PAR1",
+        ),
     }
+    pq.write_table(pa.table({"key": ["a"], "caption": ["a caption"]}), tmp_path / "00000.parquet")
     for name, (args, fix) in cases.items():
         if args[0] == "run":
             args = [*args, "-o", str(tmp_path / "out"), "-c", "tiny", "--local"]

@@ -74,6 +74,18 @@ def test_one_pair_per_reference_and_rejects_counted(shards):
     assert count_pairs(shards).n_pairs == 56
 
 
+def test_the_count_names_the_shards_that_ended_early_and_why(shards, tmp_path):
+    """A file that is no tar (img2dataset's Parquet beside its shards, given by name) trained on nothing,
+    and the count said only "0 pairs, rejected {}"; now it names the file and why, as a round does."""
+    (tmp_path / "00000.parquet").write_bytes(b"PAR1" + bytes(600))
+    counted = count_pairs([*shards, str(tmp_path / "00000.parquet")])
+    assert counted.n_pairs == 56 and counted.empty == [str(tmp_path / "00000.parquet")]
+    assert list(counted.ended_early) == [str(tmp_path / "00000.parquet")]
+    assert f"1 ended early ({tmp_path / '00000.parquet'}: not a tar archive: it starts with b'PAR1" in str(
+        counted
+    )
+
+
 def test_samples_of_one_picture_share_their_image_id(tmp_path):
     """img2dataset writes COCO as one sample per caption. The id was by key before, so a finetuned
     filter's ITC took the picture's other captions as negatives and ITM could draw them as hard

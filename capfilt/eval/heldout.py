@@ -29,6 +29,8 @@ class HeldOut:
 
     Every sample read is one of: an image, one of ``joined`` (an image read before under another key: its
     captions joined that image's references), or a reject by reason (``no_caption`` among them).
+    ``ended_early``: the shards that ended before their end-of-archive marker, with why (a file that is
+    no tar at all among them), as a round reports them.
     """
 
     keys: list[str]
@@ -36,6 +38,7 @@ class HeldOut:
     references: list[list[str]]
     rejects: Counter = field(default_factory=Counter)
     joined: int = 0
+    ended_early: dict[str, str] = field(default_factory=dict)
 
 
 class _Read(NamedTuple):
@@ -51,13 +54,14 @@ def load_heldout(shards: list[str], run: RunConfig, limit: int | None = None) ->
     """Every decodable image with a caption at ``run.image_size`` (the first ``limit`` images when given);
     rejects and images without a caption (``no_caption``) are counted, not fatal."""
     index: dict[int, int] = {}  # image id → its place in the split
-    keys, tensors, refs, rejects, joined = [], [], [], Counter(), 0
+    keys, tensors, refs, rejects, joined, ended = [], [], [], Counter(), 0, {}
     for url in shards:
         if len(keys) == limit:
             break
         load = functools.partial(_load, run=run, limit=limit, known=index.keys())
-        reads, shard_rejects = read_shard(url, load)  # once, however the shard is read
+        reads, shard_rejects, shard_ended = read_shard(url, load)  # once, however the shard is read
         rejects += shard_rejects
+        ended |= shard_ended
         for read in reads:
             if read.image in index:
                 refs[index[read.image]] += read.references
@@ -68,14 +72,14 @@ def load_heldout(shards: list[str], run: RunConfig, limit: int | None = None) ->
             tensors.append(read.pixels)
             refs.append(read.references)
     pixels = torch.stack(tensors) if tensors else torch.empty(0, 3, run.image_size, run.image_size)
-    return HeldOut(keys, pixels, refs, rejects, joined)
+    return HeldOut(keys, pixels, refs, rejects, joined, ended)
 
 
 def _load(
     shard: ShardReader, run: RunConfig, limit: int | None, known: Collection[int]
-) -> tuple[list[_Read], Counter]:
+) -> tuple[list[_Read], Counter, dict[str, str]]:
     """One shard's captioned samples, each image decoded once (``known``: the ids of earlier shards'
-    images), up to the split's ``limit``-th image; and its rejects."""
+    images), up to the split's ``limit``-th image; its rejects; and why it ended early, if it did."""
     reads, rejects, new = [], Counter(), set()
     for item in shard:
         if isinstance(item, Reject):
@@ -96,7 +100,7 @@ def _load(
             continue
         new.add(image)
         reads.append(_Read(image, item.key, pixels, texts))
-    return reads, rejects
+    return reads, rejects, {shard.shard: shard.truncation_detail} if shard.truncated else {}
 
 
 def references(sample: Sample) -> list[str]:

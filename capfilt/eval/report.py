@@ -32,11 +32,17 @@ def evaluate_all(
     if captioner is not None or filter_ is not None:
         data = load_heldout(expand_shards(test), cfg.run)
         if not data.keys:
+            ended = f"; ended early: {data.ended_early}" if data.ended_early else ""
             raise UserError(
                 f"no held-out image to evaluate on in {test}: each needs a caption (json captions or a web "
-                f"caption) and to decode; left out: {dict(data.rejects)}"
+                f"caption) and to decode; left out: {dict(data.rejects)}{ended}"
             )
-        metrics["test"] = {"images": len(data.keys), "joined": data.joined, "rejected": dict(data.rejects)}
+        metrics["test"] = {
+            "images": len(data.keys),
+            "joined": data.joined,
+            "rejected": dict(data.rejects),
+            "ended_early": data.ended_early,
+        }
         if filter_ is not None:
             metrics["retrieval"] = evaluate_retrieval(str(filter_), data, cfg.filter)
         if captioner is not None:

@@ -250,17 +250,26 @@ class PairCount:
     shards: list[str]  # the shards that hold a pair, in the given order: the ones to train on
     empty: list[str]  # the others (a cleaned shard whose every caption was dropped)
     unordered: list[str] = field(default_factory=list)  # shards whose keys' files stand apart: read grouped
+    ended_early: dict[str, str] = field(default_factory=dict)  # shards cut or no tar at all: why
 
     def __str__(self) -> str:
         left_out = f" ({len(self.empty)} without a pair left out)" if self.empty else ""
         grouped = f", {len(self.unordered)} not in key order, read grouped by key" if self.unordered else ""
-        return f"{len(self.shards)} shards{left_out}, {self.n_pairs} pairs, rejected {dict(self.rejects)}{grouped}"
+        ended = ""
+        if self.ended_early:
+            url, why = next(iter(self.ended_early.items()))
+            more = f" and {len(self.ended_early) - 1} more" if len(self.ended_early) > 1 else ""
+            ended = f", {len(self.ended_early)} ended early ({url}: {why}{more})"
+        return (
+            f"{len(self.shards)} shards{left_out}, {self.n_pairs} pairs, rejected {dict(self.rejects)}"
+            f"{grouped}{ended}"
+        )
 
 
 def count_pairs(shards: list[str], words: Counter | None = None) -> PairCount:
     """One pass reading image headers only: pairs per epoch, rejects, non-empty shards, the shards not in
-    key order; with ``words``, each pair's caption is counted into it (``count_words``), for a tokenizer
-    trained on the corpus.
+    key order and those that ended early; with ``words``, each pair's caption is counted into it
+    (``count_words``), for a tokenizer trained on the corpus.
 
     The schedule is built on this count, so images whose header already fails are left out here too.
     Training takes only the shards that hold a pair: with several ranks, each reads only its own shards
@@ -269,8 +278,11 @@ def count_pairs(shards: list[str], words: Counter | None = None) -> PairCount:
     """
     total = PairCount(0, Counter(), [], [])
     for url in shards:
-        n, rejects, shard_words, grouped = read_shard(url, lambda shard: _count(shard, words is not None))
+        n, rejects, shard_words, grouped, ended = read_shard(
+            url, lambda shard: _count(shard, words is not None)
+        )
         total.n_pairs += n
+        total.ended_early |= ended
         total.rejects.update(rejects)
         (total.shards if n else total.empty).append(url)
         if grouped:
@@ -280,7 +292,7 @@ def count_pairs(shards: list[str], words: Counter | None = None) -> PairCount:
     return total
 
 
-def _count(shard: ShardReader, with_words: bool) -> tuple[int, Counter, Counter, bool]:
+def _count(shard: ShardReader, with_words: bool) -> tuple[int, Counter, Counter, bool, dict[str, str]]:
     """One shard's part of ``count_pairs``, returned rather than added, so that a shard read a second
     time (not in key order) is counted once."""
     n, rejects, words = 0, Counter(), Counter()
@@ -292,4 +304,4 @@ def _count(shard: ShardReader, with_words: bool) -> tuple[int, Counter, Counter,
             n += 1
             if with_words:
                 count_words([pair.caption], words)
-    return n, rejects, words, shard.grouped
+    return n, rejects, words, shard.grouped, {shard.shard: shard.truncation_detail} if shard.truncated else {}
