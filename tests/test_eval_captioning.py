@@ -105,8 +105,7 @@ def test_evaluate_all_on_a_tiny_world(tmp_path):
 def captions_as_lines(src: str, dst: str) -> str:
     """``src``'s samples as CLIP_benchmark writes a retrieval set: the image and a txt of its captions,
     one per line."""
-    with tarfile.open(src) as tar:
-        files = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    files = tar_files(src)
     keys = sorted(name[: -len(".json")] for name in files if name.endswith(".json"))
     captions = {key: "\n".join(json.loads(files[f"{key}.json"])["captions"]) for key in keys}
     write_tar(
@@ -124,8 +123,7 @@ def one_sample_per_caption(src: str, dsts: list[str]) -> list[str]:
     """``src``'s samples written as img2dataset writes COCO (a sample per caption: the image, a txt and a
     json with the caption and url), cut into ``dsts`` inside an image's runs. An image's first sample keeps
     its key: the captioner's draws are seeded by key."""
-    with tarfile.open(src) as tar:
-        files = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+    files = tar_files(src)
     rows = []
     for name in sorted(files):
         if name.endswith(".json"):
@@ -148,3 +146,8 @@ def one_sample_per_caption(src: str, dsts: list[str]) -> list[str]:
             ],
         )
     return dsts
+
+
+def tar_files(src: str) -> dict[str, bytes]:
+    with tarfile.open(src) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
