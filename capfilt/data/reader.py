@@ -306,6 +306,12 @@ class ShardReader:
         self.version: dict[str, str] = {}
 
     @property
+    def ended_early(self) -> dict[str, str]:
+        """After iteration, ``{shard: why}`` if it ended before its end-of-archive marker (cut, or no tar
+        at all), else {}: what eval and training name, as a round does."""
+        return {self.shard: self.truncation_detail} if self.truncated else {}
+
+    @property
     def sha256(self) -> str:
         """With ``fingerprint``, the hash of the bytes read so far; after iteration, of the whole file
         (``sha256sum``'s), or of its decompressed bytes when it is compressed. Else ""."""

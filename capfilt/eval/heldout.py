@@ -100,7 +100,7 @@ def _load(
             continue
         new.add(image)
         reads.append(_Read(image, item.key, pixels, texts))
-    return reads, rejects, {shard.shard: shard.truncation_detail} if shard.truncated else {}
+    return reads, rejects, shard.ended_early
 
 
 def references(sample: Sample) -> list[str]:

@@ -304,4 +304,4 @@ def _count(shard: ShardReader, with_words: bool) -> tuple[int, Counter, Counter,
             n += 1
             if with_words:
                 count_words([pair.caption], words)
-    return n, rejects, words, shard.grouped, {shard.shard: shard.truncation_detail} if shard.truncated else {}
+    return n, rejects, words, shard.grouped, shard.ended_early
