@@ -97,6 +97,24 @@ def test_a_users_mistake_is_one_line_and_exit_code_2(tmp_path, tiny_models):
         assert result.stderr.startswith("capfilt: error: ") and fix in result.stderr, (name, result.stderr)
 
 
+def test_a_file_that_is_no_tar_is_named_with_why(tmp_path, tiny_models, tiny_shards):
+    """img2dataset's Parquet file given by name to a round is a shard that ends at once. The note named it
+    and sent the user to `capfilt inspect` for why; the stats, the summary and the note now say why."""
+    cap, flt = tiny_models
+    pq.write_table(pa.table({"key": ["a"], "caption": ["a caption"]}), tmp_path / "00000.parquet")
+    bad = str(tmp_path / "00000.parquet")
+    args = ["run", tiny_shards[0], bad, "-o", str(tmp_path / "out"), "-c", "tiny", "--local"]
+    args += ["--captioner", cap, "--filter", flt]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    why = summary["ended_early"][bad]
+    assert why.startswith("not a tar archive: it starts with b'PAR1") and summary["truncated_shards"] == [bad]
+    assert f"1 of 2 shards ended early ({bad}: {why}; ended_early in summary.json)" in result.stderr
+    stats = json.loads((tmp_path / "out" / "00000.parquet.stats.json").read_text())
+    assert (stats["n_in"], stats["truncated"], stats["truncation_detail"]) == (0, True, why)
+
+
 def test_a_shard_tarred_from_a_folder_is_cleaned_whole(tmp_path, tiny_models, tiny_shards):
     """``tar -cf web.tar folder/`` without ``--sort=name`` lists the files in the folder's hash order.
     Before, each run of a key's files was a sample: images cleaned without their captions, captions

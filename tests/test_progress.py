@@ -11,6 +11,7 @@ from capfilt.run.progress import RoundProgress, RunTotals, failed_note
 
 def shard(name: str, kept: int, dropped: int, rejects: int, truncated: bool = False) -> ShardStats:
     s = ShardStats(name, n_in=kept + dropped + rejects, kept=kept, dropped=dropped, truncated=truncated)
+    s.truncation_detail = "cut inside x.jpg" if truncated else ""
     for i in range(rejects):
         s.reject(Reject(f"{name}-{i}", name, "undecodable_image", "OSError: truncated"))
     s.kept_by_source, s.candidates_by_source = {"synthetic": kept}, {"web": kept + dropped, "synthetic": kept}
@@ -28,6 +29,7 @@ def test_the_summary_folds_every_shard_and_times_only_this_invocations():
     assert (summary["n_in"], summary["kept"], summary["dropped"]) == (31, 22, 6)
     assert summary["rejected"] == {"undecodable_image": 3} and summary["no_web_caption"] == 3
     assert summary["truncated_shards"] == ["b.tar"] and summary["failed_shards"] == {"d.tar": "boom"}
+    assert summary["ended_early"] == {"b.tar": "cut inside x.jpg"}
     assert summary["kept_by_source"] == {"synthetic": 22}
     assert failed_note(summary).startswith("1 of 4 shards failed (d.tar: boom); summary.json")
     assert summary["kept_rate_by_source"] == {"synthetic": 1.0, "web": 0.0}

@@ -355,9 +355,13 @@ def test_a_file_that_is_no_tar_says_what_it_is(tmp_path):
         (tmp_path / name).write_bytes(data)
         reader = ShardReader(str(tmp_path / name))
         assert list(reader) == [] and reader.truncated and why in reader.truncation_detail, name
-    summary = {"shards": 5, "truncated_shards": [str(tmp_path / "page.tar")] * 4, "rejected": {}}
+    page = str(tmp_path / "page.tar")
+    summary = {"shards": 5, "truncated_shards": [page] * 4, "rejected": {}}  # a summary from before: no why
     note = input_notes(summary)[0]
     assert note.startswith("4 of 5 shards ended early") and "capfilt inspect SHARD" in note
+    why = "not a tar archive: it starts with b'<html>'"
+    note = input_notes(summary | {"ended_early": {page: why}})[0]
+    assert f"4 of 5 shards ended early ({page}: {why} and 3 more; ended_early in summary.json)" in note
 
 
 def test_keys_that_would_extract_outside_the_folder_are_rejected(tmp_path):

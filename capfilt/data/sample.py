@@ -172,6 +172,7 @@ class ShardStats:
     rejected: dict[str, int] = field(default_factory=dict)
     rejects: list[dict[str, Any]] = field(default_factory=list)  # {key, reason, detail}, for debugging
     truncated: bool = False
+    truncation_detail: str = ""  # why it ended early, when it did ("" in stats from before 2026-11-28)
     unordered: bool = False  # its keys' files stood apart: read again, grouped by key (data.reader)
     no_web_caption: int = 0  # scored samples that had no usable web caption (captioned all the same)
     kept_by_source: dict[str, int] = field(default_factory=dict)  # kept candidates: web / synthetic

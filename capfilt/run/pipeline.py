@@ -347,6 +347,7 @@ def process_shard(
                     timings["write"] += time.perf_counter() - t0
                     faults.maybe_kill(name)
             stats.truncated, stats.input_sha256 = shard.truncated, shard.sha256  # known once it has finished
+            stats.truncation_detail = shard.truncation_detail
             stats.input_version = shard.version
             stats.check()
             stats.timings = timings  # stats.json gets the timings up to the commit; the caller's copy all

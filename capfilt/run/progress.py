@@ -35,7 +35,7 @@ class RunTotals:
         self.kept_src: Counter = Counter()
         self.cand_src: Counter = Counter()
         self.timings: Counter = Counter()  # stage seconds of the shards this invocation processed
-        self.truncated: list[str] = []
+        self.truncated: dict[str, str] = {}  # shard → why it ended early
         self.unordered: list[str] = []
         self.input_sha256: dict[str, str] = {}  # per committed shard, for the card: as big as its input list
         self.kept_by_shard: dict[str, int] = {}  # per committed shard, for the card's sizes.json
@@ -48,7 +48,7 @@ class RunTotals:
         self.kept_src.update(s.kept_by_source)
         self.cand_src.update(s.candidates_by_source)
         if s.truncated:
-            self.truncated.append(s.shard)
+            self.truncated[s.shard] = s.truncation_detail
         if s.unordered:
             self.unordered.append(s.shard)
         if s.input_sha256:
@@ -72,6 +72,7 @@ class RunTotals:
             "shards_done": self.shards,
             "failed_shards": dict(sorted(failed.items())),
             "truncated_shards": sorted(self.truncated),
+            "ended_early": dict(sorted(self.truncated.items())),  # the same shards, with why
             "unordered_shards": sorted(self.unordered),
             "n_in": n_in,
             "kept": kept,
@@ -112,11 +113,12 @@ def input_notes(summary: dict[str, Any]) -> list[str]:
     notes: list[str] = []
     cut, unordered = summary.get("truncated_shards", []), summary.get("unordered_shards", [])
     if cut:
+        why = summary.get("ended_early", {}).get(cut[0]) or "`capfilt inspect SHARD` says why"
+        more = f" and {len(cut) - 1} more" if len(cut) > 1 else ""
         notes.append(
-            f"{len(cut)} of {summary['shards']} shards ended early ({_named(cut)}; truncated_shards in "
+            f"{len(cut)} of {summary['shards']} shards ended early ({cut[0]}: {why}{more}; ended_early in "
             "summary.json): the samples before the end were cleaned, and a sample the end cut into is "
-            "rejected as truncated. `capfilt inspect SHARD` says why; after a fix, rerun the same command: "
-            "changed inputs are cleaned again"
+            "rejected as truncated. After a fix, rerun the same command: changed inputs are cleaned again"
         )
     if unordered:
         notes.append(

@@ -57,6 +57,7 @@ def reselect_shard(
 
     def select(samples: reader.ShardReader) -> ShardStats:  # read twice when not in key order (read_shard)
         stats = ShardStats(url, n_in=old.n_in, truncated=old.truncated, unordered=old.unordered)
+        stats.truncation_detail = old.truncation_detail
         stats.input_sha256, stats.input_version = old.input_sha256, old.input_version
         stats.rejected, stats.rejects = dict(old.rejected), list(old.rejects)
         with writer.RoundShardWriter(out, name, _provenance(run_dir, name, threshold, mode)) as shard:
