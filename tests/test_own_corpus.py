@@ -84,7 +84,7 @@ def test_a_users_mistake_is_one_line_and_exit_code_2(tmp_path, tiny_models):
         ),
         "eval on img2dataset's Parquet file (it said only 'left out: {}')": (
             ["eval", str(tmp_path / "00000.parquet"), "--captioner", cap, "-c", "tiny"],
-            "not a tar archive: it starts with b'PAR1",
+            "not a tar archive but a Parquet file: it starts with b'PAR1",
         ),
     }
     pq.write_table(pa.table({"key": ["a"], "caption": ["a caption"]}), tmp_path / "00000.parquet")
@@ -109,7 +109,9 @@ def test_a_file_that_is_no_tar_is_named_with_why(tmp_path, tiny_models, tiny_sha
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     why = summary["ended_early"][bad]
-    assert why.startswith("not a tar archive: it starts with b'PAR1") and summary["truncated_shards"] == [bad]
+    assert why.startswith("not a tar archive but a Parquet file: it starts with b'PAR1") and summary[
+        "truncated_shards"
+    ] == [bad]
     assert f"1 of 2 shards ended early ({bad}: {why}; ended_early in summary.json)" in result.stderr
     stats = json.loads((tmp_path / "out" / "00000.parquet.stats.json").read_text())
     assert (stats["n_in"], stats["truncated"], stats["truncation_detail"]) == (0, True, why)

@@ -10,6 +10,7 @@ import json
 import lzma
 import random
 import tarfile
+import zipfile
 from collections import Counter
 from pathlib import Path
 
@@ -337,6 +338,13 @@ def test_images_first_then_captions_and_a_sample_there_twice(tmp_path):
     assert not input_notes({"shards": 1, "truncated_shards": [], "rejected": {"duplicate_key": 1}})
 
 
+def zip_of(path) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.write(path, "shard.tar")
+    return buf.getvalue()
+
+
 def test_a_file_that_is_no_tar_says_what_it_is(tmp_path):
     """An error page or an empty file saved under a shard's name is a shard that ends at once; before, the
     reason said "cut inside a header" or "no end-of-archive marker", and `capfilt run` said nothing."""
@@ -348,6 +356,7 @@ def test_a_file_that_is_no_tar_says_what_it_is(tmp_path):
             "not a tar archive: it starts with b'<html>",
         ),
         "empty.tar": (b"", "an empty file"),
+        "zip.tar": (zip_of(raw), "not a tar archive but a zip archive: it starts with b'PK"),
         "gz.tar": (gzip.compress(raw.read_bytes()), "gzip-compressed: name it with .tar.gz"),
         "cut.tar": (raw.read_bytes()[:300], "cut inside a header"),  # a tar's first header, cut: a tar still
     }

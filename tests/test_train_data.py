@@ -81,8 +81,9 @@ def test_the_count_names_the_shards_that_ended_early_and_why(shards, tmp_path):
     counted = count_pairs([*shards, str(tmp_path / "00000.parquet")])
     assert counted.n_pairs == 56 and counted.empty == [str(tmp_path / "00000.parquet")]
     assert list(counted.ended_early) == [str(tmp_path / "00000.parquet")]
-    assert f"1 ended early ({tmp_path / '00000.parquet'}: not a tar archive: it starts with b'PAR1" in str(
-        counted
+    assert (
+        f"1 ended early ({tmp_path / '00000.parquet'}: not a tar archive but a Parquet file: it starts with b'PAR1"
+        in str(counted)
     )
 
 

@@ -126,6 +126,8 @@ def parse_header(block: bytes) -> tuple[str, int, bytes]:
 
 
 _MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd"}
+# Files found beside shards: img2dataset's Parquet next to each tar, a dataset downloaded as a zip.
+_OTHER_FILES = {b"PAR1": "a Parquet file", b"PK\x03\x04": "a zip archive"}
 
 
 def _not_a_tar(start: bytes) -> str:
@@ -136,7 +138,8 @@ def _not_a_tar(start: bytes) -> str:
     if codec:
         ending = next(s for s, c in SHARD_SUFFIXES.items() if c == codec)
         return f"not a tar archive but {codec}-compressed: name it with {ending} (the name says the codec)"
-    return f"not a tar archive: it starts with {start[:40]!r}"
+    kind = next((k for magic, k in _OTHER_FILES.items() if start.startswith(magic)), None)
+    return f"not a tar archive{f' but {kind}' if kind else ''}: it starts with {start[:40]!r}"
 
 
 def iter_members(f) -> Iterator[tuple[str, bytes]]:
