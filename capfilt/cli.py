@@ -141,6 +141,12 @@ def evaluate(
     config: ConfigOpt = "demo",
     set_: SetOpt = None,
     out: Annotated[Path | None, typer.Option(help="write the metrics as JSON here")] = None,
+    rerank_k: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="ITC candidates per query that ITM reranks (16 by default; BLIP's COCO protocol: 256)"
+        ),
+    ] = None,
 ):
     """Retrieval R@k, captioning BLEU-4/CIDEr (attribute accuracy on the demo world), filter precision/recall
     against labels."""
@@ -161,6 +167,7 @@ def evaluate(
         run_dir=run_dir,
         truth=truth,
         out=out,
+        rerank_k=rerank_k,
     )
     echo_json(metrics)
 

@@ -6,7 +6,9 @@ import tarfile
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from typer.testing import CliRunner
 
+from capfilt.cli import app
 from capfilt.config import load_config
 from capfilt.data.synth import write_world
 from capfilt.data.writer import write_tar
@@ -65,6 +67,11 @@ def test_evaluate_all_on_a_tiny_world(tmp_path):
     assert 0 <= m["retrieval"]["tr@1"] <= m["retrieval"]["tr@5"] <= m["retrieval"]["tr@10"] <= 100
     assert {"bleu4", "cider", "attribute_accuracy", "examples"} <= set(m["captioning"])
     assert json.loads((tmp_path / "eval.json").read_text())["retrieval"] == m["retrieval"]
+    assert m["retrieval"]["k"] == 16  # BLIP's COCO protocol reranks 256: the command line takes --rerank-k
+    args = ["eval", str(w / "test-000000.tar"), "--filter", str(tmp_path / "ft" / "filter"), "-c", "tiny"]
+    wide = CliRunner().invoke(app, [*args, "--rerank-k", "80"])  # every text of the 16 images
+    assert wide.exit_code == 0, wide.output
+    assert json.loads(wide.stdout)["retrieval"]["k"] == 80
     # the split as img2dataset writes COCO: one sample per caption, an image's samples across two shards
     split = one_sample_per_caption(
         str(w / "test-000000.tar"), [str(tmp_path / f"coco-{i}.tar") for i in (0, 1)]

@@ -17,16 +17,24 @@ from capfilt.errors import UserError
 from capfilt.eval.captioning import evaluate_captioning
 from capfilt.eval.filtering import round_metrics
 from capfilt.eval.heldout import load_heldout
-from capfilt.eval.retrieval import evaluate_retrieval
+from capfilt.eval.retrieval import RERANK_K, evaluate_retrieval
 from capfilt.run.calibration import threshold_used
 
 
 def evaluate_all(
-    cfg: Config, test: list[str], captioner=None, filter_=None, run_dir=None, truth=None, out=None
+    cfg: Config,
+    test: list[str],
+    captioner=None,
+    filter_=None,
+    run_dir=None,
+    truth=None,
+    out=None,
+    rerank_k: int | None = None,
 ) -> dict:
     """Run the evaluations that apply; write them to ``out`` as JSON when given.
 
     ``truth``: the demo world's truth.parquet or any labels file (``key``, ``noisy``; see filtering.py).
+    ``rerank_k``: the ITC candidates per query that ITM reranks (``eval.retrieval``; None: its default).
     """
     metrics: dict = {}
     if captioner is not None or filter_ is not None:
@@ -44,7 +52,7 @@ def evaluate_all(
             "ended_early": data.ended_early,
         }
         if filter_ is not None:
-            metrics["retrieval"] = evaluate_retrieval(str(filter_), data, cfg.filter)
+            metrics["retrieval"] = evaluate_retrieval(str(filter_), data, cfg.filter, rerank_k or RERANK_K)
         if captioner is not None:
             metrics["captioning"] = evaluate_captioning(str(captioner), data, cfg.caption, truth)
     if run_dir is not None and truth is not None:

@@ -1,8 +1,9 @@
 """Image-text retrieval R@1/5/10 on held-out images with several references each, as BLIP evaluates.
 
-ITC cosine similarities rank every image against every text; each query's top k (16 by default) are then
-reranked by ITM plus ITC, everything outside the top k keeps a score of −100 (the reference's
-``evaluation`` in train_retrieval.py). The reference scores each query's k pairs in its own ITM call;
+ITC cosine similarities rank every image against every text; each query's top k (16 by default, enough
+for the demo's 500 images; BLIP's COCO config has ``k_test: 256``) are then reranked by ITM plus ITC,
+everything outside the top k keeps a score of −100 (the reference's ``evaluation`` in
+train_retrieval.py). The reference scores each query's k pairs in its own ITM call;
 here the pairs of both directions are scored once each, in chunks of ``filter.batch_size`` (an image's
 top texts and those texts' top images overlap): the same scores in a fraction of the time. The
 reference adds the ITM head's positive logit; we add the match probability, the number the filter
@@ -21,6 +22,7 @@ from capfilt.model.tokenizer import normalize_caption, tokenize
 from capfilt.stages.filter import MAX_TEXT_TOKENS, Filter, length_chunks
 
 OUTSIDE_TOP_K = -100.0
+RERANK_K = 16
 
 
 def recall_at_k(i2t: np.ndarray, t2i: np.ndarray, txt2img: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
@@ -67,7 +69,9 @@ def rerank(sims: torch.Tensor, k: int, score_pairs) -> tuple[torch.Tensor, torch
 
 
 @torch.no_grad()
-def evaluate_retrieval(filter_path: str, data: HeldOut, cfg: FilterConfig, k: int = 16) -> dict[str, float]:
+def evaluate_retrieval(
+    filter_path: str, data: HeldOut, cfg: FilterConfig, k: int = RERANK_K
+) -> dict[str, float]:
     """R@k of a filter folder on held-out images, each with its references as the relevant texts."""
     filt = Filter(str(filter_path), cfg)
     dev = filt.device
