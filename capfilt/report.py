@@ -281,8 +281,9 @@ li.dropped {{ color: #999; }} li span {{ font-size: 0.8em; color: #555; }} .trut
 <h1>capfilt report: {title}</h1>
 <p>Per round: the round's captioner and filter evaluated on the held-out test split (retrieval R@k, ITM
 reranking each query's ITC top k: <code>k</code> in the round's eval.json, 16 by default, 256 in BLIP's
-COCO protocol; caption BLEU-4/CIDEr/attribute accuracy), and the cleaning run that made its training data (filter
-precision/recall/F1 of dropping noisy web captions against ground truth, kept rate by caption source).</p>
+COCO protocol; caption BLEU-4/CIDEr/attribute accuracy), and the cleaning run that made its training
+data (filter precision/recall/F1 of dropping noisy web captions against ground truth, kept rate by
+caption source).</p>
 {table}
 {sections}
 <p id="status" data-images="0" data-broken="0" data-errors="0">checking images…</p>

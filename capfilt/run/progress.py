@@ -114,9 +114,8 @@ def input_notes(summary: dict[str, Any]) -> list[str]:
     cut, unordered = summary.get("truncated_shards", []), summary.get("unordered_shards", [])
     if cut:
         why = summary.get("ended_early", {}).get(cut[0]) or "`capfilt inspect SHARD` says why"
-        more = f" and {len(cut) - 1} more" if len(cut) > 1 else ""
         notes.append(
-            f"{len(cut)} of {summary['shards']} shards ended early ({cut[0]}: {why}{more}; ended_early in "
+            f"{len(cut)} of {summary['shards']} shards ended early ({_named(cut, why)}; ended_early in "
             "summary.json): the samples before the end were cleaned, and a sample the end cut into is "
             "rejected as truncated. After a fix, rerun the same command: changed inputs are cleaned again"
         )
@@ -138,8 +137,10 @@ def input_notes(summary: dict[str, Any]) -> list[str]:
     return notes
 
 
-def _named(shards: list[str]) -> str:
-    return shards[0] + (f" and {len(shards) - 1} more" if len(shards) > 1 else "")
+def _named(shards: list[str], detail: str = "") -> str:
+    """The first shard (with ``detail``, why) and how many more."""
+    first = f"{shards[0]}: {detail}" if detail else shards[0]
+    return first + (f" and {len(shards) - 1} more" if len(shards) > 1 else "")
 
 
 class RoundProgress:
