@@ -76,8 +76,9 @@ class ModelConfig:
     alpha: float = 0.4
     temp: float = 0.07
     label_smoothing: float = 0.1
-    # Pretraining only: pairs with identical caption text are positives of each other in ITC and never
-    # ITM negatives (web corpora repeat "image", "click to enlarge"). False is BLIP's reference.
+    # Pairs with identical caption text are positives of each other in ITC and never ITM negatives (web
+    # corpora repeat "image", "click to enlarge"; human splits "a dog on a couch"), in pretraining and,
+    # beside the image ids, in the filter's finetuning. False is BLIP's reference.
     same_text_positives: bool = False
     # One more ITM negative per pair, not in BLIP: its caption with one word replaced by a word that
     # another caption of the batch has in the same slot (losses.swap_one_token), so that ITM must check

@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import (
     BlipForConditionalGeneration,
     BlipForImageTextRetrieval,
@@ -64,6 +65,7 @@ def test_med_round_trip(trained, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert int(med2.queue_ptr) == 16 and med2.idx_queue[0, :16].tolist() == list(range(8)) * 2
+    assert (med2.text_idx_queue == -100).all()  # no same_text_positives
     assert med2.text_decoder.bert.embeddings is med2.text_encoder.embeddings
     assert (
         med2.text_decoder.cls.predictions.decoder.weight
@@ -79,6 +81,21 @@ def test_med_round_trip(trained, tmp_path):
         o2 = med2(pixels, ids, mask, alpha=0.4)
     for k in o1:
         assert torch.equal(o1[k], o2[k]), k
+
+
+def test_a_med_saved_before_the_caption_id_queue_loads(trained, tmp_path):
+    """MED checkpoints written before ``text_idx_queue`` existed lack it: they load with it empty."""
+    med, tok, _ = trained
+    folder = save_med(med, tok, tmp_path / "med")
+    state = load_file(str(folder / "model.safetensors"))
+    del state["text_idx_queue"]
+    save_file(state, str(folder / "model.safetensors"))
+    med2, _, _ = load_med(folder)
+    assert torch.equal(med2.idx_queue, med.idx_queue) and (med2.text_idx_queue == -100).all()
+    state["surplus"] = torch.zeros(1)
+    save_file(state, str(folder / "model.safetensors"))
+    with pytest.raises(ValueError, match="unexpected"):
+        load_med(folder)
 
 
 def test_exports_equal_the_med(trained, tmp_path):

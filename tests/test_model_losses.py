@@ -46,6 +46,20 @@ def test_itc_same_id_targets():
     assert torch.allclose(t, torch.tensor([[0.5, 0, 0.5], [0, 1, 0]]))
 
 
+def test_ids_of_two_kinds_make_a_pair_positive_if_either_is_shared():
+    """Image ids [4, 4, 9, 6] and caption ids [1, 2, 3, 3]: items 0-1 show one picture, items 2-3 carry
+    one caption; with only one kind, the other pair would be a negative."""
+    ids = torch.tensor([[4, 4, 9, 6], [1, 2, 3, 3]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]], dtype=torch.bool)
+    assert torch.equal(L.same_id(ids, ids), expected)
+    assert torch.equal(L.negative_mask(4, ids), expected)
+    queue = torch.tensor([[9, -100], [-100, 1]])  # a queued pair of image 9, one of caption 1
+    t = L.positive_targets(4, 6, ids, torch.cat([ids, queue], dim=1))
+    assert torch.allclose(t[0], torch.tensor([1, 1, 0, 0, 0, 1]) / 3)
+    assert torch.allclose(t[2], torch.tensor([0, 0, 1, 1, 1, 0]) / 3)
+    assert torch.equal(L.same_id(ids[0], ids[0]), L.negative_mask(4, ids[0]))  # a 1-D tensor: one kind
+
+
 def test_hard_negative_picks_the_only_option():
     sim = torch.tensor([[5.0, -5.0], [3.0, 9.0]])
     for seed in range(20):

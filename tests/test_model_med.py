@@ -180,8 +180,27 @@ def test_same_text_positives_use_caption_ids_in_pretraining():
     ids[1], mask[1] = ids[0], mask[0]  # two images with one caption, as web corpora have
     med.train()
     med(pixels, ids, mask, alpha=0.4, losses=("itc", "itm"))
-    queued = med.idx_queue[0, :8].tolist()
+    queued = med.text_idx_queue[0, :8].tolist()
     assert queued == L.text_ids(ids, mask).tolist() and queued[0] == queued[1] and len(set(queued)) == 7
+    assert (med.idx_queue == -100).all()  # no image ids given
+
+
+def test_same_text_positives_hold_beside_image_ids_in_finetuning(monkeypatch):
+    """The filter's finetuning gives image ids; two pictures with one caption (802 of the demo's 2,000
+    human pairs share their text) must still be positives, not ITM negatives, as in pretraining."""
+    med, tok = tiny_med(seed=4, same_text_positives=True)
+    pixels, ids, mask = tiny_batch(tok, med.cfg, 8)
+    ids[1], mask[1] = ids[0], mask[0]
+    masks = []
+    sample = L.sample_negatives
+    monkeypatch.setattr(L, "sample_negatives", lambda sim, m, *a: masks.append(m) or sample(sim, m, *a))
+    med.train()
+    med(pixels, ids, mask, alpha=0.4, losses=("itc", "itm"), idx=torch.tensor([0, 1, 2, 3, 4, 5, 6, 6]))
+    expected = torch.eye(8, dtype=torch.bool)
+    expected[0, 1] = expected[1, 0] = expected[6, 7] = expected[7, 6] = True  # same caption; same image
+    assert len(masks) == 2 and all(torch.equal(m, expected) for m in masks)
+    assert med.idx_queue[0, :8].tolist() == [0, 1, 2, 3, 4, 5, 6, 6]
+    assert med.text_idx_queue[0, :8].tolist() == L.text_ids(ids, mask).tolist()
 
 
 def test_itm_swap_negatives_add_one_scored_negative_per_pair():

@@ -91,7 +91,7 @@ def read_checkpoint(src: str | Path) -> dict[str, torch.Tensor]:
 def load_reference(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer) -> MED:
     """A MED with every tensor of ``state`` in place; raises listing unmapped, missing or misshapen keys.
 
-    The queue size follows the checkpoint; ``idx_queue`` (absent from pretrain checkpoints) stays empty,
+    The queue size follows the checkpoint; the id queues (absent from pretrain checkpoints) stay empty,
     as in a fresh MED.
     """
     if "image_queue" in state:
@@ -117,7 +117,7 @@ def load_reference(state: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer) 
             loaded.add(name)
             with torch.no_grad():
                 ours[name].copy_(value)
-    missing = sorted(set(ours) - loaded - {"idx_queue"})
+    missing = sorted(set(ours) - loaded - {"idx_queue", "text_idx_queue"})
     if unmapped or misshapen or missing:
         raise ConvertError(
             f"the checkpoint does not map onto a {cfg.vision_width}-wide MED: unmapped {unmapped}, "

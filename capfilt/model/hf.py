@@ -112,6 +112,9 @@ def load_med(
     med = MED(cfg, config["vocab_size"], config["special_ids"])
     expected = unique_state(med)
     state = load_file(str(path / WEIGHTS))
+    # A checkpoint from before the caption-id queue (2026-11-28) has none: it starts empty, as a fresh
+    # MED's does, and fills as training goes on.
+    state.setdefault("text_idx_queue", expected["text_idx_queue"].clone())
     missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or extra:
         raise ValueError(

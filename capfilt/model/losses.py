@@ -17,20 +17,31 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
 
 
+def same_id(ids: torch.Tensor, ids_all: torch.Tensor) -> torch.Tensor:
+    """[rows, columns]: True where a row and a column share an id of any kind.
+
+    ``ids`` [K, rows] and ``ids_all`` [K, columns] hold one line per kind of id (the image's, the
+    caption's); a 1-D tensor is one kind. Two captions of one picture are a pair of positives, and so are
+    two pictures with one caption ("click to enlarge"): either alone leaves the other pair a negative.
+    """
+    ids, ids_all = torch.atleast_2d(ids), torch.atleast_2d(ids_all)
+    return torch.eq(ids[:, :, None], ids_all[:, None, :]).any(dim=0)
+
+
 def positive_targets(
     batch_size: int, total: int, idx: torch.Tensor | None = None, idx_all: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Hard ITC targets over ``total`` columns ([batch | queue]), each row summing to 1.
 
-    Without ids: one-hot on the diagonal of the first ``batch_size`` columns. With ids (retrieval
-    finetuning): every column whose id equals the row's id is a positive, weighted equally.
+    Without ids: one-hot on the diagonal of the first ``batch_size`` columns. With ids (``same_id``'s
+    [K, B] and [K, total]): every column that shares an id with the row is a positive, weighted equally.
     """
     if idx is None:
         targets = torch.zeros(batch_size, total)
         targets[:, :batch_size] = torch.eye(batch_size)
         return targets
-    assert idx_all is not None and idx_all.numel() == total
-    pos = torch.eq(idx.view(-1, 1), idx_all.view(1, -1)).float()
+    assert idx_all is not None and idx_all.shape[-1] == total
+    pos = same_id(idx, idx_all).float()
     return pos / pos.sum(dim=1, keepdim=True)
 
 
@@ -50,8 +61,8 @@ def itc_loss(
 
     ``*_feat`` (B, D) are the online features, ``*_feat_m`` (B, D) the momentum features, all
     L2-normalised; the queues are (D, Q). Similarities run against ``[batch momentum | queue]`` / temp;
-    targets = alpha·softmax(momentum sims) + (1 − alpha)·hard targets (same-id with ``idx``);
-    loss = (soft CE i2t + soft CE t2i) / 2.
+    targets = alpha·softmax(momentum sims) + (1 − alpha)·hard targets (same-id with ``idx``, [K, B] or
+    (B,), and ``idx_queue`` [K, Q]); loss = (soft CE i2t + soft CE t2i) / 2.
     """
     b = image_feat.size(0)
     image_all = torch.cat([image_feat_m.t(), image_queue], dim=1)
@@ -59,7 +70,7 @@ def itc_loss(
     idx_all = None
     if idx is not None:
         assert idx_queue is not None, "ITC with ids needs the id queue"
-        idx_all = torch.cat([idx.view(1, -1), idx_queue.view(1, -1)], dim=1)
+        idx_all = torch.cat([torch.atleast_2d(idx), torch.atleast_2d(idx_queue)], dim=1)
     hard = positive_targets(b, image_all.size(1), idx, idx_all).to(image_feat.device)
     with torch.no_grad():
         sim_i2t_m = image_feat_m @ text_all / temp
@@ -86,11 +97,11 @@ def text_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 
 
 def negative_mask(batch_size: int, idx: torch.Tensor | None = None) -> torch.Tensor:
-    """Pairs that must not be drawn as ITM negatives: the diagonal, or every same-id pair with ids."""
+    """Pairs that must not be drawn as ITM negatives: the diagonal, or with ids (``same_id``'s [K, B] or
+    (B,)) every pair that shares an id."""
     if idx is None:
         return torch.eye(batch_size, dtype=torch.bool)
-    idx = idx.view(-1, 1)
-    return torch.eq(idx, idx.t())
+    return same_id(idx, idx)
 
 
 def take_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -163,7 +163,10 @@ class MED(nn.Module):
         q = cfg.queue_size
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
+        # The ids of the queued pairs: their images' (finetuning) and their captions' (same_text_positives);
+        # −100 where a pair came without that kind of id.
         self.register_buffer("idx_queue", torch.full((1, q), -100, dtype=torch.long))
+        self.register_buffer("text_idx_queue", torch.full((1, q), -100, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         # Rows per text pass (``by_length``); 0: one pass. A compute setting, not part of the model: the
         # training loop sets it from the stage's ``text_chunk``.
@@ -210,8 +213,15 @@ class MED(nn.Module):
         torch._foreach_add_(mom, online, alpha=1 - m)
 
     @torch.no_grad()
-    def enqueue(self, image_feat_m: torch.Tensor, text_feat_m: torch.Tensor, idx: torch.Tensor | None = None):
-        """Write the (all-rank) momentum features at the pointer and advance it by the global batch."""
+    def enqueue(
+        self,
+        image_feat_m: torch.Tensor,
+        text_feat_m: torch.Tensor,
+        idx: torch.Tensor | None = None,
+        text_idx: torch.Tensor | None = None,
+    ):
+        """Write the (all-rank) momentum features and the pairs' image and caption ids (−100 for a kind not
+        given) at the pointer and advance it by the global batch."""
         image_feats = concat_all_gather(image_feat_m)
         text_feats = concat_all_gather(text_feat_m)
         n = image_feats.size(0)
@@ -223,8 +233,8 @@ class MED(nn.Module):
         ptr = int(self.queue_ptr[0])
         self.image_queue[:, ptr : ptr + n] = image_feats.t()
         self.text_queue[:, ptr : ptr + n] = text_feats.t()
-        if idx is not None:
-            self.idx_queue[:, ptr : ptr + n] = concat_all_gather(idx.view(-1)).view(1, -1)
+        for queue, ids in ((self.idx_queue, idx), (self.text_idx_queue, text_idx)):
+            queue[:, ptr : ptr + n] = -100 if ids is None else concat_all_gather(ids.view(-1)).view(1, -1)
         self.queue_ptr[0] = (ptr + n) % q
 
     @torch.no_grad()
@@ -328,8 +338,9 @@ class MED(nn.Module):
         """The requested losses ("itc", "itm", "lm") for one batch, and "loss" = their sum.
 
         ``input_ids`` are ``[CLS] caption [SEP]`` (tokenizer.tokenize). ``idx`` (image ids, (B,)) selects
-        the finetuning variant: same-id positives in ITC, same-id pairs never ITM negatives; without it,
-        ``same_text_positives`` uses caption ids (:func:`losses.text_ids`) the same way.
+        the finetuning variant: same-id positives in ITC, same-id pairs never ITM negatives;
+        ``same_text_positives`` adds caption ids (:func:`losses.text_ids`): pairs that share either id are
+        positives of each other.
         ``prompt_len`` masks that many tokens after [DEC] out of the LM loss (tokenizer.prompt_length).
         In training mode this also updates the momentum encoders (before their forward) and the queues.
         """
@@ -339,8 +350,9 @@ class MED(nn.Module):
             raise ValueError(f"losses must be a non-empty subset of {LOSSES}, got {losses}")
         out: dict[str, torch.Tensor] = {}
         b = pixels.size(0)
-        if idx is None and self.cfg.same_text_positives:
-            idx = L.text_ids(input_ids, attention_mask)  # same-text pairs: ITC positives, no ITM negatives
+        text_idx = L.text_ids(input_ids, attention_mask) if self.cfg.same_text_positives else None
+        kinds = [(i, q) for i, q in ((idx, self.idx_queue), (text_idx, self.text_idx_queue)) if i is not None]
+        ids = torch.stack([i for i, _ in kinds]) if kinds else None  # [K, B]: the kinds of id given
         image_embeds = self.image_embeds(pixels)
 
         if "itc" in losses or "itm" in losses:
@@ -356,17 +368,17 @@ class MED(nn.Module):
             out["itc"] = L.itc_loss(
                 image_feat, text_feat, image_feat_m, text_feat_m,
                 self.image_queue.clone().detach(), self.text_queue.clone().detach(),
-                self.temp, alpha, idx=idx, idx_queue=None if idx is None else self.idx_queue.clone(),
+                self.temp, alpha, idx=ids, idx_queue=torch.cat([q for _, q in kinds]) if kinds else None,
             )  # fmt: skip
             if self.training:
-                self.enqueue(image_feat_m, text_feat_m, idx)
+                self.enqueue(image_feat_m, text_feat_m, idx, text_idx)
 
         if "itm" in losses:
             # Hard negatives from this rank's batch (the reference's pretraining; its retrieval
             # finetuning draws from all ranks, see the module notes in the report).
             with torch.no_grad():
                 sim_i2t = image_feat @ text_feat.t() / self.temp
-                mask = L.negative_mask(b, idx).to(pixels.device)
+                mask = L.negative_mask(b, ids).to(pixels.device)
                 neg_image = L.sample_negatives(sim_i2t.t(), mask)  # per text, a negative image
                 neg_text = L.sample_negatives(sim_i2t, mask)  # per image, a negative text
             ids_all = [input_ids, input_ids, input_ids[neg_text]]
