@@ -11,7 +11,16 @@ from conftest import DECODE_MAX_PIXELS, decode_cases, encode, smooth_image
 from PIL import Image
 
 from capfilt.config import RunConfig
-from capfilt.data.decode import MEAN, STD, PillowDecoder, make_decoder, normalize
+from capfilt.data.decode import (
+    MEAN,
+    STD,
+    PillowDecoder,
+    Planes,
+    make_decoder,
+    normalize,
+    pillow_rgb,
+    to_planes,
+)
 from capfilt.data.reader import iter_shard
 from capfilt.data.sample import Reject, Sample
 from capfilt.data.specs import expand_shards
@@ -53,6 +62,22 @@ def test_normalize_is_bit_for_bit_the_broadcast_formula():
     got = normalize(rgb)
     assert got.shape == (3, 37, 53) and got.dtype == torch.float32 and got.is_contiguous()
     assert np.array_equal(got.numpy(), want)
+
+
+def test_planes_hold_uint8_and_give_the_decoder_s_values_bit_for_bit():
+    """A split held whole (eval, calibration) keeps a quarter of the bytes and the same normalised values
+    as the round's decoder, whatever the slice."""
+    samples = [s for s in _samples() if _expected()[s.key] is None]
+    want = torch.stack(PillowDecoder(24, max_pixels=DECODE_MAX_PIXELS).decode(samples))
+    planes = Planes(
+        torch.stack([torch.from_numpy(to_planes(pillow_rgb(s, 24, DECODE_MAX_PIXELS))) for s in samples])
+    )
+    assert planes.planes.dtype == torch.uint8 and len(planes) == len(samples) > 5
+    assert (
+        torch.equal(planes[:], want)
+        and torch.equal(planes[2:5], want[2:5])
+        and torch.equal(planes[3], want[3])
+    )
 
 
 def test_pillow_handles_every_hard_case():

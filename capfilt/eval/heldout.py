@@ -4,7 +4,8 @@ Test shards carry every reference in ``json["captions"]`` (``txt`` is the first)
 ``txt`` (CLIP_benchmark's retrieval sets). A split may instead hold one sample per caption, as
 img2dataset writes COCO (one row per caption in its URL list): samples with the same image bytes are one
 image, their captions its references. Images go through the round's own inference decoder (bicubic
-resize to a square, no crop), so eval sees what a round sees.
+resize to a square, no crop), so eval sees what a round sees, and are held as uint8 until a batch
+is taken (``data.decode.Planes``).
 """
 
 from __future__ import annotations
@@ -18,14 +19,15 @@ from typing import NamedTuple
 import torch
 
 from capfilt.config import RunConfig
-from capfilt.data.decode import pillow_decode
+from capfilt.data.decode import Planes, pillow_rgb, to_planes
 from capfilt.data.reader import ShardReader, read_shard
 from capfilt.data.sample import Reject, Sample, caption_lines, image_id, listed_captions
 
 
 @dataclass
 class HeldOut:
-    """``pixels[i]`` is image ``keys[i]`` (its first sample's key), ``references[i]`` its captions.
+    """``pixels[i]`` is image ``keys[i]`` (its first sample's key), normalised as a round's are, and
+    ``references[i]`` its captions.
 
     Every sample read is one of: an image, one of ``joined`` (an image read before under another key: its
     captions joined that image's references), or a reject by reason (``no_caption`` among them).
@@ -34,7 +36,7 @@ class HeldOut:
     """
 
     keys: list[str]
-    pixels: torch.Tensor
+    pixels: Planes
     references: list[list[str]]
     rejects: Counter = field(default_factory=Counter)
     joined: int = 0
@@ -42,7 +44,7 @@ class HeldOut:
 
 
 class _Read(NamedTuple):
-    """One captioned sample of a shard; ``pixels`` is None when its image was read before."""
+    """One captioned sample of a shard; ``pixels`` (uint8 3×S×S) is None when its image was read before."""
 
     image: int  # data.sample.image_id
     key: str
@@ -71,8 +73,9 @@ def load_heldout(shards: list[str], run: RunConfig, limit: int | None = None) ->
             keys.append(read.key)
             tensors.append(read.pixels)
             refs.append(read.references)
-    pixels = torch.stack(tensors) if tensors else torch.empty(0, 3, run.image_size, run.image_size)
-    return HeldOut(keys, pixels, refs, rejects, joined, ended)
+    size = run.image_size
+    pixels = torch.stack(tensors) if tensors else torch.empty(0, 3, size, size, dtype=torch.uint8)
+    return HeldOut(keys, Planes(pixels), refs, rejects, joined, ended)
 
 
 def _load(
@@ -94,12 +97,12 @@ def _load(
             continue
         if len(known) + len(new) == limit:
             break
-        pixels = pillow_decode(item, run.image_size, run.max_pixels)
-        if isinstance(pixels, Reject):
-            rejects[pixels.reason] += 1
+        rgb = pillow_rgb(item, run.image_size, run.max_pixels)
+        if isinstance(rgb, Reject):
+            rejects[rgb.reason] += 1
             continue
         new.add(image)
-        reads.append(_Read(image, item.key, pixels, texts))
+        reads.append(_Read(image, item.key, torch.from_numpy(to_planes(rgb)), texts))
     return reads, rejects, shard.ended_early
 
 

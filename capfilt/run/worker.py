@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from capfilt.config import Config
-from capfilt.data.decode import make_decoder
+from capfilt.data.decode import Planes, make_decoder
 from capfilt.data.sample import ShardStats
 from capfilt.errors import UserError
 from capfilt.eval.heldout import load_heldout
@@ -45,7 +45,7 @@ def same_vision(captioner: Captioner, filter_: Filter) -> bool:
     return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
-def human_pairs(human: list[str], cfg: Config) -> tuple[torch.Tensor, list[str]]:
+def human_pairs(human: list[str], cfg: Config) -> tuple[Planes, list[str]]:
     """The first ``filter.calibration_samples`` decodable images of the ``human`` shard URLs with their
     (first) caption, decoded as a round decodes them; one image however many samples hold it, so that a
     mismatched pair (``stages.calibrate``) never gives an image a caption of its own picture."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    import torch
+    from capfilt.data.decode import Planes
 
 CALIBRATION = "calibration.json"
 MODES = ("none", "keep", "f1")
@@ -74,7 +74,7 @@ def threshold_of(cal: dict[str, Any], mode: str, keep_share: float) -> float:
     raise ValueError(f"calibration mode must be one of {MODES[1:]}, got {mode!r}")
 
 
-def calibrate(filt, pixels: torch.Tensor, captions: list[str], seed: int = 0) -> dict[str, Any]:
+def calibrate(filt, pixels: Planes, captions: list[str], seed: int = 0) -> dict[str, Any]:
     """ITM scores of each human image with its own caption and with another image's caption (``filt`` is a
     stages.filter.Filter, which scores without gradients)."""
     perm = mismatch(len(captions), seed)
