@@ -73,11 +73,10 @@ def test_planes_hold_uint8_and_give_the_decoder_s_values_bit_for_bit():
         torch.stack([torch.from_numpy(to_planes(pillow_rgb(s, 24, DECODE_MAX_PIXELS))) for s in samples])
     )
     assert planes.planes.dtype == torch.uint8 and len(planes) == len(samples) > 5
-    assert (
-        torch.equal(planes[:], want)
-        and torch.equal(planes[2:5], want[2:5])
-        and torch.equal(planes[3], want[3])
-    )
+    assert torch.equal(planes[2:5], want[2:5]) and torch.equal(planes[3], want[3])
+    assert torch.equal(planes[:], want)  # and the slices taken left the planes as they were
+    with pytest.raises(TypeError, match="uint8"):
+        Planes(want)
 
 
 def test_pillow_handles_every_hard_case():

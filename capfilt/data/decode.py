@@ -75,6 +75,8 @@ class Planes:
     bytes (COCO's 5,000 test images at 384 px: 2.2 GB, not 8.8)."""
 
     def __init__(self, planes: torch.Tensor):
+        if planes.dtype != torch.uint8:  # a float tensor would be normalised in place, twice on a re-read
+            raise TypeError(f"Planes hold uint8 pixels, got {planes.dtype}")
         self.planes = planes
 
     def __len__(self) -> int:
