@@ -28,12 +28,16 @@ def test_two_workers_pretrain(local_ray, tmp_path, monkeypatch, capsys):
     (tmp_path / "hashed").mkdir()
     scrambled(make_shard(tmp_path / "web.tar", 64), str(tmp_path / "hashed" / "web.tar"))
     monkeypatch.chdir(tmp_path)
-    cfg = load_config("tiny", ["pretrain.steps=3", "pretrain.workers=2"])  # global batch 16, queue 32
+    # global batch 16, queue 32; caption ids, which every rank gathers into its queue as the features
+    cfg = load_config("tiny", ["pretrain.steps=3", "pretrain.workers=2", "model.same_text_positives=true"])
     out = pretrain(cfg, ["hashed/web.tar"], "run")
     assert "64 pairs, rejected {}, 1 not in key order" in capsys.readouterr().out
     assert latest_checkpoint(tmp_path / "run").name == "step-3"
     med, tok, _ = load_med(out)
     assert int(med.queue_ptr[0]) == (3 * 16) % 32  # the queue advanced by the global batch
+    assert (med.text_idx_queue != -100).all() and (
+        med.idx_queue == -100
+    ).all()  # 48 pairs queued, no image ids
 
 
 def test_ranks_on_ray_train_stop_once_the_lease_is_taken_over(local_ray, tmp_path, monkeypatch):
