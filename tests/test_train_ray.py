@@ -35,9 +35,8 @@ def test_two_workers_pretrain(local_ray, tmp_path, monkeypatch, capsys):
     assert latest_checkpoint(tmp_path / "run").name == "step-3"
     med, tok, _ = load_med(out)
     assert int(med.queue_ptr[0]) == (3 * 16) % 32  # the queue advanced by the global batch
-    assert (med.text_idx_queue != -100).all() and (
-        med.idx_queue == -100
-    ).all()  # 48 pairs queued, no image ids
+    assert (med.text_idx_queue != -100).all()  # 48 pairs' caption ids queued
+    assert (med.idx_queue == -100).all()  # and no image ids: pretraining gives none
 
 
 def test_ranks_on_ray_train_stop_once_the_lease_is_taken_over(local_ray, tmp_path, monkeypatch):
